@@ -1,0 +1,38 @@
+# The two set-up commands of the README: `make run` (the main job) and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: run test crd tools dev-cluster clean bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+# Main job: a local control plane, the CRD and the examples, and the operator reconciling them.
+DEV := $(BIN)/datamesh dev-cluster
+run: $(VENV)/.installed
+	$(DEV) up
+	$(DEV) kubectl apply --server-side -f crds/
+	$(DEV) kubectl create namespace datamesh-system --dry-run=client -o yaml | $(DEV) kubectl apply -f -
+	$(DEV) kubectl apply -f examples/
+	KUBECONFIG=$$($(BIN)/python -c 'from datamesh import devcluster; print(devcluster.default_workdir() / "kubeconfig")') \
+	  DATAMESH_METRICS_PORT=0 $(BIN)/datamesh operator --liveness http://127.0.0.1:8081/healthz
+
+# Every test; builds the control plane from the Go module proxy on first use (cached after).
+test: $(VENV)/.installed
+	$(BIN)/pytest
+
+crd: $(VENV)/.installed
+	$(BIN)/datamesh crd --write crds/
+
+tools:
+	hack/build-tools.sh
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/reconcile.py
+
+clean:
+	rm -rf $(VENV) .dev-cluster.env

@@ -1,0 +1,315 @@
+"""The discovery catalog: one compact entry per product, in sharded ConfigMaps or a file.
+
+The catalog is derived state. The operator rebuilds it from the DataProducts that exist on
+start, and writes are coalesced: every change within a short window becomes one write per
+touched shard, so a thousand products applied at once cause a handful of ConfigMap updates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from datamesh.models import SLA, DataProductSpec, DataProductStatus, FieldType
+
+log = logging.getLogger(__name__)
+
+CATALOG_LABEL = "datamesh.io/catalog"
+
+
+class FieldSummary(BaseModel):
+    """One schema column, as the catalog shows it."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+    name: str
+    type: FieldType
+    description: str | None = None
+    primary_key: bool = False
+    pii: bool = False
+
+
+class CatalogEntry(BaseModel):
+    """What the mesh knows about one product: enough to route a question and query it."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, use_enum_values=True)
+
+    namespace: str
+    name: str
+    domain: str
+    description: str
+    owner: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    fields: list[FieldSummary] = Field(default_factory=list)
+    key_fields: list[str] = Field(default_factory=list)
+    collection: str | None = None
+    embedding_model: str | None = None
+    embedding_endpoint: str | None = None
+    inference_endpoint: str | None = None
+    phase: str | None = None
+    records: int | None = None
+    sla: SLA | None = None
+    consumers: list[str] = Field(default_factory=lambda: ["*"])
+    generation: int | None = None
+
+    @property
+    def key(self) -> str:
+        return entry_key(self.namespace, self.name)
+
+    def card(self) -> str:
+        """The text a question is matched against when routing."""
+        columns = "; ".join(f"{f.name} {f.description or ''}".strip() for f in self.fields)
+        return f"{self.domain}. {self.name.replace('-', ' ')}. {self.description} Tags: {', '.join(self.tags)}. Fields: {columns}"
+
+
+def entry_key(namespace: str, name: str) -> str:
+    """Catalog key of a product (a valid ConfigMap data key)."""
+    return f"{namespace}.{name}"
+
+
+def catalog_entry(namespace: str, name: str, generation: int, spec: DataProductSpec, status: DataProductStatus) -> CatalogEntry:
+    """The catalog entry of a product from its spec and status."""
+    search = spec.semantic_search if spec.semantic_search and spec.semantic_search.enabled else None
+    return CatalogEntry(
+        namespace=namespace,
+        name=name,
+        domain=spec.domain,
+        description=spec.description,
+        owner=spec.owner.team if spec.owner else None,
+        tags=spec.tags,
+        fields=[FieldSummary(name=f.name, type=f.type, description=f.description, primary_key=f.primary_key, pii=f.pii) for f in spec.data_schema.fields],
+        key_fields=spec.key_fields,
+        collection=status.collection if search else None,
+        embedding_model=search.embedding_model if search else None,
+        embedding_endpoint=search.embedding_endpoint if search else None,
+        inference_endpoint=status.inference_endpoint,
+        phase=status.phase,
+        records=status.records,
+        sla=spec.sla,
+        consumers=spec.access.consumers,
+        generation=generation,
+    )
+
+
+def encode_entry(entry: CatalogEntry) -> str:
+    """Compact JSON of an entry, as stored."""
+    return entry.model_dump_json(by_alias=True, exclude_none=True)
+
+
+def decode_entries(data: Mapping[str, str]) -> dict[str, CatalogEntry]:
+    """Entries of one shard; an unreadable entry is logged and left out, never fatal."""
+    entries: dict[str, CatalogEntry] = {}
+    for key, raw in data.items():
+        try:
+            entries[key] = CatalogEntry.model_validate_json(raw)
+        except ValueError as exc:
+            log.warning("catalog entry %s is unreadable and ignored: %s", key, exc)
+    return entries
+
+
+class Conflict(Exception):
+    """The shard changed since it was read (resourceVersion mismatch)."""
+
+
+@dataclass
+class Shard:
+    """One ConfigMap (or file section) of the catalog as read."""
+
+    name: str
+    data: dict[str, str]
+    version: str | None  # None: does not exist yet
+
+
+class CatalogBackend(Protocol):
+    """Where shards are kept."""
+
+    async def list_shards(self) -> list[Shard]: ...
+    async def read_shard(self, name: str) -> Shard: ...
+    async def write_shard(self, shard: Shard) -> None:
+        """Write ``shard.data``; raises Conflict when ``shard.version`` is stale."""
+        ...
+
+
+class FileCatalogBackend:
+    """The catalog as one JSON file (local mode): ``{shard: {key: entry-json}}``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.writes = 0
+
+    def _load(self) -> dict[str, dict[str, str]]:
+        if not self.path.exists():
+            return {}
+        return json.loads(self.path.read_text() or "{}")
+
+    async def list_shards(self) -> list[Shard]:
+        return [Shard(name, data, "1") for name, data in sorted(self._load().items())]
+
+    async def read_shard(self, name: str) -> Shard:
+        data = self._load().get(name)
+        return Shard(name, data or {}, "1" if data is not None else None)
+
+    async def write_shard(self, shard: Shard) -> None:
+        doc = self._load()
+        doc[shard.name] = shard.data
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
+        tmp.replace(self.path)  # atomic: a reader never sees half a catalog
+        self.writes += 1
+
+
+def read_catalog_file(path: Path) -> dict[str, CatalogEntry]:
+    """Every entry of a file catalog."""
+    doc = json.loads(path.read_text() or "{}") if path.exists() else {}
+    entries: dict[str, CatalogEntry] = {}
+    for data in doc.values():
+        entries.update(decode_entries(data))
+    return entries
+
+
+class CatalogWriter:
+    """Coalesces catalog changes into few, conflict-safe shard writes."""
+
+    def __init__(self, backend: CatalogBackend, prefix: str, shard_bytes: int, flush_seconds: float) -> None:
+        self.backend = backend
+        self.prefix = prefix
+        self.shard_bytes = shard_bytes
+        self.flush_seconds = flush_seconds
+        self.writes = 0
+        self._pending: dict[str, str | None] = {}  # key -> encoded entry, or None to remove
+        self._waiters: list[asyncio.Future[None]] = []
+        self._location: dict[str, str] = {}  # key -> shard name
+        self._sizes: dict[str, int] = {}
+        self._loaded = False
+        self._flusher: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def load(self) -> dict[str, CatalogEntry]:
+        """Read the shards that exist; learn where each entry lives."""
+        entries: dict[str, CatalogEntry] = {}
+        for shard in await self.backend.list_shards():
+            self._sizes[shard.name] = _size(shard.data)
+            for key in shard.data:
+                self._location[key] = shard.name
+            entries.update(decode_entries(shard.data))
+        self._loaded = True
+        return entries
+
+    async def upsert(self, entry: CatalogEntry) -> None:
+        """Put an entry; returns once it is written."""
+        await self._submit(entry.key, encode_entry(entry))
+
+    async def remove(self, key: str) -> None:
+        """Remove an entry; returns once it is gone."""
+        await self._submit(key, None)
+
+    async def replace_all(self, entries: Iterable[CatalogEntry]) -> None:
+        """Make the catalog hold exactly ``entries`` (the rebuild on start)."""
+        if not self._loaded:
+            await self.load()
+        wanted = {e.key: encode_entry(e) for e in entries}
+        for key in list(self._location):
+            if key not in wanted:
+                self._pending[key] = None
+        self._pending.update(wanted)
+        await self._submit_pending()
+
+    async def _submit(self, key: str, value: str | None) -> None:
+        self._pending[key] = value
+        await self._submit_pending()
+
+    async def _submit_pending(self) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_soon())
+        await waiter
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(self.flush_seconds)
+        while self._waiters:
+            pending, self._pending = self._pending, {}
+            waiters, self._waiters = self._waiters, []
+            try:
+                async with self._lock:
+                    await self._flush(pending)
+            except Exception as exc:
+                # Put the changes back so the next flush retries them, and tell every waiter.
+                self._pending = {**pending, **self._pending}
+                for w in waiters:
+                    if not w.done():
+                        w.set_exception(exc)
+                continue
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+    def _place(self, key: str, value: str) -> str:
+        """The shard for a new key: the first with room, or a new one."""
+        needed = len(key) + len(value)
+        for name in sorted(self._sizes):
+            if self._sizes[name] + needed <= self.shard_bytes:
+                return name
+        name = f"{self.prefix}-{len(self._sizes)}"
+        while name in self._sizes:
+            name += "x"
+        self._sizes[name] = 0
+        return name
+
+    async def _flush(self, pending: dict[str, str | None]) -> None:
+        if not self._loaded:
+            await self.load()
+        by_shard: dict[str, dict[str, str | None]] = {}
+        for key, value in pending.items():
+            shard = self._location.get(key)
+            if shard is None:
+                if value is None:
+                    continue
+                shard = self._place(key, value)
+                self._location[key] = shard
+            by_shard.setdefault(shard, {})[key] = value
+            self._sizes[shard] = self._sizes.get(shard, 0) + len(key) + len(value or "")
+        for shard_name, changes in by_shard.items():
+            await self._write_with_retry(shard_name, changes)
+
+    async def _write_with_retry(self, shard_name: str, changes: dict[str, str | None], attempts: int = 8) -> None:
+        delay = 0.05
+        for attempt in range(attempts):
+            shard = await self.backend.read_shard(shard_name)
+            for key, value in changes.items():
+                if value is None:
+                    shard.data.pop(key, None)
+                else:
+                    shard.data[key] = value
+            try:
+                await self.backend.write_shard(shard)
+            except Conflict:
+                if attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            self.writes += 1
+            self._sizes[shard_name] = _size(shard.data)
+            for key, value in changes.items():
+                if value is None and self._location.get(key) == shard_name:
+                    del self._location[key]
+            return
+
+    async def close(self) -> None:
+        """Wait for an in-flight flush."""
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+
+
+def _size(data: Mapping[str, Any]) -> int:
+    return sum(len(k) + len(v) for k, v in data.items())

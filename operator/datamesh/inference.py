@@ -1,0 +1,141 @@
+"""A product's inference: the Deployment and Service the operator runs, or a checked endpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from datamesh.conditions import Check, ConditionType
+from datamesh.kube import Kube
+from datamesh.models import API_VERSION, KIND, Inference, InferenceRuntime
+from datamesh.settings import OperatorSettings
+
+MANAGED_BY = "datamesh-operator"
+COMPONENT = "inference"
+
+# Default container command per runtime; TEI and OpenAI-compatible images bring their own.
+_RUNTIME_COMMAND = {InferenceRuntime.builtin: ["datamesh", "inference-server"]}
+
+
+def inference_name(product: str) -> str:
+    """Name of a product's inference Deployment and Service."""
+    return f"{product}-inference"[:63].rstrip("-")
+
+
+def service_url(namespace: str, product: str, port: int) -> str:
+    """In-cluster URL of an operator-deployed inference runtime."""
+    return f"http://{inference_name(product)}.{namespace}.svc:{port}"
+
+
+def labels(product: str) -> dict[str, str]:
+    """Kubernetes recommended labels of a product's inference objects."""
+    return {
+        "app.kubernetes.io/name": "datamesh-inference",
+        "app.kubernetes.io/instance": inference_name(product),
+        "app.kubernetes.io/component": COMPONENT,
+        "app.kubernetes.io/part-of": "datamesh",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "datamesh.io/product": product,
+    }
+
+
+def owner_reference(name: str, uid: str) -> dict[str, Any]:
+    """Makes the DataProduct the controller owner, so deleting it garbage-collects the child."""
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": name, "uid": uid, "controller": True, "blockOwnerDeletion": True}
+
+
+def desired_objects(namespace: str, product: str, uid: str, spec: Inference, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """The Deployment and Service that serve ``spec.model`` for a product."""
+    name = inference_name(product)
+    meta = {"name": name, "namespace": namespace, "labels": labels(product), "ownerReferences": [owner_reference(product, uid)]}
+    selector = {"app.kubernetes.io/instance": name, "app.kubernetes.io/component": COMPONENT}
+    resources = spec.resources.wire() if spec.resources else {
+        "requests": {"cpu": settings.inference_cpu_request, "memory": settings.inference_memory_request},
+        "limits": {"memory": settings.inference_memory_limit},
+    }
+    command = spec.command or _RUNTIME_COMMAND.get(InferenceRuntime(spec.runtime))
+    container: dict[str, Any] = {
+        "name": "runtime",
+        "image": spec.image or settings.inference_image,
+        "args": ["--host", "0.0.0.0", "--port", str(spec.port), "--model", spec.model or ""],
+        "ports": [{"name": "http", "containerPort": spec.port}],
+        "env": [{"name": "DATAMESH_INFERENCE_MODEL", "value": spec.model or ""}],
+        "resources": resources,
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 20, "failureThreshold": 6},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    if command:
+        container["command"] = command
+    if InferenceRuntime(spec.runtime) is not InferenceRuntime.builtin:
+        container.pop("args")  # foreign images take their model from env or their own args
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": {**labels(product), **selector}},
+                "spec": {"automountServiceAccountToken": False, "containers": [container]},
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {"selector": selector, "ports": [{"name": "http", "port": spec.port, "targetPort": "http"}]},
+    }
+    return [deployment, service]
+
+
+def deployment_available(deployment: dict[str, Any] | None) -> tuple[bool, str]:
+    """Whether a Deployment serves traffic, and why not."""
+    if deployment is None:
+        return False, "the Deployment does not exist"
+    wanted = deployment.get("spec", {}).get("replicas", 1)
+    status = deployment.get("status") or {}
+    available = status.get("availableReplicas") or 0
+    if wanted == 0:
+        return True, "scaled to zero replicas"
+    if available >= 1:
+        return True, f"{available}/{wanted} replicas available"
+    return False, f"0/{wanted} replicas available yet"
+
+
+async def check_endpoint(client: httpx.AsyncClient, url: str, timeout: float) -> str | None:
+    """None when ``url`` answers HTTP (any status below 500), else the cause."""
+    try:
+        response = await client.get(url, timeout=timeout)
+    except httpx.HTTPError as exc:
+        return f"{url} is unreachable: {exc.__class__.__name__}: {exc}".rstrip(": ")
+    if response.status_code >= 500:
+        return f"{url} answered HTTP {response.status_code}"
+    return None
+
+
+class KubeInferenceBackend:
+    """Runs operator-deployed models as a Deployment + Service per product."""
+
+    def __init__(self, kube: Kube, settings: OperatorSettings) -> None:
+        self.kube = kube
+        self.settings = settings
+
+    async def ensure(self, namespace: str, name: str, uid: str, spec: Inference) -> tuple[Check, str | None]:
+        """Apply the product's Deployment and Service; InferenceReady follows the Deployment's availability."""
+        for obj in desired_objects(namespace, name, uid, spec, self.settings):
+            await self.kube.apply(obj)
+        ok, why = deployment_available(await self.kube.read_deployment(namespace, inference_name(name)))
+        url = service_url(namespace, name, spec.port)
+        if ok:
+            return Check(ConditionType.inference_ready, True, "DeploymentAvailable", why), url
+        return Check(ConditionType.inference_ready, False, "DeploymentProgressing", why), url

@@ -1,0 +1,128 @@
+"""The Kubernetes API calls the operator makes itself (kopf handles watching and status).
+
+Every call has a timeout; conflicts and server errors are the caller's to retry.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from datamesh.catalog import CATALOG_LABEL, Conflict, Shard
+
+REQUEST_TIMEOUT = 15
+
+
+async def api_client() -> client.ApiClient:
+    """An API client from the in-cluster service account, or ``KUBECONFIG`` / ~/.kube/config."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+        config.load_incluster_config()
+        return client.ApiClient()
+    configuration = client.Configuration()
+    # The library reads KUBECONFIG once at import; read it now so a later export counts.
+    await config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
+    return client.ApiClient(configuration)
+
+
+class Kube:
+    """The typed API groups the operator uses, over one connection pool."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.apps = client.AppsV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+
+    async def close(self) -> None:
+        await self.api.close()
+
+    async def read_config_map_key(self, namespace: str, name: str, key: str) -> str | None:
+        """Text under ``key`` of a ConfigMap, or None when either is missing."""
+        try:
+            cm = await self.core.read_namespaced_config_map(name, namespace, _request_timeout=REQUEST_TIMEOUT)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return (cm.data or {}).get(key)
+
+    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create the object, or patch it to the desired state (drift repair)."""
+        kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+        if kind == "Deployment":
+            create, patch = self.apps.create_namespaced_deployment, self.apps.patch_namespaced_deployment
+        elif kind == "Service":
+            create, patch = self.core.create_namespaced_service, self.core.patch_namespaced_service
+        else:
+            raise ValueError(f"cannot apply {kind}")
+        try:
+            result = await patch(name, ns, obj, _request_timeout=REQUEST_TIMEOUT)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            result = await create(ns, obj, _request_timeout=REQUEST_TIMEOUT)
+        return self.api.sanitize_for_serialization(result)
+
+    async def read_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A Deployment as a plain dict, or None."""
+        try:
+            result = await self.apps.read_namespaced_deployment(name, namespace, _request_timeout=REQUEST_TIMEOUT)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return self.api.sanitize_for_serialization(result)
+
+    async def list_products(self, group: str, version: str, plural: str) -> list[dict[str, Any]]:
+        """Every DataProduct in the cluster (for the catalog rebuild)."""
+        result = await self.custom.list_cluster_custom_object(group, version, plural, _request_timeout=60)
+        return list(result.get("items", []))
+
+
+class ConfigMapCatalogBackend:
+    """Catalog shards as labelled ConfigMaps in the platform namespace."""
+
+    def __init__(self, kube: Kube, namespace: str, prefix: str) -> None:
+        self.kube = kube
+        self.namespace = namespace
+        self.prefix = prefix
+
+    async def list_shards(self) -> list[Shard]:
+        result = await self.kube.core.list_namespaced_config_map(
+            self.namespace, label_selector=f"{CATALOG_LABEL}=true", _request_timeout=REQUEST_TIMEOUT
+        )
+        return [Shard(cm.metadata.name, dict(cm.data or {}), cm.metadata.resource_version) for cm in result.items]
+
+    async def read_shard(self, name: str) -> Shard:
+        try:
+            cm = await self.kube.core.read_namespaced_config_map(name, self.namespace, _request_timeout=REQUEST_TIMEOUT)
+        except ApiException as exc:
+            if exc.status == 404:
+                return Shard(name, {}, None)
+            raise
+        return Shard(name, dict(cm.data or {}), cm.metadata.resource_version)
+
+    async def write_shard(self, shard: Shard) -> None:
+        body = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": shard.name,
+                "namespace": self.namespace,
+                "labels": {CATALOG_LABEL: "true", "app.kubernetes.io/part-of": "datamesh", "app.kubernetes.io/managed-by": "datamesh-operator"},
+            },
+            "data": shard.data,
+        }
+        try:
+            if shard.version is None:
+                await self.kube.core.create_namespaced_config_map(self.namespace, body, _request_timeout=REQUEST_TIMEOUT)
+            else:
+                body["metadata"]["resourceVersion"] = shard.version
+                await self.kube.core.replace_namespaced_config_map(shard.name, self.namespace, body, _request_timeout=REQUEST_TIMEOUT)
+        except ApiException as exc:
+            if exc.status == 409:
+                raise Conflict(shard.name) from exc
+            raise

@@ -1,0 +1,110 @@
+"""Reading a product's rows from its source: inline, a ConfigMap key, or a URL."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+
+from datamesh.models import Source, SourceFormat
+
+Row = dict[str, Any]
+# Reads a ConfigMap key: (namespace, name, key) -> text, or None when the ConfigMap or key is missing.
+ConfigMapReader = Callable[[str, str, str], Awaitable[str | None]]
+
+
+class SourceError(Exception):
+    """The source could not be read. Transient ones (network, missing ConfigMap) are retried."""
+
+    def __init__(self, message: str, *, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+def parse_rows(data: bytes | str, fmt: SourceFormat | str) -> list[Row]:
+    """Rows of a csv, jsonl, json (array of objects) or parquet document."""
+    fmt = SourceFormat(fmt)
+    try:
+        if fmt is SourceFormat.parquet:
+            return _parse_parquet(data if isinstance(data, bytes) else data.encode())
+        text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
+        if fmt is SourceFormat.csv:
+            return [dict(r) for r in csv.DictReader(io.StringIO(text))]
+        if fmt is SourceFormat.jsonl:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            doc = json.loads(text)
+            rows = doc.get("rows", doc.get("data")) if isinstance(doc, dict) else doc
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise ValueError("expected a list of JSON objects (or an object with a 'rows' list)")
+        return rows
+    except (ValueError, UnicodeDecodeError, csv.Error) as exc:
+        raise SourceError(f"cannot parse the source as {fmt.value}: {exc}", transient=False) from exc
+
+
+def _parse_parquet(data: bytes) -> list[Row]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise SourceError("parquet sources need pyarrow: pip install 'datamesh-operator[parquet]'", transient=False) from exc
+    try:
+        return pq.read_table(io.BytesIO(data)).to_pylist()
+    except Exception as exc:  # pyarrow raises many types for a corrupt file
+        raise SourceError(f"cannot parse the source as parquet: {exc}", transient=False) from exc
+
+
+async def fetch_url(client: httpx.AsyncClient, url: str, max_bytes: int, attempts: int = 3, timeout: float = 30.0) -> bytes:
+    """GET ``url`` with a size cap, retrying connection errors and 5xx with backoff."""
+    delay = 0.5
+    for attempt in range(1, attempts + 1):
+        try:
+            async with client.stream("GET", url, timeout=timeout, follow_redirects=True) as response:
+                if response.status_code >= 500 or response.status_code == 429:
+                    raise httpx.HTTPStatusError(f"HTTP {response.status_code}", request=response.request, response=response)
+                if response.status_code >= 400:
+                    raise SourceError(f"GET {url} answered HTTP {response.status_code}", transient=response.status_code in (404, 408))
+                declared = int(response.headers.get("content-length") or 0)
+                if declared > max_bytes:
+                    raise SourceError(f"{url} is {declared} bytes, over the source's maxBytes of {max_bytes}", transient=False)
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > max_bytes:
+                        raise SourceError(f"{url} is over the source's maxBytes of {max_bytes}", transient=False)
+                return bytes(body)
+        except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+            if attempt == attempts:
+                raise SourceError(f"cannot fetch {url}: {exc.__class__.__name__}: {exc}", transient=True) from exc
+            await asyncio.sleep(delay * (1 + random.random()))
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+async def load_rows(
+    source: Source,
+    namespace: str,
+    *,
+    http: httpx.AsyncClient,
+    read_config_map: ConfigMapReader | None,
+    timeout: float = 30.0,
+) -> list[Row]:
+    """All rows of a product's source."""
+    if source.inline is not None:
+        return [dict(r) for r in source.inline]
+    if source.config_map_ref is not None:
+        ref = source.config_map_ref
+        if read_config_map is None:
+            raise SourceError("configMapRef sources need a Kubernetes API (not available in local mode)", transient=False)
+        text = await read_config_map(namespace, ref.name, ref.key)
+        if text is None:
+            raise SourceError(f"ConfigMap {namespace}/{ref.name} or its key {ref.key!r} does not exist", transient=True)
+        return parse_rows(text, ref.format)
+    assert source.url is not None
+    data = await fetch_url(http, source.url.url, source.url.max_bytes, timeout=timeout)
+    return parse_rows(data, source.url.format)

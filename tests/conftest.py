@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from datamesh import devcluster
+
+# ==== control plane (datamesh.devcluster) ===================================================
+# One real etcd + kube-apiserver + kube-controller-manager for the whole pytest session.
+# DATAMESH_TEST_KUBECONFIG=<path> runs against an existing cluster instead. If the control
+# plane cannot be built or started, every test using it errors: it is never skipped.
+
+_CLUSTER_FIXTURES = {"control_plane", "kubeconfig"}
+_tools: dict[str, Path] | devcluster.ControlPlaneError | None = None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # Build the binaries here, outside every test's timeout: a cold build takes 20+ minutes.
+    global _tools
+    if not any(_CLUSTER_FIXTURES & set(getattr(i, "fixturenames", ())) for i in session.items):
+        return
+    capman = session.config.pluginmanager.getplugin("capturemanager")
+    show = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
+    try:
+        with show:  # let the user watch the build's progress
+            _tools = devcluster.tool_paths()
+    except devcluster.ControlPlaneError as e:
+        _tools = e
+
+
+def _built_tools() -> dict[str, Path]:
+    global _tools
+    if _tools is None:  # fixture requested dynamically, so the collection hook did not build
+        _tools = devcluster.tool_paths()
+    if isinstance(_tools, devcluster.ControlPlaneError):
+        raise _tools
+    return _tools
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[devcluster.ControlPlane | devcluster.ExternalCluster]:
+    """The session's cluster; KUBECONFIG points at it while the session runs."""
+    external = os.environ.get("DATAMESH_TEST_KUBECONFIG")
+    with pytest.MonkeyPatch.context() as mp:
+        if external:
+            cluster = devcluster.ExternalCluster(Path(external), tools=_built_tools())
+            mp.setenv("KUBECONFIG", str(cluster.kubeconfig))
+            yield cluster
+            return
+        with devcluster.ControlPlane(tools=_built_tools()) as cp:
+            mp.setenv("KUBECONFIG", str(cp.kubeconfig))
+            yield cp
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(control_plane: devcluster.ControlPlane | devcluster.ExternalCluster) -> Path:
+    return control_plane.kubeconfig
+
+# ==== end of control plane ==================================================================
+
+
+# ==== the DataProduct CRD and the operator =================================================
+
+REPO = Path(__file__).resolve().parents[1]
+PLATFORM_NAMESPACE = "datamesh-system"
+
+
+@pytest.fixture(scope="session")
+def kubectl(control_plane: devcluster.ControlPlane | devcluster.ExternalCluster) -> "Kubectl":
+    from tests.harness import Kubectl
+
+    return Kubectl(control_plane.kubectl, control_plane.kubeconfig)
+
+
+@pytest.fixture(scope="session")
+def crd_installed(kubectl: "Kubectl") -> None:
+    """The committed CRD applied and established, and the platform namespace created."""
+    kubectl.run("apply", "--server-side", "-f", str(REPO / "crds"))
+    kubectl.run("wait", "--for=condition=Established", "crd/dataproducts.datamesh.io", "--timeout=60s")
+    kubectl.run("create", "namespace", PLATFORM_NAMESPACE, check=False)
+
+
+def operator_settings(**overrides: object) -> "OperatorSettings":
+    """Settings tuned for tests: fast retries and timers, no metrics port."""
+    from datamesh.settings import OperatorSettings
+
+    values: dict[str, object] = dict(
+        platform_namespace=PLATFORM_NAMESPACE,
+        sla_check_seconds=5.0,
+        retry_base_seconds=0.5,
+        retry_max_seconds=4.0,
+        catalog_flush_seconds=0.3,
+        url_timeout=3.0,
+        metrics_port=0,
+    )
+    values.update(overrides)
+    return OperatorSettings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def operator(crd_installed: None, kubeconfig: Path) -> Iterator["OperatorThread"]:
+    """The operator, running for the whole session in a thread of the test process."""
+    from tests.harness import OperatorThread
+
+    op = OperatorThread(operator_settings())
+    op.start()
+    try:
+        yield op
+    finally:
+        op.close()

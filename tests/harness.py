@@ -1,0 +1,112 @@
+"""Test helpers: the operator running in a thread of the test process, and kubectl calls."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from datamesh.handlers import run_operator
+from datamesh.qdrant import VectorStore
+from datamesh.settings import OperatorSettings
+
+T = TypeVar("T")
+
+
+class Kubectl:
+    """The kubectl built by hack/build-tools.sh, against one kubeconfig."""
+
+    def __init__(self, binary: Path, kubeconfig: Path) -> None:
+        self.binary = binary
+        self.kubeconfig = kubeconfig
+
+    def run(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(self.binary), "--kubeconfig", str(self.kubeconfig), *args],
+            input=input, capture_output=True, text=True, timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr}")
+        return result
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.run(*args, "-o", "json").stdout)
+
+    def get(self, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
+        result = self.run("get", kind, name, "-n", namespace, "-o", "json", check=False)
+        if result.returncode != 0:
+            if "NotFound" in result.stderr:
+                return None
+            raise AssertionError(result.stderr)
+        return json.loads(result.stdout)
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 60, interval: float = 0.25, what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class OperatorThread:
+    """The kopf operator in a thread with its own event loop, sharing one embedded Qdrant.
+
+    The store outlives restarts of the operator (``stop()`` then ``start()``), as a Qdrant
+    server would; ``call()`` runs a coroutine on the operator's loop (the store's owner).
+    """
+
+    def __init__(self, settings: OperatorSettings) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="operator-loop", daemon=True)
+        self._thread.start()
+        self.store: VectorStore = self.call(self._make_store())
+        self._task: asyncio.Future[None] | None = None
+        self._stop: asyncio.Event | None = None
+
+    @staticmethod
+    async def _make_store() -> VectorStore:
+        return VectorStore.connect(None, ":memory:")
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self, timeout: float = 60) -> None:
+        async def begin() -> tuple[asyncio.Event, asyncio.Event]:
+            return asyncio.Event(), asyncio.Event()
+
+        self._stop, ready = self.call(begin())
+        self._task = asyncio.run_coroutine_threadsafe(
+            run_operator(self.settings, stop_flag=self._stop, ready_flag=ready, store=self.store), self.loop
+        )
+        deadline = time.monotonic() + timeout
+        while not ready.is_set():
+            if self._task.done():
+                self._task.result()  # raises the operator's start-up error
+                raise AssertionError("the operator exited during start-up")
+            if time.monotonic() > deadline:
+                raise AssertionError("the operator did not become ready")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 60) -> None:
+        if self._task is None or self._stop is None:
+            return
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._task.result(timeout)
+        self._task = None
+
+    def close(self) -> None:
+        self.stop()
+        self.call(self.store.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
