@@ -105,16 +105,22 @@ def tool_paths(names: Iterable[str] = DEFAULT_TOOLS) -> dict[str, Path]:
     )
     assert proc.stdout is not None and proc.stderr is not None
     # Relay stderr line by line while the build runs: a silent 20-minute wait looks like a hang.
+    # (Not communicate(): it would read stderr too, racing the relay for lines.)
     err_lines: list[str] = []
-    relay = threading.Thread(target=_relay, args=(proc.stderr, err_lines), daemon=True)
-    relay.start()
+    out_lines: list[str] = []
+    readers = [threading.Thread(target=_relay, args=(proc.stderr, err_lines, True), daemon=True),
+               threading.Thread(target=_relay, args=(proc.stdout, out_lines, False), daemon=True)]
+    for t in readers:
+        t.start()
     try:
-        out, _ = proc.communicate(timeout=BUILD_TIMEOUT_S)
+        proc.wait(timeout=BUILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
         raise ControlPlaneError(f"{script} did not finish within {BUILD_TIMEOUT_S} s") from None
-    relay.join(timeout=5)
+    for t in readers:
+        t.join(timeout=10)
+    out = "".join(out_lines)
     if proc.returncode != 0:
         raise ControlPlaneError(
             f"{script} {' '.join(names)} failed (exit {proc.returncode}):\n" + "".join(err_lines))
@@ -129,11 +135,12 @@ def tool_paths(names: Iterable[str] = DEFAULT_TOOLS) -> dict[str, Path]:
     return paths
 
 
-def _relay(stream: IO[str], sink: list[str]) -> None:
+def _relay(stream: IO[str], sink: list[str], echo: bool) -> None:
     for line in stream:
         sink.append(line)
-        sys.stderr.write(line)
-        sys.stderr.flush()
+        if echo:
+            sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,6 +468,9 @@ class ControlPlane:
             f"--service-account-issuer=https://127.0.0.1:{api_port}/",
             f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
+            # Close open watches on SIGTERM instead of letting them hold the HTTP server's
+            # shutdown for its 60 s request timeout (which outlasts our 10 s grace period).
+            "--shutdown-watch-termination-grace-period=5s",
         ]
         self._start_apiserver()
 
@@ -470,8 +480,11 @@ class ControlPlane:
             str(tools["kube-controller-manager"]),
             f"--kubeconfig={self.kubeconfig}",
             # Without these it cannot authenticate callers of its own endpoints (and warns).
+            # The client CA is given directly: looking it up in the extension-apiserver-
+            # authentication ConfigMap logs errors because no request-header CA is configured.
             f"--authentication-kubeconfig={self.kubeconfig}",
             f"--authorization-kubeconfig={self.kubeconfig}",
+            "--authentication-skip-lookup=true", f"--client-ca-file={pki / 'ca.crt'}",
             "--leader-elect=false",
             f"--root-ca-file={pki / 'ca.crt'}",
             f"--service-account-private-key-file={pki / 'sa.key'}",
@@ -788,7 +801,8 @@ def stop_background(workdir: Path, *, timeout: float = 60.0) -> bool:
     wd = Path(workdir).expanduser().resolve()
     pid = _serve_pid(wd)
     if pid is None:
-        for stale in ("ready", "pid"):
+        # Left behind if serve was SIGKILLed; a kubeconfig for a dead server only misleads.
+        for stale in ("ready", "pid", "kubeconfig"):
             (wd / stale).unlink(missing_ok=True)
         return False
     os.kill(pid, signal.SIGTERM)
@@ -850,7 +864,8 @@ def _serve(workdir: Path) -> int:
         # Logs stay for post-mortems; state that would mislead a later status/up goes.
         for name in ("ready", "pid", "kubeconfig"):
             (wd / name).unlink(missing_ok=True)
-        shutil.rmtree(wd / "etcd-data", ignore_errors=True)
+        for name in ("etcd-data", "pki", "apiserver-certs", "kcm-certs"):
+            shutil.rmtree(wd / name, ignore_errors=True)
         print("control plane stopped", flush=True)
     return code
 

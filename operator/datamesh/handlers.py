@@ -129,7 +129,7 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     def probe_products(memo: kopf.Memo, **_: Any) -> int:
         return memo.runtime.reconciler.known_products if getattr(memo, "runtime", None) else 0
 
-    @kopf.index(*RESOURCE, registry=registry)
+    @kopf.index(*RESOURCE, registry=registry, id="products")
     def products(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], Mapping[str, Any]]:
         return {(namespace, name): dict(body)}
 
