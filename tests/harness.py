@@ -81,6 +81,10 @@ class OperatorThread:
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
+        """Run ``coro`` in the background on the operator's loop (e.g. a uvicorn server sharing the store)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
     def start(self, timeout: float = 60) -> None:
         async def begin() -> tuple[asyncio.Event, asyncio.Event]:
             return asyncio.Event(), asyncio.Event()

@@ -33,7 +33,8 @@ DURATION_PATTERN = r"^([0-9]+([.][0-9]+)?(ms|s|m|h))+$"
 _DURATION_RE = re.compile(DURATION_PATTERN)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 DURATION_HINT = "must be a duration such as 500ms, 30s, 15m or 24h"
-FIELD_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# A leading underscore is reserved for keys the platform adds to rows (_text, _inference, ...).
+FIELD_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]*$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 

@@ -22,8 +22,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 
 from datamesh.models import DataProductSpec, Distance, FieldType
 
-# Payload keys the operator owns; schema field names cannot start with "_" and a digit... so a
-# leading underscore keeps them apart from user columns in practice.
+# Payload keys the operator owns; schema field names cannot start with "_", so they never clash.
 TEXT_KEY = "_text"
 DIGEST_KEY = "_ingest"
 
