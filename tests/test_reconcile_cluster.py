@@ -279,3 +279,104 @@ def test_300_products_coalesce_catalog_writes(kubectl: Kubectl, operator: Operat
     print(f"catalog ConfigMap writes for 300 products: {modified}")
     assert 0 < modified < 100, f"{modified} catalog writes for 300 products"
     kubectl.run("delete", "dp", "-n", "default", "-l", "!nonexistent", "--timeout=300s", "--wait=false")
+
+
+def test_config_map_source_refresh_removes_gone_rows_and_sla_breach(kubectl: Kubectl, operator: OperatorThread) -> None:
+    def config_map(rows: str) -> None:
+        kubectl.run("create", "configmap", "cm-rows", "-n", "default", f"--from-literal=rows.csv={rows}", "--dry-run=client", "-o", "yaml")
+        manifest = kubectl.run("create", "configmap", "cm-rows", "-n", "default", f"--from-literal=rows.csv={rows}", "--dry-run=client", "-o", "yaml").stdout
+        kubectl.run("apply", "-f", "-", input=manifest)
+
+    config_map("id,text,amount\nc1,refund requested for late delivery,1\nc2,wrong item shipped,2\nc3,box arrived crushed,3\n")
+    body = product(
+        "from-cm",
+        source={"configMapRef": {"name": "cm-rows", "key": "rows.csv", "format": "csv"}, "refreshInterval": "2s"},
+        sla={"freshness": "1h"},
+    )
+    apply(kubectl, body)
+    st = ready(kubectl, "from-cm")["status"]
+    assert st["records"] == 3
+    first_ingest = st["lastIngestedAt"]
+
+    config_map("id,text,amount\nc1,refund requested for late delivery,1\nc3,box arrived crushed,3\n")
+    st = wait_for(lambda: (s := kubectl.get("dp", "from-cm", "default")["status"]) and s["records"] == 2 and s, 60, what="refresh to drop c2")
+    assert operator.call(operator.store.count("default.from-cm")) == 2
+    assert st["lastIngestedAt"] >= first_ingest
+    sla = next(c for c in st["conditions"] if c["type"] == "SLAMet")
+    assert sla["status"] == "True" and st["sla"]["freshnessMet"] is True
+
+    # An objective that cannot be met: freshness shorter than the time since the last ingestion.
+    stale = product("stale", sla={"freshness": "1s"})
+    stale["spec"]["source"] = {"configMapRef": {"name": "cm-rows", "key": "rows.csv", "format": "csv"}}
+    apply(kubectl, stale)
+    ready(kubectl, "stale")
+
+    def breached() -> dict[str, Any] | None:
+        st = kubectl.get("dp", "stale", "default")["status"]
+        cond = next((c for c in st["conditions"] if c["type"] == "SLAMet"), None)
+        return st if cond and cond["status"] == "False" else None
+
+    st = wait_for(breached, 30, what="SLAMet False")
+    assert st["phase"] == "Ready", "an SLA breach is reported, it does not make the product unready"
+    assert "freshness objective" in st["sla"]["message"] and st["sla"]["freshnessMet"] is False
+    assert metrics.SLA_BREACHES.labels(namespace="default", name="stale", objective="freshness")._value.get() == 1
+    delete(kubectl, "from-cm")
+    delete(kubectl, "stale")
+    kubectl.run("delete", "configmap", "cm-rows", "-n", "default")
+
+
+def test_missing_config_map_degrades_then_recovers(kubectl: Kubectl, operator: OperatorThread) -> None:
+    apply(kubectl, product("needs-cm", source={"configMapRef": {"name": "cm-later", "key": "rows.jsonl", "format": "jsonl"}}))
+    st = wait_for(lambda: (s := (kubectl.get("dp", "needs-cm", "default") or {}).get("status") or {}) and s.get("phase") == "Degraded" and s, 60, what="Degraded")
+    assert "cm-later" in next(c for c in st["conditions"] if c["type"] == "Ingested")["message"]
+    kubectl.run("create", "configmap", "cm-later", "-n", "default", '--from-literal=rows.jsonl={"id": "j1", "text": "invoice paid twice", "amount": 9}')
+    assert ready(kubectl, "needs-cm")["status"]["records"] == 1
+    delete(kubectl, "needs-cm")
+    kubectl.run("delete", "configmap", "cm-later", "-n", "default")
+
+
+def test_catalog_is_rebuilt_on_start(kubectl: Kubectl, operator: OperatorThread) -> None:
+    apply(kubectl, product("survivor"))
+    ready(kubectl, "survivor")
+    wait_for(lambda: "default.survivor" in catalog(kubectl), 10, what="entry")
+    cm = kubectl.json("get", "configmaps", "-n", PLATFORM_NAMESPACE, "-l", f"{CATALOG_LABEL}=true")["items"][0]
+    ghost = json.dumps({"namespace": "default", "name": "ghost", "domain": "x", "description": "deleted while the operator was down"})
+    kubectl.run("patch", "configmap", cm["metadata"]["name"], "-n", PLATFORM_NAMESPACE, "--type=merge", "-p", json.dumps({"data": {"default.ghost": ghost}}))
+    operator.stop()
+    operator.start()
+    entries = wait_for(lambda: (c := catalog(kubectl)) and "default.ghost" not in c and c, 30, what="ghost entry removed")
+    assert "default.survivor" in entries
+    delete(kubectl, "survivor")
+
+
+async def _two_writers(kubeconfig: Path) -> list[dict[str, Any]]:
+    import asyncio as aio
+
+    from datamesh.catalog import CatalogWriter
+    from datamesh.kube import ConfigMapCatalogBackend, Kube, api_client
+
+    kube = Kube(await api_client())
+    try:
+        writers = [CatalogWriter(ConfigMapCatalogBackend(kube, "shard-test", "shard"), "shard", 6_000, 0.05) for _ in range(2)]
+        from tests.test_catalog import entry
+
+        # Two writers race on the same ConfigMaps: resourceVersion conflicts are retried, nothing lost.
+        await aio.gather(*(writers[i % 2].upsert(entry(i, "y" * 500)) for i in range(60)))
+        result = await kube.core.list_namespaced_config_map("shard-test", label_selector=f"{CATALOG_LABEL}=true")
+        return [kube.api.sanitize_for_serialization(cm) for cm in result.items]
+    finally:
+        await kube.close()
+
+
+def test_catalog_shards_across_config_maps_without_losing_writes(kubectl: Kubectl, kubeconfig: Path) -> None:
+    import asyncio as aio
+
+    kubectl.run("create", "namespace", "shard-test")
+    try:
+        cms = aio.run(_two_writers(kubeconfig))
+        keys = [k for cm in cms for k in (cm.get("data") or {})]
+        assert sorted(keys) == sorted({f"ns.p{i:04d}" for i in range(60)}), "every entry exactly once"
+        assert len(cms) >= 5
+        assert all(sum(len(k) + len(v) for k, v in (cm.get("data") or {}).items()) <= 6_000 for cm in cms)
+    finally:
+        kubectl.run("delete", "namespace", "shard-test", "--wait=false")

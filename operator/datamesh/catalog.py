@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from datamesh import metrics
 from datamesh.models import SLA, DataProductSpec, DataProductStatus, FieldType
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,6 @@ class FileCatalogBackend:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.writes = 0
 
     def _load(self) -> dict[str, dict[str, str]]:
         if not self.path.exists():
@@ -164,7 +164,6 @@ class FileCatalogBackend:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
         tmp.replace(self.path)  # atomic: a reader never sees half a catalog
-        self.writes += 1
 
 
 def read_catalog_file(path: Path) -> dict[str, CatalogEntry]:
@@ -278,18 +277,31 @@ class CatalogWriter:
                 self._location[key] = shard
             by_shard.setdefault(shard, {})[key] = value
             self._sizes[shard] = self._sizes.get(shard, 0) + len(key) + len(value or "")
+        overflow: dict[str, str | None] = {}
         for shard_name, changes in by_shard.items():
-            await self._write_with_retry(shard_name, changes)
+            overflow.update(await self._write_with_retry(shard_name, changes))
+        if overflow:
+            # Another writer filled the shard first: place the rest elsewhere.
+            await self._flush(overflow)
 
-    async def _write_with_retry(self, shard_name: str, changes: dict[str, str | None], attempts: int = 8) -> None:
+    async def _write_with_retry(self, shard_name: str, changes: dict[str, str | None], attempts: int = 8) -> dict[str, str | None]:
+        """Apply ``changes`` to one shard; returns the new keys that no longer fit in it."""
         delay = 0.05
         for attempt in range(attempts):
             shard = await self.backend.read_shard(shard_name)
+            size = _size(shard.data)
+            overflow: dict[str, str | None] = {}
             for key, value in changes.items():
+                old = shard.data.pop(key, None)
+                if old is not None:
+                    size -= len(key) + len(old)
                 if value is None:
-                    shard.data.pop(key, None)
-                else:
-                    shard.data[key] = value
+                    continue
+                if old is None and size + len(key) + len(value) > self.shard_bytes:
+                    overflow[key] = value
+                    continue
+                shard.data[key] = value
+                size += len(key) + len(value)
             try:
                 await self.backend.write_shard(shard)
             except Conflict:
@@ -299,11 +311,13 @@ class CatalogWriter:
                 delay = min(delay * 2, 2.0)
                 continue
             self.writes += 1
-            self._sizes[shard_name] = _size(shard.data)
+            metrics.CATALOG_WRITES.inc()
+            self._sizes[shard_name] = self.shard_bytes if overflow else _size(shard.data)
             for key, value in changes.items():
-                if value is None and self._location.get(key) == shard_name:
+                if (value is None or key in overflow) and self._location.get(key) == shard_name:
                     del self._location[key]
-            return
+            return overflow
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         """Wait for an in-flight flush."""

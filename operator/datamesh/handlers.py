@@ -138,6 +138,8 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     @kopf.on.update(*RESOURCE, registry=registry, field="spec")
     async def reconcile_product(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int, **_: Any) -> None:
         outcome = await memo.runtime.reconciler.reconcile(body, retry=retry)
+        if outcome is None:
+            return
         write_outcome(outcome, body, patch)
         if outcome.retry_after is not None:
             raise kopf.TemporaryError(outcome.status.message or "transient failure", delay=outcome.retry_after)
@@ -152,6 +154,8 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
             return
         refresh = refresh_due(spec, status.last_ingested_at, utcnow())
         outcome = await memo.runtime.reconciler.reconcile(body, refresh=refresh)
+        if outcome is None:
+            return
         write_outcome(outcome, body, patch)
         sla = outcome.status.sla
         for objective, met in (("freshness", sla and sla.freshness_met), ("availability", sla and sla.availability_met)):

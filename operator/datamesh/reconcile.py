@@ -133,16 +133,25 @@ class Reconciler:
         self._ingest_slots = asyncio.Semaphore(settings.ingest_concurrency)
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._phases: dict[tuple[str, str], str] = {}
+        self._generations: dict[tuple[str, str], int] = {}
 
     def _lock(self, ref: ProductRef) -> asyncio.Lock:
         # One reconcile per product at a time: handlers, timers and child events may overlap.
         return self._locks.setdefault((ref.namespace, ref.name), asyncio.Lock())
 
-    async def reconcile(self, body: Mapping[str, Any], *, refresh: bool = False, retry: int = 0) -> Outcome:
-        """Bring one product to its desired state and return the status that says how it went."""
+    async def reconcile(self, body: Mapping[str, Any], *, refresh: bool = False, retry: int = 0) -> Outcome | None:
+        """Bring one product to its desired state and return the status that says how it went.
+
+        None when ``body`` is older than a generation already reconciled (a timer that
+        queued behind a spec change must not roll the product back).
+        """
         ref = ProductRef.of(body)
         started = time.perf_counter()
+        key = (ref.namespace, ref.name)
         async with self._lock(ref):
+            if ref.generation < self._generations.get(key, 0):
+                return None
+            self._generations[key] = ref.generation
             outcome = await self._reconcile(ref, body, refresh=refresh, retry=retry)
         phase = outcome.phase.value
         metrics.RECONCILE_SECONDS.labels(result=phase).observe(time.perf_counter() - started)
@@ -342,6 +351,7 @@ class Reconciler:
                 await self.store.drop_product(collection_alias(ref.namespace, ref.name))
             await self.catalog.remove(entry_key(ref.namespace, ref.name))
         self._locks.pop((ref.namespace, ref.name), None)
+        self._generations.pop((ref.namespace, ref.name), None)
         self._track_phase(ref, None)
 
 
