@@ -40,6 +40,103 @@ def operator(
 
 
 @app.command()
+def local(
+    directory: Annotated[Path, typer.Argument(help="Folder of DataProduct manifests, e.g. examples/.")],
+    host: Annotated[str, typer.Option(help="Address of the query API.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the query API.")] = 8080,
+    serve: Annotated[bool, typer.Option(help="Serve the query API after reconciling (--no-serve to exit).")] = True,
+    state_dir: Annotated[Path, typer.Option(help="Where the embedded Qdrant, catalog and status are kept.")] = Path(".datamesh"),
+) -> None:
+    """Run the product lifecycle on a folder of manifests with an embedded Qdrant, and serve the query API."""
+    from datamesh.local import run_local
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        refused = asyncio.run(run_local(directory, host=host, port=port, serve=serve, state_dir=state_dir, console=console))
+    except FileNotFoundError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    except KeyboardInterrupt:
+        refused = 0
+    if refused:
+        raise typer.Exit(1)
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="A question in plain words.")],
+    url: Annotated[str, typer.Option(envvar="DATAMESH_URL", help="Query service URL (local mode or in-cluster).")] = "http://127.0.0.1:8080",
+    token: Annotated[Optional[str], typer.Option(envvar="DATAMESH_TOKEN", help="Bearer token.")] = None,
+    domain: Annotated[Optional[list[str]], typer.Option("--domain", "-d", help="Only these domains (repeatable).")] = None,
+    limit: Annotated[int, typer.Option(help="Hits per product.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON answer.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 30.0,
+) -> None:
+    """Ask a running query service a question; prints per-product hits and the merged ranking."""
+    import json
+
+    import httpx
+
+    body: dict[str, object] = {"question": question, "limit": limit}
+    if domain:
+        body["domains"] = domain
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.post(f"{url.rstrip('/')}/v1/query", json=body, headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        console.print(f"[red]cannot reach the query service at {url}[/]: {exc}\nIs `datamesh local examples/` running?")
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(response.json(), indent=2))
+        raise typer.Exit(0 if response.is_success else 1)
+    answer = response.json()
+    if not response.is_success:
+        console.print(f"[red]HTTP {response.status_code}[/]: {answer.get('detail', answer)}")
+        raise typer.Exit(1)
+    routed = Table("product", "score", "why", title="Routed to")
+    for r in answer.get("routedTo", []):
+        routed.add_row(r["product"], f"{r['score']:.3f}", r.get("why", ""))
+    console.print(routed)
+    for result in answer.get("results", []):
+        table = Table("score", "text", title=f"{result['product']} ({result.get('latencyMs', 0):.0f} ms)")
+        for hit in result.get("hits", []):
+            table.add_row(f"{hit['score']:.3f}", str(hit.get("text", ""))[:100])
+        console.print(table)
+    merged = Table("#", "product", "rrf", "text", title="Merged ranking")
+    for i, hit in enumerate(answer.get("merged", []), 1):
+        merged.add_row(str(i), hit["product"], f"{hit['score']:.4f}", str(hit.get("text", ""))[:90])
+    console.print(merged)
+    for err in answer.get("errors", []):
+        console.print(f"[yellow]{err['product']}[/]: {err['error']}")
+
+
+@app.command("query-service")
+def query_service(
+    host: Annotated[str, typer.Option()] = "0.0.0.0",
+    port: Annotated[int, typer.Option()] = 8080,
+) -> None:
+    """Run the federated query service (settings from DATAMESH_QUERY_* and DATAMESH_QDRANT_*)."""
+    from datamesh.query_service import serve
+
+    logging.basicConfig(level=logging.INFO)
+    asyncio.run(serve(host, port))
+
+
+@app.command("inference-server")
+def inference_server(
+    host: Annotated[str, typer.Option()] = "0.0.0.0",
+    port: Annotated[int, typer.Option()] = 8080,
+    model: Annotated[Optional[str], typer.Option(help="Embedding model served (default from DATAMESH_INFERENCE_MODEL).")] = None,
+    chat_endpoint: Annotated[Optional[str], typer.Option(help="OpenAI-compatible chat server for prompt-based enrichment.")] = None,
+    chat_model: Annotated[Optional[str], typer.Option()] = None,
+) -> None:
+    """Run the built-in inference runtime: /v1/embeddings and /v1/transform."""
+    from datamesh.inference_runtime import main
+
+    logging.basicConfig(level=logging.INFO)
+    main(host, port, model, chat_endpoint, chat_model)
+
+
+@app.command()
 def crd(
     write: Annotated[Optional[Path], typer.Option(help="Write the CRD file into this folder instead of printing it.")] = None,
     check: Annotated[Optional[Path], typer.Option(help="Exit 1 if the CRD file in this folder is stale.")] = None,

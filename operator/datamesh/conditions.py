@@ -124,7 +124,7 @@ def apply_checks(
     new = status.model_copy(
         update={
             "conditions": conditions,
-            "phase": phase_of(checks),
+            "phase": phase_of(checks).value,
             "observed_generation": generation,
             "message": ready.message,
         }

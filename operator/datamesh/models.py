@@ -342,13 +342,13 @@ class DataProductSpec(CRDModel):
         names = [f.name for f in self.data_schema.fields]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"schema.fields has duplicate names: {', '.join(duplicates)}")
+            raise ValueError(f"schema.fields: duplicate names {', '.join(duplicates)}")
         if self.semantic_search is not None:
             unknown = [k for k in self.semantic_search.key_fields if k not in names]
             if unknown:
-                raise ValueError(f"semanticSearch.keyFields must name fields declared in schema.fields (unknown: {', '.join(unknown)})")
+                raise ValueError(f"semanticSearch.keyFields: must name fields declared in schema.fields (unknown: {', '.join(unknown)})")
         if self.source is not None and not self.primary_key:
-            raise ValueError("a product with a source needs a primaryKey field in schema.fields")
+            raise ValueError("schema.fields: a product with a source needs a primaryKey field")
         return self
 
     @property

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -79,11 +79,18 @@ class ProductRef:
 
 
 def spec_error_message(exc: ValidationError) -> str:
-    """A validation error as one line per offending field, with spec.-prefixed paths."""
+    """A validation error as one line per offending field, with kubectl-style paths (spec.a.b[1].c)."""
     parts = []
     for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "model-")))
-        parts.append(f"spec.{path}: {err['msg']}" if path else f"spec: {err['msg']}")
+        path = "spec"
+        for part in err["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            elif not str(part).startswith(("function-", "model-")):
+                path += f".{part}"
+        message = err["msg"].removeprefix("Value error, ")
+        # Cross-field rules of the spec name their field at the start of the message.
+        parts.append(f"spec.{message}" if path == "spec" and ":" in message else f"{path}: {message}")
     return "; ".join(parts)
 
 
@@ -123,6 +130,7 @@ class Reconciler:
         http: httpx.AsyncClient,
         inference: InferenceBackend | None = None,
         read_config_map: ConfigMapReader | None = None,
+        on_rows: Callable[[ProductRef, int], None] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -130,6 +138,7 @@ class Reconciler:
         self.http = http
         self.inference = inference
         self.read_config_map = read_config_map
+        self.on_rows = on_rows  # progress hook: rows embedded and written so far, per batch
         self._ingest_slots = asyncio.Semaphore(settings.ingest_concurrency)
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._phases: dict[tuple[str, str], str] = {}
@@ -301,7 +310,8 @@ class Reconciler:
             digest = ingest_digest(plan, spec.key_fields, validated)
             written = 0
             if digest != status.ingested_digest or await self.store.count(plan.index) != len(validated.ids):
-                await write_points(self.store, plan.index, provider, spec.key_fields, validated, digest, self.settings.ingest_batch_size)
+                on_batch = (lambda n: self.on_rows(ref, n)) if self.on_rows else None
+                await write_points(self.store, plan.index, provider, spec.key_fields, validated, digest, self.settings.ingest_batch_size, on_batch)
                 written = len(validated.ids)
                 metrics.INGESTED_ROWS.inc(written)
         metrics.REJECTED_ROWS.inc(validated.rejected)
