@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: run test crd tools dev-cluster clean bench
+.PHONY: run cluster-run test crd tools clean bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -11,9 +11,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# Main job: a local control plane, the CRD and the examples, and the operator reconciling them.
-DEV := $(BIN)/datamesh dev-cluster
+# Main job: the examples reconciled into an embedded Qdrant, and the query API on 127.0.0.1:8080.
 run: $(VENV)/.installed
+	$(BIN)/datamesh local examples/
+
+# The same on a real (local) control plane: CRD, examples, and the operator in the foreground.
+DEV := $(BIN)/datamesh dev-cluster
+cluster-run: $(VENV)/.installed
 	$(DEV) up
 	$(DEV) kubectl apply --server-side -f crds/
 	$(DEV) kubectl create namespace datamesh-system --dry-run=client -o yaml | $(DEV) kubectl apply -f -

@@ -62,7 +62,7 @@ def desired_objects(namespace: str, product: str, uid: str, spec: Inference, set
         "ports": [{"name": "http", "containerPort": spec.port}],
         "env": [{"name": "DATAMESH_INFERENCE_MODEL", "value": spec.model or ""}],
         "resources": resources,
-        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 10},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 20, "failureThreshold": 6},
         "securityContext": {
             "runAsNonRoot": True,
