@@ -179,7 +179,7 @@ class TransformRequest(BaseModel):
     records: list[dict[str, Any]] = Field(min_length=1, description="The records, each a JSON object.")
     task: Literal["classify", "enrich"]
     field: str = Field(min_length=1, max_length=256, description="The record field holding the text.")
-    labels: list[str | Label] | None = Field(
+    labels: list[Annotated[str, Field(min_length=1, max_length=200)] | Label] | None = Field(
         None,
         description="classify: the candidate labels, as names or {name, description}. Descriptions help a lot, "
         "and are needed by the lexical built-in model, which only matches words the text shares with the label.",
