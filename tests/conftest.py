@@ -79,8 +79,16 @@ def kubectl(control_plane: devcluster.ControlPlane | devcluster.ExternalCluster)
 @pytest.fixture(scope="session")
 def crd_installed(kubectl: "Kubectl") -> None:
     """The committed CRD applied and established, and the platform namespace created."""
+    from tests.harness import wait_for
+
     kubectl.run("apply", "--server-side", "-f", str(REPO / "crds"))
-    kubectl.run("wait", "--for=condition=Established", "crd/dataproducts.datamesh.io", "--timeout=60s")
+
+    def established() -> bool:
+        # Polled: `kubectl wait` right after creation can fail on a CRD with no status yet.
+        crd = kubectl.get("crd", "dataproducts.datamesh.io", "default") or {}
+        return any(c["type"] == "Established" and c["status"] == "True" for c in (crd.get("status") or {}).get("conditions", []))
+
+    wait_for(established, 60, what="the DataProduct CRD to be Established")
     kubectl.run("create", "namespace", PLATFORM_NAMESPACE, check=False)
 
 

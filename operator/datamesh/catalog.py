@@ -190,6 +190,7 @@ class CatalogWriter:
         self._sizes: dict[str, int] = {}
         self._loaded = False
         self._flusher: asyncio.Task[None] | None = None
+        self._last_flush = float("-inf")
         self._lock = asyncio.Lock()
 
     async def load(self) -> dict[str, CatalogEntry]:
@@ -234,8 +235,12 @@ class CatalogWriter:
         await waiter
 
     async def _flush_soon(self) -> None:
-        await asyncio.sleep(self.flush_seconds)
+        # Leading edge: a change to an idle catalog is written at once; changes arriving while
+        # writes are recent wait out the window and go together.
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(max(0.0, self._last_flush + self.flush_seconds - loop.time()))
         while self._waiters:
+            self._last_flush = loop.time()
             pending, self._pending = self._pending, {}
             waiters, self._waiters = self._waiters, []
             try:
@@ -251,6 +256,8 @@ class CatalogWriter:
             for w in waiters:
                 if not w.done():
                     w.set_result(None)
+            if self._waiters:
+                await asyncio.sleep(self.flush_seconds)
 
     def _place(self, key: str, value: str) -> str:
         """The shard for a new key: the first with room, or a new one."""

@@ -84,7 +84,10 @@ def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     ks.watching.client_timeout = settings.watch_client_timeout
     ks.watching.connect_timeout = settings.watch_connect_timeout
     ks.posting.level = logging.INFO
-    ks.queueing.worker_limit = 64
+    # kopf keeps an object's worker for idle_timeout after its last event (default 5 s); with a
+    # bounded pool that capped a burst of new products at ~64 per 6 s. Release workers sooner.
+    ks.queueing.worker_limit = 256
+    ks.queueing.idle_timeout = 0.5
     return ks
 
 

@@ -1,0 +1,858 @@
+#!/usr/bin/env python
+"""Benchmark: DataProducts applied at once on the real control plane, with the operator running.
+
+Not a test. It starts a real control plane (``datamesh.devcluster.ControlPlane``), applies the
+CRD, runs ``datamesh operator`` as a subprocess (its own process, so its memory is its own),
+and then, in one run:
+
+1. baseline: one small inline product applied alone, several times in a row; the p50 of
+   apply-to-Ready is the "apply to Ready (small inline product)" target (< 1 s);
+2. for each N in ``--sizes`` (default 100 and 1000): N small products applied at once, spread
+   over a few namespaces; for every product the time from the start of the apply to
+   ``status.phase == Ready`` with ``observedGeneration == generation`` (one ``kubectl get dp
+   --watch`` stream), catalog ConfigMap writes (a watch on the catalog ConfigMaps, and the
+   operator's ``datamesh_catalog_writes_total``), the operator's peak RSS (``/proc/<pid>/status``
+   sampled every 0.2 s, and ``VmHWM``), and a check that the catalog ends with N entries.
+   The batch is deleted (and the deletion awaited) before the next size.
+
+Figures are printed as a table and as plain ``key=value`` lines, with ratios against the
+baseline measured in the same run. Usage::
+
+    .venv/bin/python bench/reconcile.py                 # sizes 100 and 1000
+    .venv/bin/python bench/reconcile.py --sizes 100     # a quick run
+
+The operator's log (stderr) is kept in the printed log directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PLATFORM_NAMESPACE = "datamesh-system"
+CATALOG_LABEL = "datamesh.io/catalog"
+CRD = "crd/dataproducts.datamesh.io"
+WORDS = ("shipping", "invoice", "refund", "churn", "delivery", "warehouse", "discount", "support",
+         "renewal", "contract", "latency", "outage", "upgrade", "billing", "onboarding", "feedback")
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot go on (operator died, a size timed out, kubectl failed)."""
+
+
+# ------------------------------------------------------------------------------------------
+# Helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
+    return ordered[k]
+
+
+def product(name: str, namespace: str, rows: int, seed: int) -> dict[str, Any]:
+    """A small valid product: a few inline rows, semantic search on a text field."""
+    return {
+        "apiVersion": "datamesh.io/v1alpha1",
+        "kind": "DataProduct",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "domain": namespace,
+            "description": f"Synthetic benchmark product {name} about {WORDS[seed % len(WORDS)]}.",
+            "tags": ["bench", WORDS[seed % len(WORDS)]],
+            "schema": {"fields": [
+                {"name": "id", "type": "string", "primaryKey": True},
+                {"name": "text", "type": "string"},
+                {"name": "amount", "type": "number"},
+            ]},
+            "source": {"inline": [
+                {"id": f"r{i}", "text": f"row {i} of {name} about {WORDS[(seed + i) % len(WORDS)]}", "amount": i * 1.5}
+                for i in range(rows)
+            ]},
+            "semanticSearch": {"enabled": True, "keyFields": ["text"]},
+        },
+    }
+
+
+class Kubectl:
+    def __init__(self, cp: Any) -> None:
+        self.cp = cp
+
+    def cmd(self, *args: str) -> list[str]:
+        return list(self.cp.kubectl_cmd(*args))
+
+    def run(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(self.cmd(*args), input=input, capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise BenchError(f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
+        return result
+
+    def json(self, *args: str, timeout: float = 120) -> Any:
+        return json.loads(self.run(*args, "-o", "json", timeout=timeout).stdout)
+
+
+# ------------------------------------------------------------------------------------------
+# Watchers (one kubectl --watch stream each, read by a thread)
+
+
+class LineWatch:
+    """A ``kubectl get ... --watch -o jsonpath=...`` subprocess; each line goes to ``on_line``."""
+
+    def __init__(self, kubectl: Kubectl, args: list[str], name: str) -> None:
+        self.kubectl = kubectl
+        self.args = args
+        self.name = name
+        self.proc: subprocess.Popen[str] | None = None
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        self.restarts = 0
+        self.stderr_path = Path(tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".err")[1])
+
+    def on_line(self, t: float, line: str) -> None:  # overridden
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping:
+            with open(self.stderr_path, "a") as err:
+                self.proc = subprocess.Popen(self.kubectl.cmd(*self.args), stdout=subprocess.PIPE, stderr=err,
+                                             text=True, bufsize=1)
+                assert self.proc.stdout is not None
+                for line in self.proc.stdout:
+                    t = time.monotonic()
+                    line = line.strip()
+                    if line:
+                        self.on_line(t, line)
+                self.proc.wait()
+            if not self.stopping:
+                # A watch the server closed (or kubectl died): say so, and resume.
+                self.restarts += 1
+                print(f"  ! {self.name}: kubectl watch ended (exit {self.proc.returncode}), restarting", file=sys.stderr)
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+        self.stderr_path.unlink(missing_ok=True)
+
+
+@dataclass
+class ProductState:
+    first_seen: float
+    phase: str = ""
+    ready_at: float | None = None
+    phases_seen: set[str] = field(default_factory=set)
+
+
+class ProductWatch(LineWatch):
+    """Every DataProduct's phase; the first moment each one is Ready for its generation."""
+
+    # "|", not tabs: kubectl's watch output goes through a tabwriter that turns tabs into spaces.
+    TEMPLATE = ('{.metadata.namespace}|{.metadata.name}|{.metadata.generation}|'
+                '{.status.phase}|{.status.observedGeneration}{"\\n"}')
+
+    def __init__(self, kubectl: Kubectl) -> None:
+        super().__init__(kubectl, ["get", "dataproducts", "-A", "--watch", "-o", f"jsonpath={self.TEMPLATE}"], "dp-watch")
+        self.lock = threading.Lock()
+        self.states: dict[str, ProductState] = {}
+        self.events = 0
+
+    def on_line(self, t: float, line: str) -> None:
+        parts = line.split("|")
+        if len(parts) < 5:
+            return
+        ns, name, gen, phase, observed = parts[:5]
+        key = f"{ns}/{name}"
+        with self.lock:
+            self.events += 1
+            st = self.states.get(key)
+            if st is None:
+                st = self.states[key] = ProductState(first_seen=t)
+            st.phase = phase
+            if phase:
+                st.phases_seen.add(phase)
+            if st.ready_at is None and phase == "Ready" and observed and observed == gen:
+                st.ready_at = t
+
+    def forget(self, keys: list[str]) -> None:
+        with self.lock:
+            for k in keys:
+                self.states.pop(k, None)
+
+    def snapshot(self, keys: list[str]) -> dict[str, ProductState | None]:
+        with self.lock:
+            return {k: self.states.get(k) for k in keys}
+
+
+class CatalogWatch(LineWatch):
+    """ADDED/MODIFIED/DELETED events of the catalog ConfigMaps, with their times."""
+
+    TEMPLATE = '{.type}|{.object.metadata.name}|{.object.metadata.resourceVersion}{"\\n"}'
+
+    def __init__(self, kubectl: Kubectl) -> None:
+        super().__init__(kubectl, ["get", "configmaps", "-n", PLATFORM_NAMESPACE, "-l", f"{CATALOG_LABEL}=true",
+                                   "--watch", "--output-watch-events", "-o", f"jsonpath={self.TEMPLATE}"], "catalog-watch")
+        self.lock = threading.Lock()
+        self.events: list[tuple[float, str, str, str]] = []
+        self.seen_rv: set[tuple[str, str]] = set()
+
+    def on_line(self, t: float, line: str) -> None:
+        parts = line.split("|")
+        if len(parts) < 3:
+            return
+        typ, name, rv = parts[:3]
+        with self.lock:
+            # The initial list (and a restarted watch's list) repeats versions already seen.
+            if (name, rv) in self.seen_rv:
+                return
+            self.seen_rv.add((name, rv))
+            self.events.append((t, typ, name, rv))
+
+    def writes_between(self, t0: float, t1: float) -> tuple[int, set[str]]:
+        with self.lock:
+            hits = [(typ, name) for t, typ, name, _ in self.events if t0 <= t <= t1 and typ in ("ADDED", "MODIFIED")]
+        return len(hits), {name for _, name in hits}
+
+
+# ------------------------------------------------------------------------------------------
+# The operator subprocess
+
+
+class Operator:
+    def __init__(self, kubeconfig: Path, log_dir: Path, extra_env: dict[str, str] | None = None, verbose: bool = False,
+                 exe: Path = REPO / ".venv" / "bin" / "datamesh") -> None:
+        self.kubeconfig = kubeconfig
+        self.exe = exe
+        self.verbose = verbose
+        self.extra_env = extra_env or {}
+        self.log_path = log_dir / "operator.log"
+        self.metrics_port = free_port()
+        self.liveness_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
+        self._samples: list[tuple[float, int]] = []
+        self._sampler: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self, timeout: float = 90) -> None:
+        env = dict(os.environ)
+        env.update(KUBECONFIG=str(self.kubeconfig), DATAMESH_METRICS_PORT=str(self.metrics_port),
+                   DATAMESH_PLATFORM_NAMESPACE=PLATFORM_NAMESPACE, PYTHONUNBUFFERED="1")
+        env.update(self.extra_env)
+        exe = self.exe
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [str(exe), "operator", "--liveness", f"http://127.0.0.1:{self.liveness_port}/healthz", *(["--verbose"] if self.verbose else [])],
+            env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise BenchError(f"operator not live after {timeout} s; log tail:\n{self.log_tail()}")
+            time.sleep(0.2)
+        self._sampler = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
+        self._sampler.start()
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise BenchError(f"the operator exited with code {self.proc.returncode}; log tail:\n{self.log_tail()}")
+
+    def _status_kb(self, field_name: str) -> int | None:
+        try:
+            text = Path(f"/proc/{self.proc.pid}/status").read_text()  # type: ignore[union-attr]
+        except OSError:
+            return None
+        m = re.search(rf"^{field_name}:\s+(\d+) kB", text, re.MULTILINE)
+        return int(m.group(1)) if m else None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            kb = self._status_kb("VmRSS")
+            if kb is not None:
+                self._samples.append((time.monotonic(), kb))
+
+    def rss_mib(self) -> float:
+        return (self._status_kb("VmRSS") or 0) / 1024
+
+    def hwm_mib(self) -> float:
+        return (self._status_kb("VmHWM") or 0) / 1024
+
+    def peak_rss_mib(self, t0: float, t1: float) -> float:
+        window = [kb for t, kb in list(self._samples) if t0 <= t <= t1]
+        return max(window, default=0) / 1024
+
+    def metrics(self) -> dict[str, float]:
+        """The operator's Prometheus samples (name{labels} -> value)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except (urllib.error.URLError, OSError):
+            return {}
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("#") or not line.strip():
+                continue
+            name, _, value = line.rpartition(" ")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass
+        return out
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # kopf stops gracefully on SIGTERM
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
+
+
+def control_plane_pids() -> dict[str, int]:
+    """etcd, kube-apiserver and kube-controller-manager started by this process (the ControlPlane)."""
+    me = os.getpid()
+    out: dict[str, int] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            head, _, rest = (d / "stat").read_text().rpartition(")")
+        except OSError:
+            continue
+        comm = head.partition("(")[2]
+        if int(rest.split()[1]) == me and comm in ("etcd", "kube-apiserver", "kube-controller"):
+            out[comm] = int(d.name)
+    return out
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+class CpuMeter:
+    """CPU seconds used by the operator and by the control plane between start() and stop()."""
+
+    def __init__(self, operator_pid: int) -> None:
+        self.pids = {"operator": operator_pid, **control_plane_pids()}
+
+    def read(self) -> dict[str, float]:
+        return {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+
+def metric_sum(m: dict[str, float], name: str) -> float:
+    """Sum of a metric over its label sets."""
+    return sum(v for k, v in m.items() if k == name or k.startswith(name + "{"))
+
+
+def reconcile_stats(m0: dict[str, float], m1: dict[str, float]) -> tuple[float, float]:
+    """Reconciles between two scrapes, and their mean duration (datamesh_reconcile_duration_seconds)."""
+    count = metric_sum(m1, "datamesh_reconcile_duration_seconds_count") - metric_sum(m0, "datamesh_reconcile_duration_seconds_count")
+    total = metric_sum(m1, "datamesh_reconcile_duration_seconds_sum") - metric_sum(m0, "datamesh_reconcile_duration_seconds_sum")
+    return count, (total / count if count else float("nan"))
+
+
+# ------------------------------------------------------------------------------------------
+# The benchmark
+
+
+@dataclass
+class SizeResult:
+    n: int
+    ready: int
+    timed_out: bool
+    apply_s: float
+    total_s: float
+    p50: float
+    p95: float
+    max_s: float
+    seen_p50: float
+    per_s: float
+    cm_writes: int
+    cm_names: int
+    metric_writes: float
+    peak_rss: float
+    rss_before: float
+    hwm: float
+    catalog_entries: int
+    catalog_ready_entries: int
+    catalog_complete_s: float | None
+    phases_seen: Counter[str]
+    reconcile_errors: float
+    reconciles: float
+    reconcile_mean: float
+    cpu: dict[str, float]
+    load_before: str
+    load_after: str
+    delete_s: float | None
+    delete_cm_writes: int
+
+
+class Bench:
+    def __init__(self, cp: Any, args: argparse.Namespace, log_dir: Path) -> None:
+        self.cp = cp
+        self.args = args
+        self.kubectl = Kubectl(cp)
+        self.log_dir = log_dir
+        self.operator = Operator(cp.kubeconfig, log_dir, dict(e.split("=", 1) for e in args.env), args.operator_verbose,
+                                 args.operator_exe)
+        self.dp_watch = ProductWatch(self.kubectl)
+        self.cm_watch = CatalogWatch(self.kubectl)
+
+    # ---- setup
+
+    def setup(self) -> None:
+        t0 = time.monotonic()
+        self.kubectl.run("apply", "--server-side", "-f", str(REPO / "crds"))
+        # Polled rather than `kubectl wait`, which fails outright while the new CRD has no conditions yet.
+        deadline = time.monotonic() + 60
+        jsonpath = 'jsonpath={.status.conditions[?(@.type=="Established")].status}'
+        while self.kubectl.run("get", CRD, "-o", jsonpath, check=False).stdout.strip() != "True":
+            if time.monotonic() > deadline:
+                raise BenchError(f"{CRD} not Established after 60 s")
+            time.sleep(0.2)
+        self.kubectl.run("create", "namespace", PLATFORM_NAMESPACE, check=False)
+        self.operator.start()
+        self.cpu = CpuMeter(self.operator.proc.pid)  # type: ignore[union-attr]
+        self.dp_watch.start()
+        self.cm_watch.start()
+        print(f"  operator live (pid {self.operator.proc.pid}, RSS {self.operator.rss_mib():.0f} MiB) "  # type: ignore[union-attr]
+              f"in {time.monotonic() - t0:.1f} s; log: {self.operator.log_path}")
+
+    def wait_ready(self, keys: list[str], since: float, timeout: float, label: str) -> dict[str, ProductState | None]:
+        deadline = since + timeout
+        last_report = time.monotonic()
+        while True:
+            self.operator.check_alive()
+            snap = self.dp_watch.snapshot(keys)
+            ready = sum(1 for s in snap.values() if s is not None and s.ready_at is not None)
+            if ready == len(keys):
+                return snap
+            now = time.monotonic()
+            if now > deadline:
+                return snap
+            if len(keys) > 1 and now - last_report >= 15:
+                phases = Counter((s.phase or "(no status)") if s else "(not seen)" for s in snap.values())
+                print(f"  {label}: {ready}/{len(keys)} Ready after {now - since:.0f} s  {dict(phases)}", flush=True)
+                last_report = now
+            time.sleep(0.02 if len(keys) == 1 else 0.25)
+
+    def catalog(self) -> dict[str, dict[str, Any]]:
+        items = self.kubectl.json("get", "configmaps", "-n", PLATFORM_NAMESPACE, "-l", f"{CATALOG_LABEL}=true")["items"]
+        out: dict[str, dict[str, Any]] = {}
+        for cm in items:
+            for k, v in (cm.get("data") or {}).items():
+                try:
+                    out[k] = json.loads(v)
+                except ValueError:
+                    out[k] = {}
+        return out
+
+    def delete_products(self, namespaces: list[str], keys: list[str], timeout: float) -> float | None:
+        """Delete every product in ``namespaces``; wait until they and their catalog entries are gone."""
+        t0 = time.monotonic()
+        for ns in namespaces:
+            self.kubectl.run("delete", "dataproducts", "--all", "-n", ns, "--wait=false", timeout=timeout)
+        self.last_delete_issue_s = time.monotonic() - t0
+        prefixes = tuple(f"{ns}." for ns in namespaces)
+        while True:
+            self.operator.check_alive()
+            left = sum(len(self.kubectl.json("get", "dataproducts", "-n", ns)["items"]) for ns in namespaces)
+            entries = sum(1 for k in self.catalog() if k.startswith(prefixes)) if left == 0 else -1
+            if left == 0 and entries == 0:
+                self.dp_watch.forget(keys)
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                print(f"  ! deletion not finished after {timeout:.0f} s: {left} products left, "
+                      f"{entries if entries >= 0 else '?'} catalog entries left", flush=True)
+                return None
+            time.sleep(1.0)
+
+    # ---- baseline
+
+    def baseline(self) -> dict[str, Any]:
+        ns = "bench-single"
+        self.kubectl.run("create", "namespace", ns, check=False)
+        lat_start: list[float] = []
+        lat_return: list[float] = []
+        apply_s: list[float] = []
+        keys: list[str] = []
+        m0: dict[str, float] = {}
+        t_first = 0.0
+        for i in range(self.args.single_repeats + 1):  # the first is a warm-up, not counted
+            name = f"single-{i:02d}"
+            body = product(name, ns, self.args.rows, i)
+            key = f"{ns}/{name}"
+            keys.append(key)
+            t0 = time.monotonic()
+            self.kubectl.run("apply", "-f", "-", input=yaml.safe_dump(body))
+            t1 = time.monotonic()
+            snap = self.wait_ready([key], t0, 60, name)
+            st = snap[key]
+            if st is None or st.ready_at is None:
+                raise BenchError(f"baseline product {key} not Ready after 60 s (phase {st.phase if st else 'not seen'}); "
+                                 f"operator log tail:\n{self.operator.log_tail()}")
+            if i == 0:
+                print(f"  warm-up {name}: {st.ready_at - t0:.3f} s (not counted)")
+                time.sleep(1.0)  # let the warm-up's trailing catalog write land outside the window
+                m0, t_first = self.operator.metrics(), time.monotonic()
+                continue
+            lat_start.append(st.ready_at - t0)
+            lat_return.append(st.ready_at - t1)
+            apply_s.append(t1 - t0)
+        time.sleep(1.0)
+        m1, t_last = self.operator.metrics(), time.monotonic()
+        writes, _ = self.cm_watch.writes_between(t_first, t_last)
+        rss = self.operator.peak_rss_mib(t_first, t_last)
+        t_del = self.delete_products([ns], keys, 120)
+        return {
+            "reconciles": reconcile_stats(m0, m1)[0],
+            "reconcile_mean": reconcile_stats(m0, m1)[1],
+            "cm_writes": writes,
+            "cm_writes_per_product": writes / len(lat_start),
+            "rss": rss,
+            "n": len(lat_start),
+            "p50": statistics.median(lat_start),
+            "p95": percentile(lat_start, 95),
+            "min": min(lat_start),
+            "max": max(lat_start),
+            "p50_after_kubectl": statistics.median(lat_return),
+            "kubectl_apply_p50": statistics.median(apply_s),
+            "delete_s": t_del,
+            "all": lat_start,
+        }
+
+    # ---- one size
+
+    def run_size(self, n: int, timeout: float) -> SizeResult:
+        namespaces = [f"bench-n{n}-{j}" for j in range(self.args.namespaces)]
+        for ns in namespaces:
+            self.kubectl.run("create", "namespace", ns, check=False)
+        bodies = [product(f"p-{i:05d}", namespaces[i % len(namespaces)], self.args.rows, i) for i in range(n)]
+        keys = [f"{b['metadata']['namespace']}/{b['metadata']['name']}" for b in bodies]
+        chunks = [bodies[j::self.args.apply_parallel] for j in range(self.args.apply_parallel)]
+        chunks = [c for c in chunks if c]
+        docs = [yaml.safe_dump_all(c) for c in chunks]
+
+        m0 = self.operator.metrics()
+        rss_before = self.operator.rss_mib()
+        load_before = loadavg()
+        cpu0 = self.cpu.read()
+        t0 = time.monotonic()
+        procs = [subprocess.Popen(self.kubectl.cmd("apply", "-f", "-"), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True) for _ in docs]
+        errors: list[str] = [""] * len(procs)
+
+        def feed(i: int) -> None:
+            try:
+                errors[i] = procs[i].communicate(docs[i], timeout=timeout)[1]
+            except subprocess.TimeoutExpired:
+                procs[i].kill()
+                errors[i] = procs[i].communicate()[1] + f"\n(kubectl apply killed after {timeout:.0f} s)"
+
+        feeders = [threading.Thread(target=feed, args=(i,), daemon=True) for i in range(len(procs))]
+        for f in feeders:
+            f.start()
+        for f in feeders:
+            f.join(timeout=timeout)
+        t_applied = time.monotonic()
+        failed = [(p.returncode, e) for p, e in zip(procs, errors) if p.returncode != 0]
+        if failed:
+            raise BenchError(f"kubectl apply of the N={n} batch failed: {failed[0][1].strip()[:2000]}")
+        print(f"  N={n}: applied in {t_applied - t0:.1f} s ({len(procs)} parallel kubectl apply); waiting for Ready ...", flush=True)
+
+        snap = self.wait_ready(keys, t0, timeout, f"N={n}")
+        ready_times = [s.ready_at - t0 for s in snap.values() if s is not None and s.ready_at is not None]
+        seen_to_ready = [s.ready_at - s.first_seen for s in snap.values() if s is not None and s.ready_at is not None]
+        timed_out = len(ready_times) < n
+        t_end = max((s.ready_at for s in snap.values() if s and s.ready_at), default=time.monotonic())
+        if timed_out:
+            t_end = time.monotonic()
+            stuck = [(k, s) for k, s in snap.items() if s is None or s.ready_at is None]
+            phases = Counter((s.phase or "(no status)") if s else "(never seen by the watch)" for _, s in stuck)
+            print(f"  !! TIMEOUT N={n}: {len(ready_times)}/{n} Ready after {timeout:.0f} s; the rest by phase: {dict(phases)}", flush=True)
+            for k, _ in stuck[:3]:
+                ns, name = k.split("/")
+                r = self.kubectl.run("get", "dp", name, "-n", ns, "-o", "json", check=False)
+                if r.returncode == 0:
+                    body = json.loads(r.stdout)
+                    print(f"     {k}: metadata.annotations keys={sorted((body['metadata'].get('annotations') or {}))} "
+                          f"finalizers={body['metadata'].get('finalizers')} status={json.dumps(body.get('status'))[:600]}")
+
+        # The catalog: N entries for the batch (it may trail the last status write by a flush).
+        prefixes = tuple(f"{ns}." for ns in namespaces)
+        complete_s: float | None = None
+        entries = ready_entries = 0
+        cat_deadline = time.monotonic() + (5 if timed_out else 60)
+        while True:
+            cat = self.catalog()
+            batch = {k: v for k, v in cat.items() if k.startswith(prefixes)}
+            entries = len(batch)
+            ready_entries = sum(1 for v in batch.values() if v.get("phase") == "Ready")
+            if entries == n and ready_entries == n:
+                complete_s = time.monotonic() - t0
+                break
+            if time.monotonic() > cat_deadline:
+                break
+            time.sleep(0.5)
+        time.sleep(max(0.0, 2.0 - (time.monotonic() - t_end)))  # let trailing catalog writes show up in the watch
+        t_window = time.monotonic()
+        writes, cm_names = self.cm_watch.writes_between(t0, t_window)
+        m1 = self.operator.metrics()
+        cpu1 = self.cpu.read()
+        load_after = loadavg()
+        peak = self.operator.peak_rss_mib(t0, t_window)
+        hwm = self.operator.hwm_mib()
+        phases_seen: Counter[str] = Counter()
+        for s in snap.values():
+            if s is not None:
+                phases_seen.update(s.phases_seen)
+
+        print(f"  N={n}: deleting the batch ...", flush=True)
+        t_del0 = time.monotonic()
+        delete_s = self.delete_products(namespaces, keys, max(120.0, timeout / 2))
+        print(f"  N={n}: kubectl delete returned after {self.last_delete_issue_s:.1f} s; products and catalog entries gone after "
+              f"{'%.1f s' % delete_s if delete_s is not None else 'TIMEOUT'}", flush=True)
+        del_writes, _ = self.cm_watch.writes_between(t_del0, time.monotonic())
+
+        total = (t_end - t0) if ready_times else float("nan")
+        return SizeResult(
+            n=n, ready=len(ready_times), timed_out=timed_out, apply_s=t_applied - t0, total_s=total,
+            p50=statistics.median(ready_times) if ready_times else float("nan"),
+            p95=percentile(ready_times, 95) if ready_times else float("nan"),
+            max_s=max(ready_times, default=float("nan")),
+            seen_p50=statistics.median(seen_to_ready) if seen_to_ready else float("nan"),
+            per_s=len(ready_times) / total if ready_times and total > 0 else float("nan"),
+            cm_writes=writes, cm_names=len(cm_names),
+            metric_writes=metric_sum(m1, "datamesh_catalog_writes_total") - metric_sum(m0, "datamesh_catalog_writes_total"),
+            peak_rss=peak, rss_before=rss_before, hwm=hwm,
+            catalog_entries=entries, catalog_ready_entries=ready_entries, catalog_complete_s=complete_s,
+            phases_seen=phases_seen,
+            reconcile_errors=metric_sum(m1, "datamesh_reconcile_errors_total") - metric_sum(m0, "datamesh_reconcile_errors_total"),
+            reconciles=reconcile_stats(m0, m1)[0], reconcile_mean=reconcile_stats(m0, m1)[1],
+            cpu={k: cpu1[k] - cpu0.get(k, 0.0) for k in cpu1} | {"wall": t_window - t0},
+            load_before=load_before, load_after=load_after,
+            delete_s=delete_s, delete_cm_writes=del_writes,
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# Report
+
+
+def scan_log(path: Path) -> tuple[Counter[str], list[str]]:
+    """Counts of WARNING/ERROR/CRITICAL/Traceback lines in the operator log, and a few examples."""
+    counts: Counter[str] = Counter()
+    examples: list[str] = []
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return counts, examples
+    for line in lines:
+        for level in ("WARNING", "ERROR", "CRITICAL", "Traceback"):
+            if level in line:
+                counts[level] += 1
+                if len(examples) < 16 and (level != "WARNING" or counts[level] <= 4):
+                    examples.append(line[:400])
+                break
+    return counts, examples
+
+
+def report(single: dict[str, Any], results: list[SizeResult], wall: float, op: Operator) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    p1 = single["p50"]
+    t = Table(title="Apply-to-Ready on the real API server, operator running")
+    t.add_column("")
+    t.add_column("1 alone (baseline)", justify="right")
+    for r in results:
+        t.add_column(f"N={r.n}" + (" TIMEOUT" if r.timed_out else ""), justify="right")
+
+    def row(label: str, base: str, fmt: Any) -> None:
+        t.add_row(label, base, *(fmt(r) for r in results))
+
+    row("products Ready", f"{single['n']}/{single['n']}", lambda r: f"{r.ready}/{r.n}")
+    row("kubectl apply (s)", f"{single['kubectl_apply_p50']:.2f}", lambda r: f"{r.apply_s:.1f}")
+    row("time to all Ready (s)", "-", lambda r: f"{r.total_s:.1f}")
+    row("apply-to-Ready p50 (s)", f"{p1:.3f}", lambda r: f"{r.p50:.2f}")
+    row("apply-to-Ready p95 (s)", f"{single['p95']:.3f}", lambda r: f"{r.p95:.2f}")
+    row("apply-to-Ready max (s)", f"{single['max']:.3f}", lambda r: f"{r.max_s:.2f}")
+    row("products/s", f"{1 / p1:.2f} (serial)", lambda r: f"{r.per_s:.1f}")
+    row("reconcile mean (s)", f"{single['reconcile_mean']:.3f}", lambda r: f"{r.reconcile_mean:.3f}")
+    row("catalog CM writes", f"{single['cm_writes']} (for {single['n']})", lambda r: str(r.cm_writes))
+    row("catalog writes/product", f"{single['cm_writes_per_product']:.2f}", lambda r: f"{r.cm_writes / r.n:.3f}")
+    row("catalog entries", "-", lambda r: f"{r.catalog_entries}/{r.n}")
+    row("operator CPU (cores busy)", "-", lambda r: f"{r.cpu['operator'] / r.cpu['wall']:.2f}")
+    row("API server + etcd CPU (cores)", "-",
+        lambda r: f"{(r.cpu.get('kube-apiserver', 0) + r.cpu.get('etcd', 0)) / r.cpu['wall']:.2f}")
+    row("operator peak RSS (MiB)", f"{single['rss']:.0f}", lambda r: f"{r.peak_rss:.0f}")
+    row("p50 / p50 alone", "1.00", lambda r: f"{r.p50 / p1:.2f}")
+    row("speed-up vs serial", "1.0", lambda r: f"{r.n * p1 / r.total_s:.1f}")
+    console.print(t)
+
+    print()
+    print(f"target apply-to-Ready (small inline product) p50 < 1 s: p50={p1:.3f} s "
+          f"({'met' if p1 < 1 else 'NOT met'}); from kubectl apply's return: p50={single['p50_after_kubectl']:.3f} s; "
+          f"kubectl apply itself p50={single['kubectl_apply_p50']:.3f} s; min={single['min']:.3f} max={single['max']:.3f}")
+    print("baseline samples (s): " + " ".join(f"{v:.3f}" for v in single["all"]))
+    print(f"baseline reconciles={single['reconciles']:.0f} reconcile_mean_s={single['reconcile_mean']:.3f} "
+          f"catalog_cm_writes_per_product={single['cm_writes_per_product']:.2f} operator_peak_rss_mib={single['rss']:.0f}")
+    for r in results:
+        print(
+            f"reconcile N={r.n} ready={r.ready}/{r.n} timed_out={r.timed_out} apply_s={r.apply_s:.2f} "
+            f"total_s={r.total_s:.2f} p50_s={r.p50:.3f} p95_s={r.p95:.3f} max_s={r.max_s:.3f} "
+            f"seen_to_ready_p50_s={r.seen_p50:.3f} products_per_s={r.per_s:.2f} "
+            f"catalog_cm_writes={r.cm_writes} (metric datamesh_catalog_writes_total +{r.metric_writes:.0f}) "
+            f"catalog_configmaps={r.cm_names} writes_per_product={r.cm_writes / r.n:.4f} "
+            f"catalog_entries={r.catalog_entries}/{r.n} (phase Ready: {r.catalog_ready_entries}) "
+            f"catalog_complete_s={'%.2f' % r.catalog_complete_s if r.catalog_complete_s is not None else 'INCOMPLETE'} "
+            f"operator_rss_before_mib={r.rss_before:.0f} operator_peak_rss_mib={r.peak_rss:.0f} operator_vmhwm_mib={r.hwm:.0f} "
+            f"ratio_p50_vs_single={r.p50 / p1:.2f} fraction_of_serial_time={r.total_s / (r.n * p1):.4f} "
+            f"speedup_vs_serial={r.n * p1 / r.total_s:.1f} reconciles={r.reconciles:.0f} reconcile_mean_s={r.reconcile_mean:.3f} phases_seen={dict(r.phases_seen)} "
+            f"reconcile_errors=+{r.reconcile_errors:.0f} delete_s={'%.1f' % r.delete_s if r.delete_s is not None else 'INCOMPLETE'} "
+            f"delete_catalog_cm_writes={r.delete_cm_writes} "
+            f"cpu_s={ {k: round(v, 1) for k, v in r.cpu.items()} } "
+            f"operator_cpu_ms_per_product={1000 * r.cpu['operator'] / r.n:.1f} loadavg_before={r.load_before!r} loadavg_after={r.load_after!r}"
+        )
+    counts, examples = scan_log(op.log_path)
+    print(f"operator log {op.log_path}: {dict(counts) or 'no WARNING/ERROR/Traceback lines'}")
+    for line in examples:
+        print(f"  | {line}")
+    print(f"wall time {wall:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000], help="batch sizes (default: 100 1000)")
+    parser.add_argument("--single-repeats", type=int, default=10, help="baseline: products applied alone, one after another")
+    parser.add_argument("--rows", type=int, default=4, help="inline rows per product")
+    parser.add_argument("--namespaces", type=int, default=4, help="namespaces a batch is spread over")
+    parser.add_argument("--apply-parallel", type=int, default=4, help="kubectl apply processes a batch is split over")
+    parser.add_argument("--timeout-per-100", type=float, default=90.0,
+                        help="seconds allowed per 100 products (min 120 s, so 15 min for 1000)")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for the operator, e.g. DATAMESH_INGEST_CONCURRENCY=8 (repeatable)")
+    parser.add_argument("--operator-exe", type=Path, default=REPO / ".venv" / "bin" / "datamesh",
+                        help="the datamesh command to run as the operator (default: .venv/bin/datamesh)")
+    parser.add_argument("--operator-verbose", action="store_true", help="run the operator with --verbose (DEBUG log)")
+    parser.add_argument("--log-dir", type=Path, default=None, help="where the operator log goes (default: a new temp dir)")
+    args = parser.parse_args(argv)
+    if any("=" not in e for e in args.env):
+        parser.error("--env takes KEY=VALUE")
+
+    from datamesh.devcluster import ControlPlane
+
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="datamesh-bench-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    wall0 = time.monotonic()
+    results: list[SizeResult] = []
+    single: dict[str, Any] | None = None
+    status = 0
+    print(f"starting the control plane (logs of this run: {log_dir}; load average {loadavg()}) ...", flush=True)
+    if args.env:
+        print(f"  operator environment: {' '.join(args.env)}")
+    with ControlPlane() as cp:
+        bench = Bench(cp, args, log_dir)
+        try:
+            bench.setup()
+            print(f"baseline: {args.single_repeats} products applied alone, one after another ...", flush=True)
+            single = bench.baseline()
+            print(f"  p50 {single['p50']:.3f} s, p95 {single['p95']:.3f} s", flush=True)
+            for n in args.sizes:
+                timeout = max(120.0, args.timeout_per_100 * n / 100)
+                print(f"N={n}: applying {n} products at once (timeout {timeout:.0f} s) ...", flush=True)
+                r = bench.run_size(n, timeout)
+                results.append(r)
+                if r.timed_out:
+                    print(f"!! N={n} did not finish within {timeout:.0f} s; larger sizes skipped.", flush=True)
+                    status = 1
+                    break
+        except BenchError as exc:
+            print(f"!! benchmark aborted: {exc}", file=sys.stderr, flush=True)
+            status = 2
+        except KeyboardInterrupt:
+            print("!! interrupted", file=sys.stderr)
+            status = 130
+        finally:
+            bench.dp_watch.stop()
+            bench.cm_watch.stop()
+            bench.operator.stop()
+            if single is not None:
+                report(single, results, time.monotonic() - wall0, bench.operator)
+            else:
+                print(f"operator log: {bench.operator.log_path}\n{bench.operator.log_tail()}")
+    print(f"done in {time.monotonic() - wall0:.1f} s (control plane stopped)")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
