@@ -31,6 +31,7 @@ test: $(VENV)/.installed
 
 crd: $(VENV)/.installed
 	$(BIN)/datamesh crd --write crds/
+	$(BIN)/datamesh crd --write charts/datamesh/crds/
 
 tools:
 	hack/build-tools.sh

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -212,13 +212,18 @@ class CatalogWriter:
         """Remove an entry; returns once it is gone."""
         await self._submit(key, None)
 
-    async def replace_all(self, entries: Iterable[CatalogEntry]) -> None:
-        """Make the catalog hold exactly ``entries`` (the rebuild on start)."""
+    async def replace_all(self, entries: Iterable[CatalogEntry], namespaces: Collection[str] | None = None) -> None:
+        """Make the catalog hold exactly ``entries`` (the rebuild on start).
+
+        With ``namespaces``, only entries of those namespaces are replaced: operators watching
+        other namespaces may share the catalog.
+        """
         if not self._loaded:
             await self.load()
         wanted = {e.key: encode_entry(e) for e in entries}
         for key in list(self._location):
-            if key not in wanted:
+            # Keys are "<namespace>.<name>" and namespaces hold no dots.
+            if key not in wanted and (namespaces is None or key.split(".", 1)[0] in namespaces):
                 self._pending[key] = None
         self._pending.update(wanted)
         await self._submit_pending()

@@ -98,6 +98,9 @@ def ready_check(checks: list[Check]) -> Check:
         return Check(ConditionType.ready, False, bad.reason, bad.message, transient=True)
     for pending in (c for c in gating if not c.ok):
         return Check(ConditionType.ready, False, pending.reason, pending.message)
+    if not gating:
+        # Nothing evaluated yet: Ready must not claim True (kstatus would call it current).
+        return Check(ConditionType.ready, None, "Pending", "not reconciled yet")
     return Check(ConditionType.ready, True, "Reconciled", "all resources of the product are in place")
 
 

@@ -71,9 +71,12 @@ def write_outcome(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None:
         kopf.event(body, type="Warning" if event.warning else "Normal", reason=event.reason, message=event.message[:1000])
 
 
-def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
+def kopf_settings(settings: OperatorSettings, namespaces: list[str] | None = None) -> kopf.OperatorSettings:
     """kopf's own settings: our finalizer and annotation prefix, and watch timeouts."""
     ks = kopf.OperatorSettings()
+    if namespaces:
+        # Fixed namespaces need no observing of namespaces and CRDs (and no cluster-wide RBAC).
+        ks.scanning.disabled = True
     ks.persistence.finalizer = settings.finalizer
     ks.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=settings.annotation_prefix)
     ks.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -91,8 +94,8 @@ def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     return ks
 
 
-def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
-    """A registry with every handler of the DataProduct operator."""
+def build_registry(settings: OperatorSettings, namespaces: list[str] | None = None) -> kopf.OperatorRegistry:
+    """A registry with every handler of the DataProduct operator (``namespaces``: the watched ones, or all)."""
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)
@@ -106,7 +109,7 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
                 memo.runtime = await build_runtime(settings, getattr(memo, "store", None))
             # The catalog is derived state: make it hold exactly the products that exist now.
             entries = []
-            for body in await memo.runtime.kube.list_products(*RESOURCE):
+            for body in await memo.runtime.kube.list_products(*RESOURCE, namespaces=namespaces):
                 meta = body["metadata"]
                 try:
                     spec = DataProductSpec.model_validate(body.get("spec") or {})
@@ -114,7 +117,7 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
                     continue
                 status = DataProductStatus.model_validate(body.get("status") or {})
                 entries.append(catalog_entry(meta["namespace"], meta["name"], int(meta.get("generation") or 1), spec, status))
-            await memo.runtime.catalog.replace_all(entries)
+            await memo.runtime.catalog.replace_all(entries, namespaces=namespaces)
         except Exception as exc:
             if retry >= 5:
                 raise kopf.PermanentError(f"cannot start: {exc}") from exc
@@ -231,8 +234,8 @@ async def run_operator(
     """Run the operator until ``stop_flag`` is set (or forever)."""
     memo = kopf.Memo(store=store, runtime=None)
     await kopf.operator(
-        registry=build_registry(settings),
-        settings=kopf_settings(settings),
+        registry=build_registry(settings, namespaces),
+        settings=kopf_settings(settings, namespaces),
         clusterwide=not namespaces,
         namespaces=namespaces or (),
         liveness_endpoint=liveness_endpoint,

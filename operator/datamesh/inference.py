@@ -62,6 +62,8 @@ def desired_objects(namespace: str, product: str, uid: str, spec: Inference, set
         "ports": [{"name": "http", "containerPort": spec.port}],
         "env": [{"name": "DATAMESH_INFERENCE_MODEL", "value": spec.model or ""}],
         "resources": resources,
+        # The root filesystem is read-only; the runtime's caches and temp files go here.
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 10},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 20, "failureThreshold": 6},
         "securityContext": {
@@ -85,7 +87,12 @@ def desired_objects(namespace: str, product: str, uid: str, spec: Inference, set
             "selector": {"matchLabels": selector},
             "template": {
                 "metadata": {"labels": {**labels(product), **selector}},
-                "spec": {"automountServiceAccountToken": False, "containers": [container]},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [container],
+                    "volumes": [{"name": "tmp", "emptyDir": {}}],
+                },
             },
         },
     }

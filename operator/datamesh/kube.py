@@ -76,10 +76,16 @@ class Kube:
             raise
         return self.api.sanitize_for_serialization(result)
 
-    async def list_products(self, group: str, version: str, plural: str) -> list[dict[str, Any]]:
-        """Every DataProduct in the cluster (for the catalog rebuild)."""
-        result = await self.custom.list_cluster_custom_object(group, version, plural, _request_timeout=60)
-        return list(result.get("items", []))
+    async def list_products(self, group: str, version: str, plural: str, namespaces: list[str] | None = None) -> list[dict[str, Any]]:
+        """Every DataProduct in the cluster, or in ``namespaces`` (for the catalog rebuild)."""
+        if not namespaces:
+            result = await self.custom.list_cluster_custom_object(group, version, plural, _request_timeout=60)
+            return list(result.get("items", []))
+        items: list[dict[str, Any]] = []
+        for namespace in namespaces:
+            result = await self.custom.list_namespaced_custom_object(group, version, namespace, plural, _request_timeout=60)
+            items.extend(result.get("items", []))
+        return items
 
 
 class ConfigMapCatalogBackend:

@@ -1,0 +1,162 @@
+{{/*
+Names, labels, image and settings shared by the templates.
+*/}}
+
+{{/* The chart name, or nameOverride. */}}
+{{- define "datamesh.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The prefix of every object name: fullnameOverride, else the release name (with the chart name
+appended unless the release name contains it). Kept to 46 characters so that the longest
+suffix ("-operator-catalog", 17) still fits the 63-character limit of labels and names.
+*/}}
+{{- define "datamesh.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 46 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 46 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 46 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "datamesh.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every object; pass a dict with "ctx" (the root context) and "component". */}}
+{{- define "datamesh.labels" -}}
+helm.sh/chart: {{ include "datamesh.chart" .ctx }}
+{{ include "datamesh.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: datamesh
+{{- with .ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels: stable across upgrades (a Deployment's selector cannot change). */}}
+{{- define "datamesh.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "datamesh.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Namespace of the catalog ConfigMaps. */}}
+{{- define "datamesh.platformNamespace" -}}
+{{- default .Release.Namespace .Values.platformNamespace }}
+{{- end }}
+
+{{/* The datamesh image, by digest when one is given. */}}
+{{- define "datamesh.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{- define "datamesh.operator.fullname" -}}
+{{- printf "%s-operator" (include "datamesh.fullname" .) }}
+{{- end }}
+
+{{- define "datamesh.query.fullname" -}}
+{{- printf "%s-query" (include "datamesh.fullname" .) }}
+{{- end }}
+
+{{- define "datamesh.qdrant.fullname" -}}
+{{- printf "%s-qdrant" (include "datamesh.fullname" .) }}
+{{- end }}
+
+{{- define "datamesh.operator.serviceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create }}
+{{- default (include "datamesh.operator.fullname" .) .Values.operator.serviceAccount.name }}
+{{- else }}
+{{- required "operator.serviceAccount.name is required when operator.serviceAccount.create is false" .Values.operator.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "datamesh.query.serviceAccountName" -}}
+{{- if .Values.queryService.serviceAccount.create }}
+{{- default (include "datamesh.query.fullname" .) .Values.queryService.serviceAccount.name }}
+{{- else }}
+{{- required "queryService.serviceAccount.name is required when queryService.serviceAccount.create is false" .Values.queryService.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Name of the Secret with the query service's tokens file, or "" when there is none. */}}
+{{- define "datamesh.query.tokensSecret" -}}
+{{- if .Values.queryService.auth.existingSecret }}
+{{- .Values.queryService.auth.existingSecret }}
+{{- else if .Values.queryService.auth.tokens }}
+{{- printf "%s-tokens" (include "datamesh.query.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* The Qdrant REST URL the operator and the query service use. */}}
+{{- define "datamesh.qdrant.url" -}}
+{{- if eq .Values.qdrant.mode "external" }}
+{{- required "qdrant.external.url is required when qdrant.mode is external" .Values.qdrant.external.url }}
+{{- else }}
+{{- printf "http://%s.%s.svc:%d" (include "datamesh.qdrant.fullname" .) .Release.Namespace (int .Values.qdrant.builtin.httpPort) }}
+{{- end }}
+{{- end }}
+
+{{/* Qdrant connection variables of the operator and the query service. */}}
+{{- define "datamesh.qdrant.env" -}}
+- name: DATAMESH_QDRANT_URL
+  value: {{ include "datamesh.qdrant.url" . | quote }}
+{{- if .Values.qdrant.apiKey.existingSecret }}
+- name: DATAMESH_QDRANT_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.qdrant.apiKey.existingSecret }}
+      key: {{ .Values.qdrant.apiKey.secretKey }}
+{{- end }}
+{{- end }}
+
+{{/* A name: value map as a list of EnvVar (values quoted: env values are strings). */}}
+{{- define "datamesh.envMap" -}}
+{{- range $name, $value := . }}
+- name: {{ $name }}
+  value: {{ $value | toString | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The writable scratch folder every container gets, since root filesystems are read-only. */}}
+{{- define "datamesh.tmpVolume" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: 256Mi
+{{- end }}
+
+{{/*
+Checks of combinations the JSON schema cannot express well; each fails with the value's name.
+*/}}
+{{- define "datamesh.validate" -}}
+{{- if and (eq .Values.qdrant.mode "external") (not .Values.qdrant.external.url) }}
+{{- fail "qdrant.external.url is required when qdrant.mode is \"external\" (the URL of your Qdrant server, e.g. https://qdrant.example.com:6333)" }}
+{{- end }}
+{{- if le (int .Values.operator.watch.clientTimeoutSeconds) (int .Values.operator.watch.serverTimeoutSeconds) }}
+{{- fail (printf "operator.watch.clientTimeoutSeconds (%v) must be greater than operator.watch.serverTimeoutSeconds (%v), or healthy watches are abandoned before the server ends them" .Values.operator.watch.clientTimeoutSeconds .Values.operator.watch.serverTimeoutSeconds) }}
+{{- end }}
+{{- if and .Values.queryService.autoscaling.enabled (lt (int .Values.queryService.autoscaling.maxReplicas) (int .Values.queryService.autoscaling.minReplicas)) }}
+{{- fail "queryService.autoscaling.maxReplicas must be at least queryService.autoscaling.minReplicas" }}
+{{- end }}
+{{- if and .Values.queryService.autoscaling.enabled (not (or .Values.queryService.autoscaling.targetCPUUtilizationPercentage .Values.queryService.autoscaling.targetMemoryUtilizationPercentage)) }}
+{{- fail "queryService.autoscaling needs targetCPUUtilizationPercentage or targetMemoryUtilizationPercentage above 0" }}
+{{- end }}
+{{- if and .Values.queryService.ingress.enabled (not .Values.queryService.ingress.hosts) }}
+{{- fail "queryService.ingress.hosts needs at least one host when queryService.ingress.enabled is true" }}
+{{- end }}
+{{- if and .Values.queryService.ingress.enabled (not .Values.queryService.enabled) }}
+{{- fail "queryService.ingress.enabled needs queryService.enabled" }}
+{{- end }}
+{{- end }}
