@@ -1,0 +1,29 @@
+"""Permanent errors end in Failed with a reason a user can act on, and an Event; never a crash loop."""
+
+from __future__ import annotations
+
+from tests.harness import Kubectl, OperatorThread, wait_for
+from tests.test_reconcile_cluster import apply, delete, product
+
+
+def test_unknown_embedding_model_fails_with_an_actionable_reason(kubectl: Kubectl, operator: OperatorThread) -> None:
+    body = product("unknown-model")
+    body["spec"]["semanticSearch"]["embeddingModel"] = "mystery:model-9000"
+    apply(kubectl, body)
+
+    def failed() -> dict | None:
+        st = (kubectl.get("dp", "unknown-model", "default") or {}).get("status") or {}
+        return st if st.get("phase") == "Failed" else None
+
+    st = wait_for(failed, 60, what="Failed")
+    cond = next(c for c in st["conditions"] if c["type"] == "CollectionReady")
+    assert cond["reason"] == "UnknownEmbeddingModel" and "mystery:model-9000" in cond["message"]
+    assert "builtin:ngram" in cond["message"], "the message lists the accepted model forms"
+    events = kubectl.json("get", "events", "-n", "default", "--field-selector", "involvedObject.name=unknown-model")["items"]
+    assert any(e["type"] == "Warning" and e["reason"] == "UnknownEmbeddingModel" for e in events)
+
+    # Fixing the spec recovers the product without any restart.
+    body["spec"]["semanticSearch"]["embeddingModel"] = "builtin:ngram-384"
+    apply(kubectl, body)
+    wait_for(lambda: (kubectl.get("dp", "unknown-model", "default").get("status") or {}).get("phase") == "Ready", 60, what="Ready after the fix")
+    delete(kubectl, "unknown-model")
