@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import multiprocessing
-import socket
 import statistics
 import sys
 import tempfile
@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +50,7 @@ from datamesh.embeddings import resolve_provider  # noqa: E402
 from datamesh.qdrant import VectorStore  # noqa: E402
 from datamesh.query_service import QuerySettings, create_app  # noqa: E402
 from datamesh.reconcile import Reconciler  # noqa: E402
+from datamesh.serving import serve_app  # noqa: E402
 from datamesh.settings import OperatorSettings  # noqa: E402
 
 QUESTION = "which shipments were delayed by weather?"
@@ -175,18 +175,6 @@ class Case:
         return self.requests / self.wall if self.wall else float("nan")
 
 
-async def serve(app: Any) -> tuple[uvicorn.Server, asyncio.Task[None], socket.socket, str]:
-    # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets; without it every
-    # response waits ~40 ms for a delayed ACK (uvicorn writes headers and body separately).
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-    return server, task, sock, f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-
 async def main(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     store = VectorStore.connect(None, ":memory:")
@@ -197,29 +185,25 @@ async def main(args: argparse.Namespace) -> None:
 
     # One service per catalog size, all on this process's loop and Qdrant, measured in
     # interleaved rounds so that background load on the machine hits every case alike.
-    servers = []
     body = {"question": QUESTION, "limit": LIMIT}
     cases = [Case("HTTP floor (GET /healthz)", "-")]
-    for size in (1, 10, 100):
-        source = StaticCatalogSource({e.key: e for e in entries[:size]})
-        app = create_app(source, store, QuerySettings(allow_anonymous=True), Authenticator(allow_anonymous=True))
-        servers.append(await serve(app))
-        cases.append(Case(f"federated /v1/query, {size} product{'s' if size > 1 else ''}", size, servers[-1][3], body))
-    cases[0].url = servers[0][3]
     direct = Case("direct qdrant-client search (1 product)", "-")
     direct.asked = 1
-    await direct_search(store, entries[0].collection or "", 20)  # warm-up
-    loop = asyncio.get_running_loop()
-    serial, concurrent = max(1, args.serial // args.rounds), max(CONCURRENCY, args.concurrent // args.rounds)
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for _ in range(args.rounds):
-            direct.latencies += await direct_search(store, entries[0].collection or "", serial)
-            for case in cases:
-                case.add(await loop.run_in_executor(pool, client_batch, case.url, case.body, serial, concurrent))
-    for server, task, sock, _ in servers:
-        server.should_exit = True
-        await task
-        sock.close()
+    async with contextlib.AsyncExitStack() as servers:
+        for size in (1, 10, 100):
+            source = StaticCatalogSource({e.key: e for e in entries[:size]})
+            app = create_app(source, store, QuerySettings(allow_anonymous=True), Authenticator(allow_anonymous=True))
+            url = await servers.enter_async_context(serve_app(app))
+            cases.append(Case(f"federated /v1/query, {size} product{'s' if size > 1 else ''}", size, url, body))
+        cases[0].url = cases[1].url
+        await direct_search(store, entries[0].collection or "", 20)  # warm-up
+        loop = asyncio.get_running_loop()
+        serial, concurrent = max(1, args.serial // args.rounds), max(CONCURRENCY, args.concurrent // args.rounds)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for _ in range(args.rounds):
+                direct.latencies += await direct_search(store, entries[0].collection or "", serial)
+                for case in cases:
+                    case.add(await loop.run_in_executor(pool, client_batch, case.url, case.body, serial, concurrent))
     await store.close()
 
     d50, d95 = pct(direct.latencies, 0.5), pct(direct.latencies, 0.95)

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,8 @@ from typing import Any
 
 import yaml
 
+from datamesh.serving import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 PLATFORM_NAMESPACE = "datamesh-system"
 CATALOG_LABEL = "datamesh.io/catalog"
@@ -61,12 +62,6 @@ class BenchError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------
 # Helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from datamesh.handlers import run_operator
 from datamesh.qdrant import VectorStore
 from datamesh.settings import OperatorSettings
+from tests.httpserver import LoopThread
 
 T = TypeVar("T")
 
@@ -58,18 +58,17 @@ def wait_for(predicate: Callable[[], T], timeout: float = 60, interval: float = 
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
-class OperatorThread:
+class OperatorThread(LoopThread):
     """The kopf operator in a thread with its own event loop, sharing one embedded Qdrant.
 
     The store outlives restarts of the operator (``stop()`` then ``start()``), as a Qdrant
-    server would; ``call()`` runs a coroutine on the operator's loop (the store's owner).
+    server would; ``call()`` runs a coroutine on the operator's loop (the store's owner), and
+    ``serving()`` serves an app there (e.g. the query service sharing the store).
     """
 
     def __init__(self, settings: OperatorSettings) -> None:
+        super().__init__("operator-loop")
         self.settings = settings
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="operator-loop", daemon=True)
-        self._thread.start()
         self.store: VectorStore = self.call(self._make_store())
         self._task: asyncio.Future[None] | None = None
         self._stop: asyncio.Event | None = None
@@ -77,13 +76,6 @@ class OperatorThread:
     @staticmethod
     async def _make_store() -> VectorStore:
         return VectorStore.connect(None, ":memory:")
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
-        """Run ``coro`` in the background on the operator's loop (e.g. a uvicorn server sharing the store)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def start(self, timeout: float = 60) -> None:
         async def begin() -> tuple[asyncio.Event, asyncio.Event]:
@@ -112,5 +104,4 @@ class OperatorThread:
     def close(self) -> None:
         self.stop()
         self.call(self.store.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
+        super().close()

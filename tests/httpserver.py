@@ -1,4 +1,4 @@
-"""A real uvicorn server in a background thread, for tests that need HTTP on 127.0.0.1.
+"""Event loops in background threads, and real uvicorn servers on them, for tests that need HTTP on 127.0.0.1.
 
     with ServerThread(app) as url:
         httpx.get(f"{url}/healthz")
@@ -6,23 +6,72 @@
 
 from __future__ import annotations
 
-import socket
+import asyncio
+import contextlib
 import threading
-import time
+from collections.abc import Coroutine, Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, Self, TypeVar
 
-import uvicorn
+from datamesh.serving import LOOPBACK, serve_app
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An asyncio event loop running in a daemon thread; ``call`` runs a coroutine on it from any other thread."""
+
+    def __init__(self, name: str = "loop-thread") -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
+        """Run ``coro`` on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @contextlib.contextmanager
+    def serving(self, app: Any, **options: Any) -> Iterator[str]:
+        """``app`` served on this loop (see ``serve_app`` for ``options``) for the ``with`` block; yields its base URL."""
+        server = serve_app(app, **options)
+        url = self.call(server.__aenter__())
+        try:
+            yield url
+        finally:
+            self.call(server.__aexit__(None, None, None))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Cancel what still runs on the loop (as ``asyncio.run`` does), stop it and wait for its thread."""
+        self.call(_cancel_leftovers(), timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+async def _cancel_leftovers() -> None:
+    tasks = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=10)
+    await asyncio.get_running_loop().shutdown_asyncgens()
 
 
 class ServerThread:
-    """Serves an ASGI app on a free loopback port until the ``with`` block ends."""
+    """Serves an ASGI app on a free loopback port, on a loop thread of its own, until the ``with`` block ends."""
 
     def __init__(
         self,
         app: Any,
         *,
-        host: str = "127.0.0.1",
+        host: str = LOOPBACK,
         port: int = 0,
         startup_timeout: float = 10.0,
         graceful_shutdown: int = 1,
@@ -30,67 +79,27 @@ class ServerThread:
         **config: Any,
     ) -> None:
         self.app = app
-        self.host = host
-        self.port = port
-        self.startup_timeout = startup_timeout
-        # Short: a test's deliberately hanging handler must not hold up the shutdown.
-        self.graceful_shutdown = graceful_shutdown
-        self.config = {"log_level": log_level, "access_log": False, "lifespan": "auto", **config}
+        # A short graceful shutdown: a test's deliberately hanging handler must not hold up the end.
+        self.options: dict[str, Any] = {
+            "host": host, "port": port, "log_level": log_level, "startup_timeout": startup_timeout,
+            "timeout_graceful_shutdown": graceful_shutdown, "shutdown_timeout": graceful_shutdown + 5, "lifespan": "auto", **config,
+        }
         self.url = ""
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._socket: socket.socket | None = None
-        self._error: BaseException | None = None
+        self._stack: contextlib.ExitStack | None = None
 
     def start(self) -> str:
         """Start serving; returns the base URL (``http://127.0.0.1:<port>``) once it accepts."""
-        # Binding here, and handing uvicorn the socket, leaves no window for another process
-        # to take the port between choosing it and serving on it.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        self._socket = sock
-        self.port = sock.getsockname()[1]
-        self.url = f"http://{self.host}:{self.port}"
-        config = uvicorn.Config(self.app, timeout_graceful_shutdown=self.graceful_shutdown, **self.config)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._run, name=f"uvicorn-{self.port}", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + self.startup_timeout
-        while not self._server.started:
-            if not self._thread.is_alive():
-                self._close_socket()
-                raise RuntimeError(f"server on {self.url} exited during startup") from self._error
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"server on {self.url} did not start within {self.startup_timeout}s")
-            time.sleep(0.01)
+        with contextlib.ExitStack() as stack:
+            loop = stack.enter_context(LoopThread(f"uvicorn-{self.options['port'] or 'any'}"))
+            self.url = stack.enter_context(loop.serving(self.app, **self.options))
+            self._stack = stack.pop_all()
         return self.url
 
-    def _run(self) -> None:
-        assert self._server is not None and self._socket is not None
-        try:
-            self._server.run(sockets=[self._socket])
-        except BaseException as e:  # noqa: BLE001 - uvicorn reports startup failure as SystemExit
-            self._error = e
-
     def stop(self) -> None:
-        """Ask the server to exit and wait for its thread (forcing it if it lingers)."""
-        if self._server is None or self._thread is None:
-            return
-        self._server.should_exit = True
-        self._thread.join(timeout=self.graceful_shutdown + 5)
-        if self._thread.is_alive():
-            self._server.force_exit = True
-            self._thread.join(timeout=5)
-        self._close_socket()
-        if self._thread.is_alive():
-            raise RuntimeError(f"server on {self.url} did not shut down")
-
-    def _close_socket(self) -> None:
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
+        """Shut the server down (forcing it if it lingers) and end its thread."""
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            stack.close()
 
     def __enter__(self) -> str:
         return self.start()

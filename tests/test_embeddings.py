@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from datamesh.embeddings import (
     cosine_scores,
     resolve_provider,
 )
+from datamesh.serving import free_port
 from tests.httpserver import ServerThread
 
 SAMPLE = [
@@ -290,9 +291,15 @@ def embedding_server(_embedding_server_url: str) -> EmbeddingServer:
     return EmbeddingServer(_embedding_server_url, _STATE)
 
 
-def fast_provider(url: str, **kwargs: Any) -> OpenAICompatibleProvider:
+@contextlib.asynccontextmanager
+async def fast_provider(url: str, **kwargs: Any) -> AsyncIterator[OpenAICompatibleProvider]:
+    """A provider with short backoffs, whose connections are closed when the block ends."""
     options: dict[str, Any] = {"backoff_base": 0.05, "backoff_max": 0.2, **kwargs}
-    return OpenAICompatibleProvider("test-model", url, **options)
+    provider = OpenAICompatibleProvider("test-model", url, **options)
+    try:
+        yield provider
+    finally:
+        await provider.aclose()
 
 
 def expected(text: str) -> list[float]:
@@ -302,12 +309,9 @@ def expected(text: str) -> list[float]:
 
 
 async def test_http_vectors_order_and_batching(embedding_server: EmbeddingServer) -> None:
-    p = fast_provider(embedding_server.url)
     texts = [f"t-{i}" for i in range(150)]
-    try:
+    async with fast_provider(embedding_server.url) as p:
         vectors = await p.embed(texts)
-    finally:
-        await p.aclose()
     assert len(vectors) == 150
     for text, v in zip(texts, vectors, strict=True):
         assert v == pytest.approx(expected(text), abs=1e-12)
@@ -321,33 +325,24 @@ async def test_http_vectors_order_and_batching(embedding_server: EmbeddingServer
 
 
 async def test_http_dimension_probe_once(embedding_server: EmbeddingServer) -> None:
-    p = fast_provider(embedding_server.url)
-    try:
+    async with fast_provider(embedding_server.url) as p:
         assert await p.dimension() == 3
         assert await p.dimension() == 3
-    finally:
-        await p.aclose()
     assert len(embedding_server.state.requests) == 1
 
 
 async def test_http_concurrency_is_bounded(embedding_server: EmbeddingServer) -> None:
     embedding_server.state.delay = 0.1
-    p = fast_provider(embedding_server.url, batch_size=10, max_concurrency=2)
-    try:
+    async with fast_provider(embedding_server.url, batch_size=10, max_concurrency=2) as p:
         vectors = await p.embed([f"t-{i}" for i in range(100)])
-    finally:
-        await p.aclose()
     assert len(vectors) == 100
     assert len(embedding_server.state.requests) == 10
     assert embedding_server.state.max_in_flight == 2
 
 
 async def test_http_empty_texts_are_zero_vectors(embedding_server: EmbeddingServer) -> None:
-    p = fast_provider(embedding_server.url)
-    try:
+    async with fast_provider(embedding_server.url) as p:
         vectors = await p.embed(["t-1", "", "t-2", "  "])
-    finally:
-        await p.aclose()
     assert vectors[0] == pytest.approx(expected("t-1"))
     assert vectors[1] == [0.0, 0.0, 0.0]
     assert vectors[2] == pytest.approx(expected("t-2"))
@@ -357,23 +352,17 @@ async def test_http_empty_texts_are_zero_vectors(embedding_server: EmbeddingServ
 
 async def test_http_retries_transient_failures(embedding_server: EmbeddingServer) -> None:
     embedding_server.state.fail_first = 2
-    p = fast_provider(embedding_server.url)
-    try:
+    async with fast_provider(embedding_server.url) as p:
         vectors = await p.embed(["t-5"])
-    finally:
-        await p.aclose()
     assert vectors == [pytest.approx(expected("t-5"))]
     assert len(embedding_server.state.requests) == 3
 
 
 async def test_http_gives_up_after_three_attempts(embedding_server: EmbeddingServer) -> None:
     embedding_server.state.status = 503
-    p = fast_provider(embedding_server.url)
-    try:
+    async with fast_provider(embedding_server.url) as p:
         with pytest.raises(EmbeddingServiceError) as info:
             await p.embed(["t-1"])
-    finally:
-        await p.aclose()
     assert f"{embedding_server.url}/v1/embeddings" in str(info.value)
     assert "503" in str(info.value)
     assert info.value.transient
@@ -382,24 +371,18 @@ async def test_http_gives_up_after_three_attempts(embedding_server: EmbeddingSer
 
 async def test_http_rate_limit_is_retried(embedding_server: EmbeddingServer) -> None:
     embedding_server.state.status = 429
-    p = fast_provider(embedding_server.url)
-    try:
+    async with fast_provider(embedding_server.url) as p:
         with pytest.raises(EmbeddingServiceError, match="429"):
             await p.embed(["t-1"])
-    finally:
-        await p.aclose()
     assert len(embedding_server.state.requests) == 3
 
 
 async def test_http_client_error_is_permanent_and_immediate(embedding_server: EmbeddingServer) -> None:
     embedding_server.state.status = 404
     embedding_server.state.message = "model 'test-model' not found"
-    p = fast_provider(embedding_server.url)
-    try:
+    async with fast_provider(embedding_server.url) as p:
         with pytest.raises(EmbeddingError) as info:
             await p.embed(["t-1"])
-    finally:
-        await p.aclose()
     assert not isinstance(info.value, EmbeddingServiceError)
     assert not info.value.transient
     assert "model 'test-model' not found" in str(info.value)
@@ -408,29 +391,20 @@ async def test_http_client_error_is_permanent_and_immediate(embedding_server: Em
 
 async def test_http_read_timeout(embedding_server: EmbeddingServer) -> None:
     embedding_server.state.hang = 3.0
-    p = fast_provider(embedding_server.url, connect_timeout=0.5, read_timeout=0.5)
     started = time.monotonic()
-    try:
+    async with fast_provider(embedding_server.url, connect_timeout=0.5, read_timeout=0.5) as p:
         with pytest.raises(EmbeddingServiceError) as info:
             await p.embed(["t-1"])
-    finally:
-        await p.aclose()
     assert time.monotonic() - started < 3.0
     assert f"{embedding_server.url}/v1/embeddings" in str(info.value)
     assert "timed out" in str(info.value)
 
 
 async def test_http_connection_refused() -> None:
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens on it
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    p = fast_provider(url)
-    try:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens on it
+    async with fast_provider(url) as p:
         with pytest.raises(EmbeddingServiceError) as info:
             await p.embed(["t-1"])
-    finally:
-        await p.aclose()
     assert f"{url}/v1/embeddings" in str(info.value)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import math
-import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from datamesh.embeddings import DEFAULT_MODEL, EmbeddingError, OpenAICompatibleProvider, resolve_provider
 from datamesh.inference_runtime import RuntimeSettings, create_app
+from datamesh.serving import free_port
 from tests.httpserver import ServerThread
 
 TEXTS = [
@@ -379,12 +379,6 @@ async def test_openapi_documents_both_endpoints_with_examples(client: httpx.Asyn
         assert {"400", "413", "422"} <= set(spec["paths"][path]["post"]["responses"])
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_proxy_mode_serves_another_servers_embeddings_and_is_unready_while_it_is_down(runtime_url: str) -> None:
     expected = await resolve_provider(DEFAULT_MODEL).embed(TEXTS[:2])
     proxy = RuntimeSettings(embedding_endpoint=runtime_url, **FAST_RETRIES)
@@ -395,7 +389,7 @@ async def test_proxy_mode_serves_another_servers_embeddings_and_is_unready_while
             assert r.status_code == 200, r.text
             assert np.allclose([d["embedding"] for d in r.json()["data"]], expected, atol=1e-12)
 
-    down = RuntimeSettings(embedding_endpoint=f"http://127.0.0.1:{_closed_port()}", **FAST_RETRIES)
+    down = RuntimeSettings(embedding_endpoint=f"http://127.0.0.1:{free_port()}", **FAST_RETRIES)
     with ServerThread(create_app(down)) as url:
         async with httpx.AsyncClient(base_url=url) as c:
             assert (await c.get("/healthz")).status_code == 200

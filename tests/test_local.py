@@ -10,10 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from datamesh import metrics
-from datamesh.local import LocalRun, free_port, load_manifests
+from datamesh.local import LocalInferenceBackend, LocalRun, load_manifests
+from datamesh.models import Inference
+from datamesh.serving import free_port
 from tests.harness import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,3 +107,21 @@ def test_ask_without_a_service_says_what_to_do(tmp_path: Path) -> None:
     result = _run("ask", "anything", "--url", f"http://127.0.0.1:{free_port()}", cwd=tmp_path, timeout=30)
     assert result.returncode == 2
     assert "cannot reach the query service" in result.stdout and "datamesh local examples/" in result.stdout
+
+
+async def test_inference_model_is_served_in_process_once_per_model() -> None:
+    backend = LocalInferenceBackend()
+    try:
+        check, url = await backend.ensure("sales", "churn", "uid-1", Inference(enabled=True, model="builtin:ngram-64"))
+        assert check.ok and check.reason == "RuntimeServing" and url and url.startswith("http://127.0.0.1:")
+        again, same_url = await backend.ensure("support", "tickets", "uid-2", Inference(enabled=True, model="builtin:ngram-64"))
+        assert again.ok and same_url == url
+        async with httpx.AsyncClient(base_url=url) as client:
+            assert (await client.get("/healthz")).status_code == 200
+            answer = await client.post("/v1/embeddings", json={"input": ["late parcel"], "model": "builtin:ngram-64"})
+            assert len(answer.json()["data"][0]["embedding"]) == 64
+    finally:
+        await backend.close()
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.get(f"{url}/healthz")

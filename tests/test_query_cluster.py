@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,7 +17,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 import yaml
 
 from datamesh import devcluster
@@ -46,22 +44,9 @@ def service(operator: OperatorThread) -> Iterator[Service]:
     source = KubeCatalogSource(PLATFORM_NAMESPACE, timeout_seconds=20, backoff_max=2.0)
     settings = QuerySettings(catalog_namespace=PLATFORM_NAMESPACE)
     app = create_app(source, operator.store, settings, Authenticator(TOKENS))
-    # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets; without it every
-    # response waits ~40 ms for a delayed ACK (uvicorn writes headers and body separately).
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
-    running = operator.spawn(server.serve(sockets=[sock]))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    wait_for(lambda: server.started or running.done(), 30, interval=0.05, what="query service start")
-    assert not running.done(), running.exception()
-    wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200, 30, what="catalog loaded")
-    try:
+    with operator.serving(app) as url:
+        wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200, 30, what="catalog loaded")
         yield Service(url, source)
-    finally:
-        server.should_exit = True
-        running.result(30)
-        sock.close()
 
 
 def ask(service: Service, question: str, **body: Any) -> dict[str, Any]:

@@ -8,14 +8,12 @@ built-in inference runtime on its own server, so /transform is fuzzed end to end
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from typing import Any, cast
 
 import httpx
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
@@ -28,7 +26,7 @@ from datamesh.qdrant import VectorStore
 from datamesh.query_service import QuerySettings, create_app
 from datamesh.reconcile import Reconciler
 from tests.conftest import operator_settings
-from tests.harness import OperatorThread, wait_for
+from tests.harness import OperatorThread
 from tests.httpserver import ServerThread
 from tests.test_query_service import TOKENS, example_bodies
 
@@ -40,8 +38,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     catalog_path = tmp_path_factory.mktemp("fuzz") / "catalog.json"
     op_settings = operator_settings(catalog_flush_seconds=0.01)
     # A loop thread that owns the embedded store; the operator itself is never started here.
-    loop = OperatorThread(op_settings)
-    with ServerThread(create_runtime(RuntimeSettings(model="builtin:ngram-384"))) as runtime_url:
+    with OperatorThread(op_settings) as loop, ServerThread(create_runtime(RuntimeSettings(model="builtin:ngram-384"))) as runtime_url:
 
         async def build() -> None:
             writer = CatalogWriter(FileCatalogBackend(catalog_path), "catalog", op_settings.catalog_shard_bytes, 0.01)
@@ -56,21 +53,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
         loop.call(build())
         app = create_app(FileCatalogSource(catalog_path), loop.store, QuerySettings(catalog_file=str(catalog_path)), Authenticator(TOKENS))
-        # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets; without it every
-        # response waits ~40 ms for a delayed ACK (uvicorn writes headers and body separately).
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.bind(("127.0.0.1", 0))
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
-        running = loop.spawn(server.serve(sockets=[sock]))
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        wait_for(lambda: server.started or running.done(), 10, interval=0.02, what="query service start")
-        try:
+        with loop.serving(app) as url:
             yield url
-        finally:
-            server.should_exit = True
-            running.result(15)
-            sock.close()
-            loop.close()
 
 
 def openapi_document() -> dict[str, Any]:

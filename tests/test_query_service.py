@@ -10,7 +10,6 @@ FastAPI stand-ins on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import json
 import socket
@@ -33,8 +32,9 @@ from datamesh.embeddings import resolve_provider
 from datamesh.inference_runtime import RuntimeSettings
 from datamesh.inference_runtime import create_app as create_runtime
 from datamesh.qdrant import VectorStore
-from datamesh.query_service import INFERENCE_KEY, QuerySettings, create_app
+from datamesh.query_service import INFERENCE_KEY, QuerySettings, create_app, serve
 from datamesh.reconcile import Reconciler
+from datamesh.serving import serve_app
 from tests.conftest import operator_settings
 from tests.httpserver import ServerThread
 
@@ -95,26 +95,6 @@ def runtime_standin(calls: list[dict[str, Any]]) -> FastAPI:
     return app
 
 
-@contextlib.asynccontextmanager
-async def serving(app: FastAPI) -> AsyncIterator[str]:
-    """``app`` under uvicorn on this (the test) loop, on a free 127.0.0.1 port."""
-    # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets; without it every
-    # response waits ~40 ms for a delayed ACK (uvicorn writes headers and body separately).
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        assert not task.done(), "the server exited during start-up"
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
-        sock.close()
-
-
 @dataclass
 class Mesh:
     url: str
@@ -171,7 +151,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
             strict = create_app(FileCatalogSource(catalog_path), store, query_settings, Authenticator(TOKENS))
             open_settings = query_settings.model_copy(update={"allow_anonymous": True})
             anonymous = create_app(FileCatalogSource(catalog_path), store, open_settings, Authenticator(TOKENS, allow_anonymous=True))
-            async with serving(strict) as url, serving(anonymous) as anonymous_url, httpx.AsyncClient(timeout=30) as client:
+            async with serve_app(strict) as url, serve_app(anonymous) as anonymous_url, httpx.AsyncClient(timeout=30) as client:
                 yield Mesh(url, anonymous_url, client, store, reconciler, catalog_path, runtime_calls, hang)
             hang["hang"] = False
             await writer.close()
@@ -495,13 +475,13 @@ async def test_health_readiness_follow_the_catalog_file(mesh: Mesh, tmp_path: Pa
 
     path = tmp_path / "later.json"
     app = create_app(FileCatalogSource(path), mesh.store, QuerySettings(catalog_file=str(path)), Authenticator(TOKENS))
-    async with serving(app) as url:
+    async with serve_app(app) as url:
         assert (await mesh.client.get(f"{url}/readyz")).status_code == 503
         assert (await mesh.client.post(f"{url}/v1/query", json={"question": "x"}, headers=ALICE)).status_code == 503
         path.write_bytes(mesh.catalog_path.read_bytes())
         assert (await mesh.client.get(f"{url}/readyz")).status_code == 200
     static = StaticCatalogSource()
-    async with serving(create_app(static, mesh.store, QuerySettings(), Authenticator(TOKENS))) as url:
+    async with serve_app(create_app(static, mesh.store, QuerySettings(), Authenticator(TOKENS))) as url:
         assert (await mesh.client.get(f"{url}/readyz")).status_code == 503
         static.set({})
         assert (await mesh.client.get(f"{url}/readyz")).status_code == 200
@@ -539,3 +519,21 @@ async def test_openapi_documents_endpoints_examples_and_security(mesh: Mesh) -> 
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     schema = spec["components"]["schemas"]["QueryRequest"]
     assert schema["properties"]["question"]["maxLength"] == 2000 and "maxProducts" in schema["properties"]
+
+
+async def test_serve_sizes_the_store_for_the_fan_out(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The service's own store allows as many Qdrant requests at once as products are asked at once."""
+    stores: list[VectorStore] = []
+    real_connect = VectorStore.connect
+
+    def connect(url: str | None, path: str = ":memory:", api_key: str | None = None, timeout: float = 10.0, concurrency: int = 8) -> VectorStore:
+        stores.append(real_connect(None, ":memory:", concurrency=concurrency))
+        return stores[-1]
+
+    async def no_serving(self: uvicorn.Server, sockets: Any = None) -> None:
+        return None
+
+    monkeypatch.setattr(VectorStore, "connect", connect)
+    monkeypatch.setattr(uvicorn.Server, "serve", no_serving)
+    await serve("127.0.0.1", 0, QuerySettings(fanout_concurrency=5, catalog_file=str(tmp_path / "catalog.json")))
+    assert [s._slots._value for s in stores] == [5]

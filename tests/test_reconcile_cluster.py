@@ -16,6 +16,7 @@ from fastapi.responses import PlainTextResponse
 
 from datamesh import metrics
 from datamesh.catalog import CATALOG_LABEL
+from datamesh.serving import free_port
 from tests.conftest import PLATFORM_NAMESPACE
 from tests.harness import Kubectl, OperatorThread, wait_for
 from tests.httpserver import ServerThread
@@ -194,16 +195,8 @@ def test_bad_rows_are_counted_and_reported(kubectl: Kubectl, operator: OperatorT
     delete(kubectl, "bad-rows")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_url_and_endpoint_degrade_then_recover(kubectl: Kubectl, operator: OperatorThread) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     body = product("flaky", source={"url": {"url": f"{url}/rows.csv", "format": "csv"}}, inference={"enabled": True, "endpoint": f"{url}/v1"})
     apply(kubectl, body)

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Response
 
 from datamesh.ingestion import validate_rows
 from datamesh.models import DataProductSpec, Source, SourceFormat
-from datamesh.sources import SourceError, load_rows, parse_rows
+from datamesh.sources import SourceError, fetch_url, load_rows, parse_rows
 from tests.httpserver import ServerThread
 
 ROWS = [{"id": "a", "text": "late parcel", "amount": 1.5}, {"id": "b", "text": "damaged box", "amount": 2.0}]
@@ -88,6 +88,17 @@ async def test_size_cap_timeout_and_errors(server: str) -> None:
             await load_rows(_source(f"{server}/broken.json", "json"), "ns", http=http, read_config_map=None)
         with pytest.raises(SourceError, match="HTTP 404"):
             await load_rows(_source(f"{server}/missing.csv", "csv"), "ns", http=http, read_config_map=None)
+
+
+async def test_url_5xx_is_retried_and_the_last_cause_named() -> None:
+    url = "http://source.test/rows.csv"
+    answers = iter([httpx.Response(503), httpx.Response(200, text="id,text\na,late parcel\n")])
+    async with httpx.AsyncClient(transport=httpx.MockTransport(lambda request: next(answers))) as http:
+        assert await fetch_url(http, url, 1000) == b"id,text\na,late parcel\n"
+    async with httpx.AsyncClient(transport=httpx.MockTransport(lambda request: httpx.Response(502))) as http:
+        with pytest.raises(SourceError, match=f"cannot fetch {url}: HTTP 502") as info:
+            await fetch_url(http, url, 1000, attempts=2)
+    assert info.value.transient
 
 
 def test_parse_rows_refuses_non_objects() -> None:

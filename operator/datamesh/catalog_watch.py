@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import os
-import random
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -21,6 +20,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from datamesh.catalog import CATALOG_LABEL, CatalogEntry, decode_entries, read_catalog_file
+from datamesh.http_client import backoff_delay
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +219,7 @@ class KubeCatalogSource:
                 await self._back_off(failures, f"{type(exc).__name__}: {exc}")
 
     async def _back_off(self, failures: int, cause: str) -> None:
-        base, cap = self.backoff
-        delay = min(cap, base * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+        delay = backoff_delay(failures, *self.backoff)
         log.warning("catalog watch failed (%s); retrying in %.2fs", cause, delay)
         await asyncio.sleep(delay)
 

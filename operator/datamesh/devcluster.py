@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -38,6 +37,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from datamesh.serving import free_ports
 
 __all__ = [
     "ControlPlane",
@@ -239,20 +240,6 @@ def _atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
-def _free_ports(n: int) -> list[int]:
-    # Hold all sockets open until every port is chosen so the same port is never picked twice.
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -441,7 +428,7 @@ class ControlPlane:
         wd = self.workdir
         pki = wd / "pki"
         _write_pki(pki)
-        etcd_port, peer_port, api_port, kcm_port = _free_ports(4)
+        etcd_port, peer_port, api_port, kcm_port = free_ports(4)
         self._ports = {"etcd": etcd_port, "apiserver": api_port, "kcm": kcm_port}
 
         etcd_url = f"http://127.0.0.1:{etcd_port}"

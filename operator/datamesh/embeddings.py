@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import importlib.util
-import random
 import re
 import threading
 import unicodedata
@@ -28,6 +27,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import httpx
 import numpy as np
+
+from datamesh.http_client import RetriesExhausted, request_with_retries, server_message
 
 DEFAULT_MODEL = "builtin:ngram-384"
 MIN_BUILTIN_DIM = 64
@@ -224,6 +225,13 @@ class _Featuriser:
 
 _FEATURISER = _Featuriser()
 _FEATURISER_LOCK = threading.Lock()
+
+
+def terms(text: str) -> list[tuple[str, str]]:
+    """(stem, word) of each content word of ``text``, in order, as the built-in model sees them."""
+    with _FEATURISER_LOCK:  # the word cache is shared with embedding worker threads
+        words = [(_FEATURISER.word(t), t) for t in _FEATURISER.tokens(text)]
+    return [(w.stem, t) for w, t in words if not w.stop]
 
 
 def _hashed_vectors(texts: Sequence[str], dim: int) -> np.ndarray:
@@ -448,22 +456,6 @@ def embeddings_url(base: str) -> str:
     return f"{base}/v1/embeddings"
 
 
-def _server_message(response: httpx.Response) -> str:
-    """The error text a server put in its response (OpenAI, FastAPI or plain-text shape)."""
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text.strip()[:500] or response.reason_phrase
-    if isinstance(body, dict):
-        err = body.get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])[:500]
-        for key in ("error", "detail", "message"):
-            if body.get(key):
-                return str(body[key])[:500]
-    return str(body)[:500]
-
-
 class _LoopState:
     def __init__(self, client: httpx.AsyncClient, concurrency: int) -> None:
         self.client = client
@@ -556,29 +548,17 @@ class OpenAICompatibleProvider:
 
     async def _request(self, texts: list[str]) -> list[list[float]]:
         state = self._state()
-        payload = {"model": self.model_id, "input": texts}
-        cause = ""
-        for attempt in range(self.attempts):
-            if attempt:
-                base, cap = self._backoff
-                # Full jitter: clients that failed together do not retry together.
-                await asyncio.sleep(min(cap, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
-            try:
-                async with state.semaphore:
-                    response = await state.client.post(self.url, json=payload)
-            except httpx.TimeoutException as e:
-                cause = f"timed out ({type(e).__name__})"
-                continue
-            except httpx.TransportError as e:
-                cause = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                continue
-            if response.status_code == 429 or response.status_code >= 500:
-                cause = f"HTTP {response.status_code}: {_server_message(response)}"
-                continue
-            if response.status_code >= 400:
-                raise EmbeddingError(f"embedding service {self.url} answered HTTP {response.status_code} for model {self.model_id!r}: {_server_message(response)}")
-            return self._parse(response, len(texts))
-        raise EmbeddingServiceError(f"embedding service {self.url} failed after {self.attempts} attempts: {cause}")
+        base, cap = self._backoff
+        try:
+            response = await request_with_retries(
+                state.client, "POST", self.url, json={"model": self.model_id, "input": texts},
+                attempts=self.attempts, backoff_base=base, backoff_max=cap, semaphore=state.semaphore,
+            )
+        except RetriesExhausted as e:
+            raise EmbeddingServiceError(f"embedding service {self.url} failed after {e.attempts} attempts: {e.cause}") from e
+        if response.status_code >= 400:
+            raise EmbeddingError(f"embedding service {self.url} answered HTTP {response.status_code} for model {self.model_id!r}: {server_message(response)}")
+        return self._parse(response, len(texts))
 
     def _parse(self, response: httpx.Response, expected: int) -> list[list[float]]:
         try:

@@ -12,11 +12,9 @@ import asyncio
 import base64
 import contextlib
 import logging
-import random
 import re
-import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any, Literal
 
 import httpx
@@ -30,17 +28,19 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic.alias_generators import to_camel
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from datamesh.asgi import RequestObserver
 from datamesh.embeddings import (
     DEFAULT_MODEL,
     EmbeddingError,
     EmbeddingProvider,
     OpenAICompatibleProvider,
-    _server_message,
     cosine_scores,
     embeddings_url,
     resolve_provider,
 )
+from datamesh.http_client import RetriesExhausted, backoff_delay, request_with_retries, server_message
 
 log = logging.getLogger(__name__)
 
@@ -348,42 +348,20 @@ class ChatClient:
 
     async def _post(self, payload: dict[str, Any]) -> httpx.Response:
         s = self.settings
-        cause = ""
-        delay = 0.0
-        for attempt in range(s.retry_attempts):
-            if attempt:
-                self._calls.labels("retried").inc()
-                await asyncio.sleep(delay)
-            # Full jitter: records that failed together do not retry together.
-            delay = min(s.retry_max_seconds, s.retry_base_seconds * 2**attempt) * random.uniform(0.5, 1.0)
-            try:
-                async with self._semaphore:
-                    response = await self._client.post(self.url, json=payload)
-            except httpx.TimeoutException as e:
-                cause = f"timed out after {s.request_timeout:g}s ({type(e).__name__})"
-                continue
-            except httpx.TransportError as e:
-                cause = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                continue
-            if response.status_code == 429 or response.status_code >= 500:
-                cause = f"HTTP {response.status_code}: {_server_message(response)}"
-                delay = max(delay, _retry_after(response, s.retry_max_seconds))
-                continue
-            if response.status_code >= 400:
-                self._calls.labels("refused").inc()
-                raise UpstreamError(f"chat server {self.url} answered HTTP {response.status_code}: {_server_message(response)}", transient=False)
-            self._calls.labels("ok").inc()
-            return response
-        self._calls.labels("failed").inc()
-        raise UpstreamError(f"chat server {self.url} failed after {s.retry_attempts} attempts: {cause}", transient=True)
-
-
-def _retry_after(response: httpx.Response, cap: float) -> float:
-    """A server's Retry-After in seconds (capped), or 0 when it gives none in that form."""
-    try:
-        return min(cap, max(0.0, float(response.headers.get("retry-after", ""))))
-    except ValueError:
-        return 0.0
+        try:
+            response = await request_with_retries(
+                self._client, "POST", self.url, json=payload,
+                attempts=s.retry_attempts, backoff_base=s.retry_base_seconds, backoff_max=s.retry_max_seconds,
+                semaphore=self._semaphore, on_retry=lambda: self._calls.labels("retried").inc(),
+            )
+        except RetriesExhausted as e:
+            self._calls.labels("failed").inc()
+            raise UpstreamError(f"chat server {self.url} failed after {e.attempts} attempts: {e.cause}", transient=True) from e
+        if response.status_code >= 400:
+            self._calls.labels("refused").inc()
+            raise UpstreamError(f"chat server {self.url} answered HTTP {response.status_code}: {server_message(response)}", transient=False)
+        self._calls.labels("ok").inc()
+        return response
 
 
 # ==== metrics and ASGI guards ====================================================================
@@ -403,51 +381,31 @@ class RuntimeMetrics:
         self.ready = Gauge("datamesh_inference_ready", "1 once the embedding provider answered its probe.", registry=r)
 
 
-_Scope = MutableMapping[str, Any]
-_Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-_Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-_ASGIApp = Callable[[_Scope, _Receive, _Send], Awaitable[None]]
-
-
-class _MetricsMiddleware:
+class _MetricsMiddleware(RequestObserver):
     """Counts requests and times them, labelled by route template so paths cannot explode cardinality."""
 
-    def __init__(self, app: _ASGIApp, metrics: RuntimeMetrics, paths: set[str]) -> None:
-        self.app, self.metrics, self.paths = app, metrics, paths
+    def __init__(self, app: ASGIApp, metrics: RuntimeMetrics, paths: set[str]) -> None:
+        super().__init__(app)
+        self.metrics, self.paths = metrics, paths
 
-    async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-        start = time.perf_counter()
-
-        async def send_status(message: MutableMapping[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = getattr(scope.get("route"), "path", None)
-            if route is None:  # answered before routing (a 413), or no route matched
-                route = scope["path"] if scope["path"] in self.paths else "unmatched"
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+    def observe(self, scope: Scope, status: int, seconds: float) -> None:
+        route = getattr(scope.get("route"), "path", None)
+        if route is None:  # answered before routing (a 413), or no route matched
+            route = scope["path"] if scope["path"] in self.paths else "unmatched"
+        self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+        self.metrics.latency.labels(route).observe(seconds)
 
 
 class _BodyLimitMiddleware:
     """Refuses bodies over ``limit`` bytes with 413, whether or not a Content-Length announces them."""
 
-    def __init__(self, app: _ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
 
     def _too_large(self) -> JSONResponse:
         return ApiError(413, f"request body exceeds {self.limit} bytes; send fewer or shorter inputs per request", code="request_too_large").response()
 
-    async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
@@ -472,7 +430,7 @@ class _BodyLimitMiddleware:
         body = b"".join(chunks)
         replayed = False
 
-        async def replay() -> MutableMapping[str, Any]:
+        async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
@@ -543,15 +501,16 @@ class _Runtime:
 
     async def _probe_until_ready(self) -> None:
         """Ask the provider for its dimension until it answers (a local model may load slowly, a proxy be down)."""
-        delay = self.settings.retry_base_seconds
+        failures = 0
         while True:
             try:
                 self.dimension = await self.provider.dimension()
             except Exception as e:  # noqa: BLE001 - whatever it is, /readyz reports it and the probe goes on
                 self.not_ready = f"embedding provider {self.provider.model_id!r} did not answer: {type(e).__name__}: {e}"
+                failures += 1
+                delay = backoff_delay(failures, self.settings.retry_base_seconds, 30.0)
                 log.warning("%s; retrying in %.1fs", self.not_ready, delay)
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, 30.0)
+                await asyncio.sleep(delay)
                 continue
             self.metrics.ready.set(1)
             log.info("embedding provider %s ready (dimension %d)", self.provider.model_id, self.dimension)

@@ -8,17 +8,15 @@ service share one process and one Qdrant client, since local mode locks its fold
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import hashlib
 import json
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
@@ -30,6 +28,7 @@ from datamesh.conditions import Check, ConditionType
 from datamesh.models import KIND, DataProductSpec, Inference
 from datamesh.qdrant import VectorStore
 from datamesh.reconcile import Outcome, ProductRef, Reconciler, spec_error_message
+from datamesh.serving import ServerStartError, serve_app, serve_forever
 from datamesh.settings import OperatorSettings
 
 STATE_DIR = Path(".datamesh")
@@ -92,43 +91,30 @@ def load_manifests(directory: Path) -> LoadedManifests:
     return loaded
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class LocalInferenceBackend:
     """Serves each ``inference.model`` with the built-in runtime, in this process, on a local port."""
 
     def __init__(self) -> None:
-        self._servers: dict[str, tuple[uvicorn.Server, asyncio.Task[None], str]] = {}
+        self._urls: dict[str, str] = {}
+        self._servers = contextlib.AsyncExitStack()
 
     async def ensure(self, namespace: str, name: str, uid: str, spec: Inference) -> tuple[Check, str | None]:
         """Start (once per model) a runtime serving the product's model; its URL is the endpoint."""
         from datamesh.inference_runtime import RuntimeSettings, create_app
 
         model = spec.model or ""
-        if model not in self._servers:
-            port = free_port()
-            config = uvicorn.Config(create_app(RuntimeSettings(model=model)), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-            server = uvicorn.Server(config)
-            task = asyncio.create_task(server.serve())
-            for _ in range(200):
-                if server.started or task.done():
-                    break
-                await asyncio.sleep(0.05)
-            if not server.started:
-                return Check(ConditionType.inference_ready, False, "RuntimeFailed", f"the built-in runtime for {model} did not start", transient=True), None
-            self._servers[model] = (server, task, f"http://127.0.0.1:{port}")
-        url = self._servers[model][2]
+        if model not in self._urls:
+            runtime = create_app(RuntimeSettings(model=model))
+            try:
+                self._urls[model] = await self._servers.enter_async_context(serve_app(runtime, startup_timeout=10.0))
+            except (ServerStartError, OSError) as exc:
+                message = f"the built-in runtime for {model} did not start: {exc}"
+                return Check(ConditionType.inference_ready, False, "RuntimeFailed", message, transient=True), None
+        url = self._urls[model]
         return Check(ConditionType.inference_ready, True, "RuntimeServing", f"built-in runtime serving {model} at {url}"), url
 
     async def close(self) -> None:
-        for server, task, _ in self._servers.values():
-            server.should_exit = True
-            await asyncio.gather(task, return_exceptions=True)
+        await self._servers.aclose()
 
 
 class LocalRun:
@@ -231,5 +217,4 @@ async def serve_query_api(run: LocalRun, host: str, port: int, console: Console)
     settings = QuerySettings(allow_anonymous=True, catalog_file=str(run.catalog_path))
     app = create_app(FileCatalogSource(run.catalog_path), run.store, settings, Authenticator.from_settings(settings))
     console.print(f"query API on http://{host}:{port}  (try: datamesh ask \"why do customers churn?\")")
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-    await server.serve()
+    await serve_forever(app, host=host, port=port)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -26,6 +27,8 @@ from datamesh.models import DataProductSpec, Distance, FieldType
 TEXT_KEY = "_text"
 DIGEST_KEY = "_ingest"
 
+# How qdrant-client's local mode words a missing collection (or alias).
+_LOCAL_NOT_FOUND = re.compile(r"Collection (.+) not found")
 _POINT_NAMESPACE = uuid.UUID("6f1c8e0a-4b7d-5f3a-9c2e-d4a1b0e7f9c3")
 _PAYLOAD_SCHEMA = {
     FieldType.string: qm.PayloadSchemaType.KEYWORD,
@@ -82,13 +85,15 @@ class VectorStore:
         self._slots = asyncio.Semaphore(concurrency)
 
     @classmethod
-    def connect(cls, url: str | None, path: str = ":memory:", api_key: str | None = None, timeout: float = 10.0) -> VectorStore:
-        """A store on the Qdrant server at ``url``, or the embedded one at ``path``."""
+    def connect(cls, url: str | None, path: str = ":memory:", api_key: str | None = None, timeout: float = 10.0, concurrency: int = 8) -> VectorStore:
+        """A store on the Qdrant server at ``url``, or the embedded one at ``path``, with at most ``concurrency`` requests at once."""
         if url:
-            return cls(AsyncQdrantClient(url=url, api_key=api_key, timeout=int(timeout)))
-        if path == ":memory:":
-            return cls(AsyncQdrantClient(location=":memory:"))
-        return cls(AsyncQdrantClient(path=path))
+            client = AsyncQdrantClient(url=url, api_key=api_key, timeout=int(timeout))
+        elif path == ":memory:":
+            client = AsyncQdrantClient(location=":memory:")
+        else:
+            client = AsyncQdrantClient(path=path)
+        return cls(client, concurrency)
 
     async def _call(self, what: str, coro: Any) -> Any:
         async with self._slots:
@@ -96,6 +101,12 @@ class VectorStore:
                 return await coro
             except (ResponseHandlingException, UnexpectedResponse, OSError, TimeoutError) as exc:
                 raise VectorStoreError(f"Qdrant {what} failed: {exc}") from exc
+            except ValueError as exc:
+                # Local mode says a collection is missing with a ValueError (a server answers 404).
+                missing = _LOCAL_NOT_FOUND.fullmatch(str(exc))
+                if missing is None:
+                    raise
+                raise VectorStoreError(f"Qdrant {what} failed: collection {missing.group(1)} does not exist") from exc
 
     async def current_index(self, alias: str) -> str | None:
         """The index collection an alias points at, if any."""

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -29,11 +29,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from datamesh.access import Authenticator, Identity, can_read
+from datamesh.asgi import RequestObserver
 from datamesh.catalog import CatalogEntry, entry_key
 from datamesh.catalog_watch import CatalogSource, FileCatalogSource, KubeCatalogSource
 from datamesh.embeddings import DEFAULT_MODEL, EmbeddingError, EmbeddingServiceError, resolve_provider
+from datamesh.http_client import server_message
 from datamesh.models import DNS_LABEL_PATTERN, parse_duration
 from datamesh.qdrant import TEXT_KEY, VectorStore, VectorStoreError
 from datamesh.routing import DEFAULT_THRESHOLD, Route, Router, product_ref
@@ -232,9 +235,6 @@ class SafeJSONResponse(JSONResponse):
             return json.dumps(_finite(content), ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
-ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[MutableMapping[str, Any]]], Callable[[MutableMapping[str, Any]], Awaitable[None]]], Awaitable[None]]
-
-
 class _BodyTooLarge(HTTPException):
     # An HTTPException, because FastAPI turns any other error while reading a body into a 400.
     def __init__(self, max_bytes: int) -> None:
@@ -252,7 +252,7 @@ class BodySizeLimit:
         self.app = app
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -268,7 +268,7 @@ class BodySizeLimit:
         seen = 0
         started = False
 
-        async def limited_receive() -> MutableMapping[str, Any]:
+        async def limited_receive() -> Message:
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
@@ -277,7 +277,7 @@ class BodySizeLimit:
                     raise _BodyTooLarge(self.max_bytes)
             return message
 
-        async def tracking_send(message: MutableMapping[str, Any]) -> None:
+        async def tracking_send(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
@@ -289,7 +289,7 @@ class BodySizeLimit:
             if not started:
                 await self._refuse(send)
 
-    async def _refuse(self, send: Any) -> None:
+    async def _refuse(self, send: Send) -> None:
         response = SafeJSONResponse({"detail": _too_large(self.max_bytes)}, status_code=413)
         await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
         await send({"type": "http.response.body", "body": response.body})
@@ -314,32 +314,17 @@ class Metrics:
         Gauge("datamesh_query_catalog_loaded", "1 once the catalog has been read.", registry=r).set_function(lambda: float(source.loaded))
 
 
-class RequestMetrics:
+class RequestMetrics(RequestObserver):
     """Counts and times every HTTP request by route template (bounded label values)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
+        super().__init__(app)
         self.metrics = metrics
 
-    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-        started = time.perf_counter()
-
-        async def tracking_send(message: MutableMapping[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.duration.labels(route).observe(time.perf_counter() - started)
+    def observe(self, scope: Scope, status: int, seconds: float) -> None:
+        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        self.metrics.requests.labels(route, str(status)).inc()
+        self.metrics.duration.labels(route).observe(seconds)
 
 
 class ApiError(Exception):
@@ -413,7 +398,7 @@ def _failure_message(stage: str, exc: Exception) -> str:
         return f"cannot embed the question with the product's model: {exc}"
     if isinstance(exc, VectorStoreError):
         return str(exc)
-    # Anything else from the client libraries (e.g. local Qdrant's ValueError for a missing collection).
+    # Anything else from the client libraries.
     log.warning("%s step of a product query failed", stage, exc_info=exc)
     what = "embedding the question" if stage == "embedding" else "searching the collection"
     return f"{what} failed: {type(exc).__name__}: {exc}"
@@ -508,18 +493,6 @@ def _routed(route: Route) -> RoutedProduct:
 def _transform_url(endpoint: str) -> str:
     base = endpoint.strip().rstrip("/").removesuffix("/v1")
     return f"{base}/v1/transform"
-
-
-def _upstream_message(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:300] or response.reason_phrase
-    if isinstance(body, dict):
-        for key in ("detail", "error", "message"):
-            if body.get(key):
-                return str(body[key])[:300]
-    return str(body)[:300]
 
 
 def create_app(source: CatalogSource, store: VectorStore, settings: QuerySettings, authenticator: Authenticator) -> FastAPI:
@@ -706,9 +679,9 @@ def create_app(source: CatalogSource, store: VectorStore, settings: QuerySetting
             raise ApiError(502, f"the inference runtime of {namespace}/{name} is unreachable: {type(exc).__name__}: {exc}".rstrip(": ")) from None
         if response.status_code in (400, 413, 422):
             # The caller's request is what the runtime refused: pass its verdict on as the same 4xx.
-            raise ApiError(response.status_code, f"the inference runtime of {namespace}/{name} refused the request: {_upstream_message(response)}")
+            raise ApiError(response.status_code, f"the inference runtime of {namespace}/{name} refused the request: {server_message(response, limit=300)}")
         if response.status_code != 200:
-            raise ApiError(502, f"the inference runtime of {namespace}/{name} answered HTTP {response.status_code}: {_upstream_message(response)}")
+            raise ApiError(502, f"the inference runtime of {namespace}/{name} answered HTTP {response.status_code}: {server_message(response, limit=300)}")
         try:
             answer = response.json()
             outputs = answer["results"]
@@ -762,7 +735,10 @@ async def serve(host: str, port: int, settings: QuerySettings | None = None, sto
     owned = store is None
     if store is None:
         operator = get_settings()
-        store = VectorStore.connect(operator.qdrant_url, operator.qdrant_path, operator.qdrant_api_key, operator.qdrant_timeout)
+        # As many Qdrant requests at once as products are asked at once: the store must not be the narrower bound.
+        store = VectorStore.connect(
+            operator.qdrant_url, operator.qdrant_path, operator.qdrant_api_key, operator.qdrant_timeout, concurrency=settings.fanout_concurrency
+        )
     source: CatalogSource
     if settings.catalog_file:
         source = FileCatalogSource(settings.catalog_file)

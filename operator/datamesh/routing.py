@@ -18,11 +18,9 @@ import numpy as np
 
 from datamesh.access import Identity, can_read
 from datamesh.catalog import CatalogEntry
-from datamesh.embeddings import DEFAULT_MODEL, EmbeddingProvider, resolve_provider
-
-# The built-in model's tokenizer, stemmer and stop words, so routing and the built-in
+# terms: the built-in model's tokenizer, stemmer and stop words, so routing and the built-in
 # embeddings agree on what a word is.
-from datamesh.embeddings import _FEATURISER, _FEATURISER_LOCK  # noqa: PLC2701
+from datamesh.embeddings import DEFAULT_MODEL, EmbeddingProvider, resolve_provider, terms
 
 ROUTING_MODEL = DEFAULT_MODEL
 ROUTABLE_PHASES = frozenset({"Ready", "Degraded"})
@@ -58,14 +56,6 @@ def product_ref(entry: CatalogEntry) -> str:
 def routable(entry: CatalogEntry) -> bool:
     """Whether a product can answer questions at all: Ready or Degraded, with a collection."""
     return entry.phase in ROUTABLE_PHASES and bool(entry.collection)
-
-
-def _terms(text: str) -> list[tuple[str, str]]:
-    """(stem, word) of each content word of ``text``, in order."""
-    with _FEATURISER_LOCK:  # its word cache is shared with embedding worker threads
-        tokens = _FEATURISER.tokens(text)
-        words = [(_FEATURISER.word(t), t) for t in tokens]
-    return [(w.stem, t) for w, t in words if not w.stop]
 
 
 @dataclass
@@ -120,8 +110,8 @@ class Router:
         if stale:
             vectors = await self.provider.embed([t for _, t in stale])
             for (i, text), vector in zip(stale, vectors, strict=True):
-                terms = Counter(stem for stem, _ in _terms(text))
-                self._cards[entries[i].key] = _Card(entries[i], text, np.asarray(vector, dtype=np.float64), terms, max(1, sum(terms.values())))
+                counts = Counter(stem for stem, _ in terms(text))
+                self._cards[entries[i].key] = _Card(entries[i], text, np.asarray(vector, dtype=np.float64), counts, max(1, sum(counts.values())))
         cards = [self._cards[e.key] for e in entries]
         pool = _Pool(cards, np.stack([c.vector for c in cards]), np.array([c.length for c in cards], dtype=np.float64))
         self._pool = (identity, pool)
@@ -186,7 +176,7 @@ class Router:
     @staticmethod
     def _lexical(question: str, pool: _Pool) -> tuple[np.ndarray, list[list[str]]]:
         shown: dict[str, str] = {}
-        for stem, word in _terms(question):
+        for stem, word in terms(question):
             shown.setdefault(stem, word)
         stems = list(shown)
         cards, lengths = pool.cards, pool.lengths
@@ -215,19 +205,5 @@ class Router:
 
 
 _default_router = Router()
-
-
-async def route(
-    question: str,
-    entries: Mapping[str, CatalogEntry] | Iterable[CatalogEntry],
-    *,
-    domains: Sequence[str] | None = None,
-    products: Sequence[str] | None = None,
-    threshold: float = DEFAULT_THRESHOLD,
-    max_products: int = 10,
-    caller: Identity | None = None,
-) -> list[Route]:
-    """Route with a process-wide :class:`Router` (see :meth:`Router.route`)."""
-    return await _default_router.route(
-        question, entries, domains=domains, products=products, threshold=threshold, max_products=max_products, caller=caller
-    )
+# Routing with one process-wide Router (see Router.route), so card vectors are shared between callers.
+route = _default_router.route

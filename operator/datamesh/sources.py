@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
-import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 
+from datamesh.http_client import RETRY_STATUSES, RetriesExhausted, RetryableResponse, with_retries
 from datamesh.models import Source, SourceFormat
 
 Row = dict[str, Any]
@@ -60,30 +59,28 @@ def _parse_parquet(data: bytes) -> list[Row]:
 
 
 async def fetch_url(client: httpx.AsyncClient, url: str, max_bytes: int, attempts: int = 3, timeout: float = 30.0) -> bytes:
-    """GET ``url`` with a size cap, retrying connection errors and 5xx with backoff."""
-    delay = 0.5
-    for attempt in range(1, attempts + 1):
-        try:
-            async with client.stream("GET", url, timeout=timeout, follow_redirects=True) as response:
-                if response.status_code >= 500 or response.status_code == 429:
-                    raise httpx.HTTPStatusError(f"HTTP {response.status_code}", request=response.request, response=response)
-                if response.status_code >= 400:
-                    raise SourceError(f"GET {url} answered HTTP {response.status_code}", transient=response.status_code in (404, 408))
-                declared = int(response.headers.get("content-length") or 0)
-                if declared > max_bytes:
-                    raise SourceError(f"{url} is {declared} bytes, over the source's maxBytes of {max_bytes}", transient=False)
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > max_bytes:
-                        raise SourceError(f"{url} is over the source's maxBytes of {max_bytes}", transient=False)
-                return bytes(body)
-        except (httpx.TransportError, httpx.HTTPStatusError) as exc:
-            if attempt == attempts:
-                raise SourceError(f"cannot fetch {url}: {exc.__class__.__name__}: {exc}", transient=True) from exc
-            await asyncio.sleep(delay * (1 + random.random()))
-            delay *= 2
-    raise AssertionError("unreachable")
+    """GET ``url`` with a size cap, retrying connection errors, 429 and 5xx with backoff."""
+
+    async def attempt() -> bytes:
+        async with client.stream("GET", url, timeout=timeout, follow_redirects=True) as response:
+            if response.status_code in RETRY_STATUSES:
+                raise RetryableResponse(response)
+            if response.status_code >= 400:
+                raise SourceError(f"GET {url} answered HTTP {response.status_code}", transient=response.status_code in (404, 408))
+            declared = int(response.headers.get("content-length") or 0)
+            if declared > max_bytes:
+                raise SourceError(f"{url} is {declared} bytes, over the source's maxBytes of {max_bytes}", transient=False)
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise SourceError(f"{url} is over the source's maxBytes of {max_bytes}", transient=False)
+            return bytes(body)
+
+    try:
+        return await with_retries(attempt, method="GET", url=url, attempts=attempts, backoff_base=1.0, backoff_max=8.0)
+    except RetriesExhausted as exc:
+        raise SourceError(f"cannot fetch {url}: {exc.cause}", transient=True) from exc
 
 
 async def load_rows(
