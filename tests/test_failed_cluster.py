@@ -27,3 +27,18 @@ def test_unknown_embedding_model_fails_with_an_actionable_reason(kubectl: Kubect
     apply(kubectl, body)
     wait_for(lambda: (kubectl.get("dp", "unknown-model", "default").get("status") or {}).get("phase") == "Ready", 60, what="Ready after the fix")
     delete(kubectl, "unknown-model")
+
+
+def test_resync_timer_writes_nothing_when_nothing_changed(kubectl: Kubectl, operator: OperatorThread) -> None:
+    """The SLA/refresh timer (every 5 s in tests) must not patch an unchanged product."""
+    import time
+
+    from tests.test_reconcile_cluster import ready
+
+    apply(kubectl, product("quiet"))
+    ready(kubectl, "quiet")
+    time.sleep(6)  # let the first timer tick settle anything pending
+    before = kubectl.get("dp", "quiet", "default")["metadata"]["resourceVersion"]
+    time.sleep(11)  # two more ticks
+    assert kubectl.get("dp", "quiet", "default")["metadata"]["resourceVersion"] == before
+    delete(kubectl, "quiet")

@@ -152,7 +152,7 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
 
     @kopf.timer(*RESOURCE, registry=registry, interval=settings.sla_check_seconds, initial_delay=settings.sla_check_seconds, sharp=False)
     async def resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-        # Refresh due sources, re-check endpoints, SLA and drift; a no-op write when nothing changed.
+        # Refresh due sources, re-check endpoints, SLA and drift; nothing is written when nothing changed.
         status = DataProductStatus.model_validate(body.get("status") or {})
         try:
             spec = DataProductSpec.model_validate(body.get("spec") or {})
@@ -162,7 +162,8 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
         outcome = await memo.runtime.reconciler.reconcile(body, refresh=refresh)
         if outcome is None:
             return
-        write_outcome(outcome, body, patch)
+        if outcome.events or _comparable(outcome.status) != _comparable(status):
+            write_outcome(outcome, body, patch)
         sla = outcome.status.sla
         for objective, met in (("freshness", sla and sla.freshness_met), ("availability", sla and sla.availability_met)):
             metrics.SLA_BREACHES.labels(namespace=body.metadata.namespace, name=body.metadata.name, objective=objective).set(1 if met is False else 0)
@@ -185,6 +186,14 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
                 await _repair_children(memo.runtime, product, body, deleted=type == "DELETED")
 
     return registry
+
+
+def _comparable(status: DataProductStatus) -> dict[str, Any]:
+    """Status without the time of the last SLA check, which changes on every timer tick."""
+    data = status.model_dump(by_alias=True, mode="json")
+    if data.get("sla"):
+        data["sla"].pop("lastCheckedAt", None)
+    return data
 
 
 async def _repair_children(runtime: Runtime, product: Mapping[str, Any], child: kopf.Body, deleted: bool) -> None:
