@@ -257,10 +257,11 @@ class CatalogWriter:
                 for w in waiters:
                     if not w.done():
                         w.set_exception(exc)
-                continue
-            for w in waiters:
-                if not w.done():
-                    w.set_result(None)
+            else:
+                for w in waiters:
+                    if not w.done():
+                        w.set_result(None)
+            # After a failure too: a failing API must not be retried in a tight loop.
             if self._waiters:
                 await asyncio.sleep(self.flush_seconds)
 

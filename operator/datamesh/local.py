@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from datamesh.catalog import CatalogWriter, FileCatalogBackend
+from datamesh.catalog import CatalogWriter, FileCatalogBackend, catalog_entry
 from datamesh.conditions import Check, ConditionType
 from datamesh.models import KIND, DataProductSpec, Inference
 from datamesh.qdrant import VectorStore
@@ -151,24 +151,25 @@ class LocalRun:
 
             reconciler = Reconciler(self.settings, self.store, self.catalog, self.http, self.inference, None, on_rows=on_rows)
             await self.catalog.load()
+            state: dict[str, Any] = {}
+            entries = []
             for _, body in products:
                 ref = ProductRef.of(body)
                 key = f"{ref.namespace}/{ref.name}"
-                body = {**body, "status": saved.get(key, {}).get("status") if saved.get(key, {}).get("spec") == body.get("spec") else None}
+                kept = saved.get(key, {})
+                body = {**body, "status": kept.get("status") if kept.get("spec") == body.get("spec") else None}
                 outcome = await reconciler.reconcile(body)
                 assert outcome is not None
                 task = tasks[(ref.namespace, ref.name)]
-                progress.update(task, total=progress.tasks[task].total or outcome.status.records or 0, completed=progress.tasks[task].total or outcome.status.records or 0)
+                done = progress.tasks[task].total or outcome.status.records or 0
+                progress.update(task, total=done, completed=done)
                 results.append((body, outcome))
+                state[key] = {"spec": body.get("spec"), "status": outcome.status.model_dump(by_alias=True, mode="json")}
+                entries.append(catalog_entry(ref.namespace, ref.name, ref.generation, DataProductSpec.model_validate(body["spec"]), outcome.status))
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        state = {f"{ProductRef.of(b).namespace}/{ProductRef.of(b).name}": {"spec": b.get("spec"), "status": o.status.model_dump(by_alias=True, mode="json")} for b, o in results}
         self._status_path.write_text(json.dumps(state, indent=1))
         # The catalog holds exactly this folder's products, as the operator's rebuild does.
-        from datamesh.catalog import catalog_entry
-
-        await self.catalog.replace_all(
-            catalog_entry(ProductRef.of(b).namespace, ProductRef.of(b).name, 1, DataProductSpec.model_validate(b["spec"]), o.status) for b, o in results
-        )
+        await self.catalog.replace_all(entries)
         return results
 
     def print_table(self, results: list[tuple[dict[str, Any], Outcome]], errors: list[ManifestError]) -> None:
