@@ -6,7 +6,8 @@ Every call has a timeout; conflicts and server errors are the caller's to retry.
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -14,6 +15,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from datamesh.catalog import CATALOG_LABEL, Conflict, Shard
 
 REQUEST_TIMEOUT = 15
+T = TypeVar("T")
 
 
 async def api_client() -> client.ApiClient:
@@ -25,6 +27,16 @@ async def api_client() -> client.ApiClient:
     # The library reads KUBECONFIG once at import; read it now so a later export counts.
     await config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
     return client.ApiClient(configuration)
+
+
+async def _none_if_missing(call: Awaitable[T]) -> T | None:
+    """The call's result, or None when the API server answers 404."""
+    try:
+        return await call
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
 
 
 class Kube:
@@ -39,15 +51,14 @@ class Kube:
     async def close(self) -> None:
         await self.api.close()
 
+    async def read_config_map(self, namespace: str, name: str) -> client.V1ConfigMap | None:
+        """A ConfigMap, or None when it does not exist."""
+        return await _none_if_missing(self.core.read_namespaced_config_map(name, namespace, _request_timeout=REQUEST_TIMEOUT))
+
     async def read_config_map_key(self, namespace: str, name: str, key: str) -> str | None:
         """Text under ``key`` of a ConfigMap, or None when either is missing."""
-        try:
-            cm = await self.core.read_namespaced_config_map(name, namespace, _request_timeout=REQUEST_TIMEOUT)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return (cm.data or {}).get(key)
+        cm = await self.read_config_map(namespace, name)
+        return None if cm is None else (cm.data or {}).get(key)
 
     async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Create the object, or patch it to the desired state (drift repair)."""
@@ -68,13 +79,8 @@ class Kube:
 
     async def read_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
         """A Deployment as a plain dict, or None."""
-        try:
-            result = await self.apps.read_namespaced_deployment(name, namespace, _request_timeout=REQUEST_TIMEOUT)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return self.api.sanitize_for_serialization(result)
+        result = await _none_if_missing(self.apps.read_namespaced_deployment(name, namespace, _request_timeout=REQUEST_TIMEOUT))
+        return None if result is None else self.api.sanitize_for_serialization(result)
 
     async def list_products(self, group: str, version: str, plural: str, namespaces: list[str] | None = None) -> list[dict[str, Any]]:
         """Every DataProduct in the cluster, or in ``namespaces`` (for the catalog rebuild)."""
@@ -103,13 +109,8 @@ class ConfigMapCatalogBackend:
         return [Shard(cm.metadata.name, dict(cm.data or {}), cm.metadata.resource_version) for cm in result.items]
 
     async def read_shard(self, name: str) -> Shard:
-        try:
-            cm = await self.kube.core.read_namespaced_config_map(name, self.namespace, _request_timeout=REQUEST_TIMEOUT)
-        except ApiException as exc:
-            if exc.status == 404:
-                return Shard(name, {}, None)
-            raise
-        return Shard(name, dict(cm.data or {}), cm.metadata.resource_version)
+        cm = await self.kube.read_config_map(self.namespace, name)
+        return Shard(name, {}, None) if cm is None else Shard(name, dict(cm.data or {}), cm.metadata.resource_version)
 
     async def write_shard(self, shard: Shard) -> None:
         body = {
