@@ -3,31 +3,43 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: run cluster-run test crd tools clean bench
+.PHONY: run cluster-run test test-unit lint crd tools clean bench
 
-$(VENV)/.installed: pyproject.toml
+# The runtime package with its test and lint tools, and the development tooling in dev/.
+$(VENV)/.installed: pyproject.toml dev/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,lint]' -e dev/
 	touch $@
 
-# Main job: the examples reconciled into an embedded Qdrant, and the query API on 127.0.0.1:8080.
+# Main job: the examples reconciled into the embedded store, and the query API on 127.0.0.1:8080.
 run: $(VENV)/.installed
 	$(BIN)/datamesh local examples/
 
 # The same on a real (local) control plane: CRD, examples, and the operator in the foreground.
-DEV := $(BIN)/datamesh dev-cluster
+DEV := $(BIN)/datamesh-dev
 cluster-run: $(VENV)/.installed
 	$(DEV) up
 	$(DEV) kubectl apply --server-side -f crds/
 	$(DEV) kubectl create namespace datamesh-system --dry-run=client -o yaml | $(DEV) kubectl apply -f -
 	$(DEV) kubectl apply -f examples/
-	KUBECONFIG=$$($(BIN)/python -c 'from datamesh import devcluster; print(devcluster.default_workdir() / "kubeconfig")') \
+	KUBECONFIG=$$($(BIN)/python -c 'from datamesh_dev import devcluster; print(devcluster.default_workdir() / "kubeconfig")') \
 	  DATAMESH_METRICS_PORT=0 $(BIN)/datamesh operator --liveness http://127.0.0.1:8081/healthz
 
-# Every test; builds the control plane from the Go module proxy on first use (cached after).
-test: $(VENV)/.installed
+# Every test: the lint gates first (seconds), then the unit and cluster tiers. Builds the control
+# plane from the Go module proxy on first use (cached after).
+test: lint
 	$(BIN)/pytest
+
+# The fast loop: no control plane, no Go tools.
+test-unit: $(VENV)/.installed
+	$(BIN)/pytest -m "not cluster"
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check operator dev tests bench
+	$(BIN)/ruff format --check operator dev tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 crd: $(VENV)/.installed
 	$(BIN)/datamesh crd --write crds/

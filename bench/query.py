@@ -28,8 +28,6 @@ import asyncio
 import contextlib
 import copy
 import multiprocessing
-import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -40,18 +38,24 @@ from typing import Any
 import httpx
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "operator"))
+from datamesh.adapters.embeddings.registry import resolve_provider
+from datamesh.adapters.files import FileCatalogBackend, read_catalog_file
+from datamesh.adapters.qdrant import QdrantStore
+from datamesh.core.ports import VectorStore
+from datamesh.engine.catalog_writer import CatalogWriter
+from datamesh.local import standalone_reconciler
+from datamesh.query.access import Authenticator
+from datamesh.query.app import create_app
+from datamesh.query.catalog_sources import StaticCatalogSource
+from datamesh.query.settings import QuerySettings
+from datamesh.resource.catalog import CatalogEntry
+from datamesh.settings import (
+    OperatorSettings,
+    StoreSettings,
+)
+from datamesh.web.serving import serve_app
 
-from datamesh.access import Authenticator  # noqa: E402
-from datamesh.catalog import CatalogEntry, CatalogWriter, FileCatalogBackend, read_catalog_file  # noqa: E402
-from datamesh.catalog_watch import StaticCatalogSource  # noqa: E402
-from datamesh.embeddings import resolve_provider  # noqa: E402
-from datamesh.qdrant import VectorStore  # noqa: E402
-from datamesh.query_service import QuerySettings, create_app  # noqa: E402
-from datamesh.reconcile import Reconciler  # noqa: E402
-from datamesh.serving import serve_app  # noqa: E402
-from datamesh.settings import OperatorSettings  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 QUESTION = "which shipments were delayed by weather?"
 LIMIT = 5
@@ -60,14 +64,23 @@ CONCURRENCY = 16
 
 def product_bodies(count: int) -> list[dict[str, Any]]:
     """``count`` products: 10 logistics copies first, then copies of the other examples."""
-    examples = [yaml.safe_load(p.read_text()) for p in sorted((REPO / "examples").glob("*.yaml")) if p.name != "00-namespaces.yaml"]
+    examples = [
+        yaml.safe_load(p.read_text())
+        for p in sorted((REPO / "examples").glob("*.yaml"))
+        if p.name != "00-namespaces.yaml"
+    ]
     logistics = next(e for e in examples if e["metadata"]["name"] == "shipment-delays")
     others = [e for e in examples if e is not logistics]
     bodies = []
     for i in range(count):
         base = logistics if i < 10 else others[i % len(others)]
         body = copy.deepcopy(base)
-        body["metadata"] = {"name": f"{base['metadata']['name']}-{i:03d}", "namespace": base["metadata"]["namespace"], "generation": 1, "uid": f"bench-{i}"}
+        body["metadata"] = {
+            "name": f"{base['metadata']['name']}-{i:03d}",
+            "namespace": base["metadata"]["namespace"],
+            "generation": 1,
+            "uid": f"bench-{i}",
+        }
         body["spec"]["domain"] = f"{base['spec']['domain']}-{i // 10}"
         body["spec"]["access"] = {"consumers": ["*"]}
         bodies.append(body)
@@ -77,13 +90,17 @@ def product_bodies(count: int) -> list[dict[str, Any]]:
 async def build(store: VectorStore, count: int, catalog_path: Path) -> list[CatalogEntry]:
     """Reconcile ``count`` products into ``store``; their catalog entries in creation order."""
     settings = OperatorSettings(catalog_flush_seconds=0.05, metrics_port=0)
-    writer = CatalogWriter(FileCatalogBackend(catalog_path), "catalog", settings.catalog_shard_bytes, settings.catalog_flush_seconds)
+    writer = CatalogWriter(
+        FileCatalogBackend(catalog_path), "catalog", settings.catalog_shard_bytes, settings.catalog_flush_seconds
+    )
     bodies = product_bodies(count)
     async with httpx.AsyncClient() as http:
-        reconciler = Reconciler(settings, store, writer, http)
+        reconciler = standalone_reconciler(settings, store, writer, http)
         outcomes = await asyncio.gather(*(reconciler.reconcile(b) for b in bodies))
     await writer.close()
-    bad = [b["metadata"]["name"] for b, o in zip(bodies, outcomes, strict=True) if o is None or o.status.phase != "Ready"]
+    bad = [
+        b["metadata"]["name"] for b, o in zip(bodies, outcomes, strict=True) if o is None or o.status.phase != "Ready"
+    ]
     if bad:
         raise SystemExit(f"products not Ready: {bad}")
     entries = read_catalog_file(catalog_path)
@@ -177,11 +194,13 @@ class Case:
 
 async def main(args: argparse.Namespace) -> None:
     started = time.perf_counter()
-    store = VectorStore.connect(None, ":memory:")
+    store = QdrantStore.connect(StoreSettings())
     with tempfile.TemporaryDirectory() as tmp:
         entries = await build(store, 100, Path(tmp) / "catalog.json")
-    print(f"built 100 products in {time.perf_counter() - started:.1f}s "
-          f"({sum(e.records or 0 for e in entries)} rows, embedded Qdrant, builtin:ngram-384)")
+    print(
+        f"built 100 products in {time.perf_counter() - started:.1f}s "
+        f"({sum(e.records or 0 for e in entries)} rows, embedded Qdrant, builtin:ngram-384)"
+    )
 
     # One service per catalog size, all on this process's loop and Qdrant, measured in
     # interleaved rounds so that background load on the machine hits every case alike.
@@ -208,12 +227,20 @@ async def main(args: argparse.Namespace) -> None:
 
     d50, d95 = pct(direct.latencies, 0.5), pct(direct.latencies, 0.95)
     print()
-    print(f"{'case':<40} {'catalog':>7} {'asked':>5} {'p50 ms':>8} {'p95 ms':>8} {'p50/direct':>10} {'p95/direct':>10} {'req/s @16':>10}")
+    print(
+        f"{'case':<40} {'catalog':>7} {'asked':>5} {'p50 ms':>8} {'p95 ms':>8} {'p50/direct':>10} {'p95/direct':>10} "
+        f"{'req/s @16':>10}"
+    )
     print("-" * 104)
-    print(f"{direct.label:<40} {'-':>7} {1:>5} {d50 * 1000:>8.2f} {d95 * 1000:>8.2f} {1.0:>10.2f} {1.0:>10.2f} {'-':>10}")
+    print(
+        f"{direct.label:<40} {'-':>7} {1:>5} {d50 * 1000:>8.2f} {d95 * 1000:>8.2f} {1.0:>10.2f} {1.0:>10.2f} {'-':>10}"
+    )
     for case in cases:
         p50, p95 = pct(case.latencies, 0.5), pct(case.latencies, 0.95)
-        print(f"{case.label:<40} {case.catalog!s:>7} {case.asked:>5} {p50 * 1000:>8.2f} {p95 * 1000:>8.2f} {p50 / d50:>10.2f} {p95 / d95:>10.2f} {case.throughput:>10.0f}")
+        print(
+            f"{case.label:<40} {case.catalog!s:>7} {case.asked:>5} {p50 * 1000:>8.2f} {p95 * 1000:>8.2f} "
+            f"{p50 / d50:>10.2f} {p95 / d95:>10.2f} {case.throughput:>10.0f}"
+        )
         if case.errors:
             print(f"  ! {case.errors} product errors seen")
     floor = pct(cases[0].latencies, 0.5)
@@ -222,16 +249,27 @@ async def main(args: argparse.Namespace) -> None:
     print("ratios:")
     for case in cases[1:]:
         p50, p95 = pct(case.latencies, 0.5), pct(case.latencies, 0.95)
-        print(f"  {case.catalog:>3} products: p50/direct={p50 / d50:.2f} p95/direct={p95 / d95:.2f} p50/federated-1={p50 / one:.2f} "
-              f"(p50 - HTTP floor)/direct={(p50 - floor) / d50:.2f} throughput={case.throughput:.0f} req/s")
-    print(f"  p50 100 products / 10 products = {pct(cases[3].latencies, 0.5) / pct(cases[2].latencies, 0.5):.2f} (routing over the larger catalog)")
-    print(f"\n{args.rounds} interleaved rounds; {serial * args.rounds} serial requests and {concurrent * args.rounds} at {CONCURRENCY} concurrent clients per case; "
-          f"total {time.perf_counter() - started:.0f}s")
+        print(
+            f"  {case.catalog:>3} products: p50/direct={p50 / d50:.2f} p95/direct={p95 / d95:.2f} "
+            f"p50/federated-1={p50 / one:.2f} "
+            f"(p50 - HTTP floor)/direct={(p50 - floor) / d50:.2f} throughput={case.throughput:.0f} req/s"
+        )
+    print(
+        f"  p50 100 products / 10 products = {pct(cases[3].latencies, 0.5) / pct(cases[2].latencies, 0.5):.2f} "
+        "(routing over the larger catalog)"
+    )
+    print(
+        f"\n{args.rounds} interleaved rounds; {serial * args.rounds} serial requests and {concurrent * args.rounds} "
+        f"at {CONCURRENCY} concurrent clients per case; "
+        f"total {time.perf_counter() - started:.0f}s"
+    )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--serial", type=int, default=300, help="Serial requests per case (latency percentiles).")
-    parser.add_argument("--concurrent", type=int, default=800, help="Requests per case at 16 concurrent clients (throughput).")
+    parser.add_argument(
+        "--concurrent", type=int, default=800, help="Requests per case at 16 concurrent clients (throughput)."
+    )
     parser.add_argument("--rounds", type=int, default=10, help="Interleaved rounds the requests are split into.")
     asyncio.run(main(parser.parse_args()))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: DataProducts applied at once on the real control plane, with the operator running.
 
-Not a test. It starts a real control plane (``datamesh.devcluster.ControlPlane``), applies the
+Not a test. It starts a real control plane (``datamesh_dev.devcluster.ControlPlane``), applies the
 CRD, runs ``datamesh operator`` as a subprocess (its own process, so its memory is its own),
 and then, in one run:
 
@@ -46,14 +46,30 @@ from typing import Any
 
 import yaml
 
-from datamesh.serving import free_port
+from datamesh.web.serving import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PLATFORM_NAMESPACE = "datamesh-system"
 CATALOG_LABEL = "datamesh.io/catalog"
 CRD = "crd/dataproducts.datamesh.io"
-WORDS = ("shipping", "invoice", "refund", "churn", "delivery", "warehouse", "discount", "support",
-         "renewal", "contract", "latency", "outage", "upgrade", "billing", "onboarding", "feedback")
+WORDS = (
+    "shipping",
+    "invoice",
+    "refund",
+    "churn",
+    "delivery",
+    "warehouse",
+    "discount",
+    "support",
+    "renewal",
+    "contract",
+    "latency",
+    "outage",
+    "upgrade",
+    "billing",
+    "onboarding",
+    "feedback",
+)
 
 
 class BenchError(RuntimeError):
@@ -81,15 +97,23 @@ def product(name: str, namespace: str, rows: int, seed: int) -> dict[str, Any]:
             "domain": namespace,
             "description": f"Synthetic benchmark product {name} about {WORDS[seed % len(WORDS)]}.",
             "tags": ["bench", WORDS[seed % len(WORDS)]],
-            "schema": {"fields": [
-                {"name": "id", "type": "string", "primaryKey": True},
-                {"name": "text", "type": "string"},
-                {"name": "amount", "type": "number"},
-            ]},
-            "source": {"inline": [
-                {"id": f"r{i}", "text": f"row {i} of {name} about {WORDS[(seed + i) % len(WORDS)]}", "amount": i * 1.5}
-                for i in range(rows)
-            ]},
+            "schema": {
+                "fields": [
+                    {"name": "id", "type": "string", "primaryKey": True},
+                    {"name": "text", "type": "string"},
+                    {"name": "amount", "type": "number"},
+                ]
+            },
+            "source": {
+                "inline": [
+                    {
+                        "id": f"r{i}",
+                        "text": f"row {i} of {name} about {WORDS[(seed + i) % len(WORDS)]}",
+                        "amount": i * 1.5,
+                    }
+                    for i in range(rows)
+                ]
+            },
             "semanticSearch": {"enabled": True, "keyFields": ["text"]},
         },
     }
@@ -102,7 +126,9 @@ class Kubectl:
     def cmd(self, *args: str) -> list[str]:
         return list(self.cp.kubectl_cmd(*args))
 
-    def run(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(self.cmd(*args), input=input, capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
             raise BenchError(f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
@@ -139,8 +165,9 @@ class LineWatch:
     def _run(self) -> None:
         while not self.stopping:
             with open(self.stderr_path, "a") as err:
-                self.proc = subprocess.Popen(self.kubectl.cmd(*self.args), stdout=subprocess.PIPE, stderr=err,
-                                             text=True, bufsize=1)
+                self.proc = subprocess.Popen(
+                    self.kubectl.cmd(*self.args), stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1
+                )
                 assert self.proc.stdout is not None
                 for line in self.proc.stdout:
                     t = time.monotonic()
@@ -151,7 +178,9 @@ class LineWatch:
             if not self.stopping:
                 # A watch the server closed (or kubectl died): say so, and resume.
                 self.restarts += 1
-                print(f"  ! {self.name}: kubectl watch ended (exit {self.proc.returncode}), restarting", file=sys.stderr)
+                print(
+                    f"  ! {self.name}: kubectl watch ended (exit {self.proc.returncode}), restarting", file=sys.stderr
+                )
                 time.sleep(0.5)
 
     def stop(self) -> None:
@@ -179,11 +208,15 @@ class ProductWatch(LineWatch):
     """Every DataProduct's phase; the first moment each one is Ready for its generation."""
 
     # "|", not tabs: kubectl's watch output goes through a tabwriter that turns tabs into spaces.
-    TEMPLATE = ('{.metadata.namespace}|{.metadata.name}|{.metadata.generation}|'
-                '{.status.phase}|{.status.observedGeneration}{"\\n"}')
+    TEMPLATE = (
+        "{.metadata.namespace}|{.metadata.name}|{.metadata.generation}|"
+        '{.status.phase}|{.status.observedGeneration}{"\\n"}'
+    )
 
     def __init__(self, kubectl: Kubectl) -> None:
-        super().__init__(kubectl, ["get", "dataproducts", "-A", "--watch", "-o", f"jsonpath={self.TEMPLATE}"], "dp-watch")
+        super().__init__(
+            kubectl, ["get", "dataproducts", "-A", "--watch", "-o", f"jsonpath={self.TEMPLATE}"], "dp-watch"
+        )
         self.lock = threading.Lock()
         self.states: dict[str, ProductState] = {}
         self.events = 0
@@ -221,8 +254,22 @@ class CatalogWatch(LineWatch):
     TEMPLATE = '{.type}|{.object.metadata.name}|{.object.metadata.resourceVersion}{"\\n"}'
 
     def __init__(self, kubectl: Kubectl) -> None:
-        super().__init__(kubectl, ["get", "configmaps", "-n", PLATFORM_NAMESPACE, "-l", f"{CATALOG_LABEL}=true",
-                                   "--watch", "--output-watch-events", "-o", f"jsonpath={self.TEMPLATE}"], "catalog-watch")
+        super().__init__(
+            kubectl,
+            [
+                "get",
+                "configmaps",
+                "-n",
+                PLATFORM_NAMESPACE,
+                "-l",
+                f"{CATALOG_LABEL}=true",
+                "--watch",
+                "--output-watch-events",
+                "-o",
+                f"jsonpath={self.TEMPLATE}",
+            ],
+            "catalog-watch",
+        )
         self.lock = threading.Lock()
         self.events: list[tuple[float, str, str, str]] = []
         self.seen_rv: set[tuple[str, str]] = set()
@@ -250,8 +297,14 @@ class CatalogWatch(LineWatch):
 
 
 class Operator:
-    def __init__(self, kubeconfig: Path, log_dir: Path, extra_env: dict[str, str] | None = None, verbose: bool = False,
-                 exe: Path = REPO / ".venv" / "bin" / "datamesh") -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        log_dir: Path,
+        extra_env: dict[str, str] | None = None,
+        verbose: bool = False,
+        exe: Path = REPO / ".venv" / "bin" / "datamesh",
+    ) -> None:
         self.kubeconfig = kubeconfig
         self.exe = exe
         self.verbose = verbose
@@ -267,14 +320,28 @@ class Operator:
 
     def start(self, timeout: float = 90) -> None:
         env = dict(os.environ)
-        env.update(KUBECONFIG=str(self.kubeconfig), DATAMESH_METRICS_PORT=str(self.metrics_port),
-                   DATAMESH_PLATFORM_NAMESPACE=PLATFORM_NAMESPACE, PYTHONUNBUFFERED="1")
+        env.update(
+            KUBECONFIG=str(self.kubeconfig),
+            DATAMESH_METRICS_PORT=str(self.metrics_port),
+            DATAMESH_PLATFORM_NAMESPACE=PLATFORM_NAMESPACE,
+            PYTHONUNBUFFERED="1",
+        )
         env.update(self.extra_env)
         exe = self.exe
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - open for the process's lifetime, closed in stop()
         self.proc = subprocess.Popen(
-            [str(exe), "operator", "--liveness", f"http://127.0.0.1:{self.liveness_port}/healthz", *(["--verbose"] if self.verbose else [])],
-            env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
+            [
+                str(exe),
+                "operator",
+                "--liveness",
+                f"http://127.0.0.1:{self.liveness_port}/healthz",
+                *(["--verbose"] if self.verbose else []),
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
         )
         deadline = time.monotonic() + timeout
         while True:
@@ -409,8 +476,12 @@ def metric_sum(m: dict[str, float], name: str) -> float:
 
 def reconcile_stats(m0: dict[str, float], m1: dict[str, float]) -> tuple[float, float]:
     """Reconciles between two scrapes, and their mean duration (datamesh_reconcile_duration_seconds)."""
-    count = metric_sum(m1, "datamesh_reconcile_duration_seconds_count") - metric_sum(m0, "datamesh_reconcile_duration_seconds_count")
-    total = metric_sum(m1, "datamesh_reconcile_duration_seconds_sum") - metric_sum(m0, "datamesh_reconcile_duration_seconds_sum")
+    count = metric_sum(m1, "datamesh_reconcile_duration_seconds_count") - metric_sum(
+        m0, "datamesh_reconcile_duration_seconds_count"
+    )
+    total = metric_sum(m1, "datamesh_reconcile_duration_seconds_sum") - metric_sum(
+        m0, "datamesh_reconcile_duration_seconds_sum"
+    )
     return count, (total / count if count else float("nan"))
 
 
@@ -456,8 +527,9 @@ class Bench:
         self.args = args
         self.kubectl = Kubectl(cp)
         self.log_dir = log_dir
-        self.operator = Operator(cp.kubeconfig, log_dir, dict(e.split("=", 1) for e in args.env), args.operator_verbose,
-                                 args.operator_exe)
+        self.operator = Operator(
+            cp.kubeconfig, log_dir, dict(e.split("=", 1) for e in args.env), args.operator_verbose, args.operator_exe
+        )
         self.dp_watch = ProductWatch(self.kubectl)
         self.cm_watch = CatalogWatch(self.kubectl)
 
@@ -478,8 +550,10 @@ class Bench:
         self.cpu = CpuMeter(self.operator.proc.pid)  # type: ignore[union-attr]
         self.dp_watch.start()
         self.cm_watch.start()
-        print(f"  operator live (pid {self.operator.proc.pid}, RSS {self.operator.rss_mib():.0f} MiB) "  # type: ignore[union-attr]
-              f"in {time.monotonic() - t0:.1f} s; log: {self.operator.log_path}")
+        print(
+            f"  operator live (pid {self.operator.proc.pid}, RSS {self.operator.rss_mib():.0f} MiB) "  # type: ignore[union-attr]
+            f"in {time.monotonic() - t0:.1f} s; log: {self.operator.log_path}"
+        )
 
     def wait_ready(self, keys: list[str], since: float, timeout: float, label: str) -> dict[str, ProductState | None]:
         deadline = since + timeout
@@ -525,8 +599,11 @@ class Bench:
                 self.dp_watch.forget(keys)
                 return time.monotonic() - t0
             if time.monotonic() - t0 > timeout:
-                print(f"  ! deletion not finished after {timeout:.0f} s: {left} products left, "
-                      f"{entries if entries >= 0 else '?'} catalog entries left", flush=True)
+                print(
+                    f"  ! deletion not finished after {timeout:.0f} s: {left} products left, "
+                    f"{entries if entries >= 0 else '?'} catalog entries left",
+                    flush=True,
+                )
                 return None
             time.sleep(1.0)
 
@@ -552,8 +629,10 @@ class Bench:
             snap = self.wait_ready([key], t0, 60, name)
             st = snap[key]
             if st is None or st.ready_at is None:
-                raise BenchError(f"baseline product {key} not Ready after 60 s (phase {st.phase if st else 'not seen'}); "
-                                 f"operator log tail:\n{self.operator.log_tail()}")
+                raise BenchError(
+                    f"baseline product {key} not Ready after 60 s (phase {st.phase if st else 'not seen'}); "
+                    f"operator log tail:\n{self.operator.log_tail()}"
+                )
             if i == 0:
                 print(f"  warm-up {name}: {st.ready_at - t0:.3f} s (not counted)")
                 time.sleep(1.0)  # let the warm-up's trailing catalog write land outside the window
@@ -592,7 +671,7 @@ class Bench:
             self.kubectl.run("create", "namespace", ns, check=False)
         bodies = [product(f"p-{i:05d}", namespaces[i % len(namespaces)], self.args.rows, i) for i in range(n)]
         keys = [f"{b['metadata']['namespace']}/{b['metadata']['name']}" for b in bodies]
-        chunks = [bodies[j::self.args.apply_parallel] for j in range(self.args.apply_parallel)]
+        chunks = [bodies[j :: self.args.apply_parallel] for j in range(self.args.apply_parallel)]
         chunks = [c for c in chunks if c]
         docs = [yaml.safe_dump_all(c) for c in chunks]
 
@@ -601,8 +680,16 @@ class Bench:
         load_before = loadavg()
         cpu0 = self.cpu.read()
         t0 = time.monotonic()
-        procs = [subprocess.Popen(self.kubectl.cmd("apply", "-f", "-"), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True) for _ in docs]
+        procs = [
+            subprocess.Popen(
+                self.kubectl.cmd("apply", "-f", "-"),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in docs
+        ]
         errors: list[str] = [""] * len(procs)
 
         def feed(i: int) -> None:
@@ -618,10 +705,13 @@ class Bench:
         for f in feeders:
             f.join(timeout=timeout)
         t_applied = time.monotonic()
-        failed = [(p.returncode, e) for p, e in zip(procs, errors) if p.returncode != 0]
+        failed = [(p.returncode, e) for p, e in zip(procs, errors, strict=True) if p.returncode != 0]
         if failed:
             raise BenchError(f"kubectl apply of the N={n} batch failed: {failed[0][1].strip()[:2000]}")
-        print(f"  N={n}: applied in {t_applied - t0:.1f} s ({len(procs)} parallel kubectl apply); waiting for Ready ...", flush=True)
+        print(
+            f"  N={n}: applied in {t_applied - t0:.1f} s ({len(procs)} parallel kubectl apply); waiting for Ready ...",
+            flush=True,
+        )
 
         snap = self.wait_ready(keys, t0, timeout, f"N={n}")
         ready_times = [s.ready_at - t0 for s in snap.values() if s is not None and s.ready_at is not None]
@@ -632,14 +722,20 @@ class Bench:
             t_end = time.monotonic()
             stuck = [(k, s) for k, s in snap.items() if s is None or s.ready_at is None]
             phases = Counter((s.phase or "(no status)") if s else "(never seen by the watch)" for _, s in stuck)
-            print(f"  !! TIMEOUT N={n}: {len(ready_times)}/{n} Ready after {timeout:.0f} s; the rest by phase: {dict(phases)}", flush=True)
+            print(
+                f"  !! TIMEOUT N={n}: {len(ready_times)}/{n} Ready after {timeout:.0f} s; the rest by phase: "
+                f"{dict(phases)}",
+                flush=True,
+            )
             for k, _ in stuck[:3]:
                 ns, name = k.split("/")
                 r = self.kubectl.run("get", "dp", name, "-n", ns, "-o", "json", check=False)
                 if r.returncode == 0:
                     body = json.loads(r.stdout)
-                    print(f"     {k}: metadata.annotations keys={sorted((body['metadata'].get('annotations') or {}))} "
-                          f"finalizers={body['metadata'].get('finalizers')} status={json.dumps(body.get('status'))[:600]}")
+                    print(
+                        f"     {k}: metadata.annotations keys={sorted(body['metadata'].get('annotations') or {})} "
+                        f"finalizers={body['metadata'].get('finalizers')} status={json.dumps(body.get('status'))[:600]}"
+                    )
 
         # The catalog: N entries for the batch (it may trail the last status write by a flush).
         prefixes = tuple(f"{ns}." for ns in namespaces)
@@ -673,28 +769,46 @@ class Bench:
         print(f"  N={n}: deleting the batch ...", flush=True)
         t_del0 = time.monotonic()
         delete_s = self.delete_products(namespaces, keys, max(120.0, timeout / 2))
-        print(f"  N={n}: kubectl delete returned after {self.last_delete_issue_s:.1f} s; products and catalog entries gone after "
-              f"{'%.1f s' % delete_s if delete_s is not None else 'TIMEOUT'}", flush=True)
+        print(
+            f"  N={n}: kubectl delete returned after {self.last_delete_issue_s:.1f} s; products and catalog entries "
+            "gone after "
+            f"{f'{delete_s:.1f} s' if delete_s is not None else 'TIMEOUT'}",
+            flush=True,
+        )
         del_writes, _ = self.cm_watch.writes_between(t_del0, time.monotonic())
 
         total = (t_end - t0) if ready_times else float("nan")
         return SizeResult(
-            n=n, ready=len(ready_times), timed_out=timed_out, apply_s=t_applied - t0, total_s=total,
+            n=n,
+            ready=len(ready_times),
+            timed_out=timed_out,
+            apply_s=t_applied - t0,
+            total_s=total,
             p50=statistics.median(ready_times) if ready_times else float("nan"),
             p95=percentile(ready_times, 95) if ready_times else float("nan"),
             max_s=max(ready_times, default=float("nan")),
             seen_p50=statistics.median(seen_to_ready) if seen_to_ready else float("nan"),
             per_s=len(ready_times) / total if ready_times and total > 0 else float("nan"),
-            cm_writes=writes, cm_names=len(cm_names),
-            metric_writes=metric_sum(m1, "datamesh_catalog_writes_total") - metric_sum(m0, "datamesh_catalog_writes_total"),
-            peak_rss=peak, rss_before=rss_before, hwm=hwm,
-            catalog_entries=entries, catalog_ready_entries=ready_entries, catalog_complete_s=complete_s,
+            cm_writes=writes,
+            cm_names=len(cm_names),
+            metric_writes=metric_sum(m1, "datamesh_catalog_writes_total")
+            - metric_sum(m0, "datamesh_catalog_writes_total"),
+            peak_rss=peak,
+            rss_before=rss_before,
+            hwm=hwm,
+            catalog_entries=entries,
+            catalog_ready_entries=ready_entries,
+            catalog_complete_s=complete_s,
             phases_seen=phases_seen,
-            reconcile_errors=metric_sum(m1, "datamesh_reconcile_errors_total") - metric_sum(m0, "datamesh_reconcile_errors_total"),
-            reconciles=reconcile_stats(m0, m1)[0], reconcile_mean=reconcile_stats(m0, m1)[1],
+            reconcile_errors=metric_sum(m1, "datamesh_reconcile_errors_total")
+            - metric_sum(m0, "datamesh_reconcile_errors_total"),
+            reconciles=reconcile_stats(m0, m1)[0],
+            reconcile_mean=reconcile_stats(m0, m1)[1],
             cpu={k: cpu1[k] - cpu0.get(k, 0.0) for k in cpu1} | {"wall": t_window - t0},
-            load_before=load_before, load_after=load_after,
-            delete_s=delete_s, delete_cm_writes=del_writes,
+            load_before=load_before,
+            load_after=load_after,
+            delete_s=delete_s,
+            delete_cm_writes=del_writes,
         )
 
 
@@ -747,20 +861,27 @@ def report(single: dict[str, Any], results: list[SizeResult], wall: float, op: O
     row("catalog writes/product", f"{single['cm_writes_per_product']:.2f}", lambda r: f"{r.cm_writes / r.n:.3f}")
     row("catalog entries", "-", lambda r: f"{r.catalog_entries}/{r.n}")
     row("operator CPU (cores busy)", "-", lambda r: f"{r.cpu['operator'] / r.cpu['wall']:.2f}")
-    row("API server + etcd CPU (cores)", "-",
-        lambda r: f"{(r.cpu.get('kube-apiserver', 0) + r.cpu.get('etcd', 0)) / r.cpu['wall']:.2f}")
+    row(
+        "API server + etcd CPU (cores)",
+        "-",
+        lambda r: f"{(r.cpu.get('kube-apiserver', 0) + r.cpu.get('etcd', 0)) / r.cpu['wall']:.2f}",
+    )
     row("operator peak RSS (MiB)", f"{single['rss']:.0f}", lambda r: f"{r.peak_rss:.0f}")
     row("p50 / p50 alone", "1.00", lambda r: f"{r.p50 / p1:.2f}")
     row("speed-up vs serial", "1.0", lambda r: f"{r.n * p1 / r.total_s:.1f}")
     console.print(t)
 
     print()
-    print(f"target apply-to-Ready (small inline product) p50 < 1 s: p50={p1:.3f} s "
-          f"({'met' if p1 < 1 else 'NOT met'}); from kubectl apply's return: p50={single['p50_after_kubectl']:.3f} s; "
-          f"kubectl apply itself p50={single['kubectl_apply_p50']:.3f} s; min={single['min']:.3f} max={single['max']:.3f}")
+    print(
+        f"target apply-to-Ready (small inline product) p50 < 1 s: p50={p1:.3f} s "
+        f"({'met' if p1 < 1 else 'NOT met'}); from kubectl apply's return: p50={single['p50_after_kubectl']:.3f} s; "
+        f"kubectl apply itself p50={single['kubectl_apply_p50']:.3f} s; min={single['min']:.3f} max={single['max']:.3f}"
+    )
     print("baseline samples (s): " + " ".join(f"{v:.3f}" for v in single["all"]))
-    print(f"baseline reconciles={single['reconciles']:.0f} reconcile_mean_s={single['reconcile_mean']:.3f} "
-          f"catalog_cm_writes_per_product={single['cm_writes_per_product']:.2f} operator_peak_rss_mib={single['rss']:.0f}")
+    print(
+        f"baseline reconciles={single['reconciles']:.0f} reconcile_mean_s={single['reconcile_mean']:.3f} "
+        f"catalog_cm_writes_per_product={single['cm_writes_per_product']:.2f} operator_peak_rss_mib={single['rss']:.0f}"
+    )
     for r in results:
         print(
             f"reconcile N={r.n} ready={r.ready}/{r.n} timed_out={r.timed_out} apply_s={r.apply_s:.2f} "
@@ -769,14 +890,18 @@ def report(single: dict[str, Any], results: list[SizeResult], wall: float, op: O
             f"catalog_cm_writes={r.cm_writes} (metric datamesh_catalog_writes_total +{r.metric_writes:.0f}) "
             f"catalog_configmaps={r.cm_names} writes_per_product={r.cm_writes / r.n:.4f} "
             f"catalog_entries={r.catalog_entries}/{r.n} (phase Ready: {r.catalog_ready_entries}) "
-            f"catalog_complete_s={'%.2f' % r.catalog_complete_s if r.catalog_complete_s is not None else 'INCOMPLETE'} "
-            f"operator_rss_before_mib={r.rss_before:.0f} operator_peak_rss_mib={r.peak_rss:.0f} operator_vmhwm_mib={r.hwm:.0f} "
+            f"catalog_complete_s={f'{r.catalog_complete_s:.2f}' if r.catalog_complete_s is not None else 'INCOMPLETE'} "
+            f"operator_rss_before_mib={r.rss_before:.0f} operator_peak_rss_mib={r.peak_rss:.0f} "
+            f"operator_vmhwm_mib={r.hwm:.0f} "
             f"ratio_p50_vs_single={r.p50 / p1:.2f} fraction_of_serial_time={r.total_s / (r.n * p1):.4f} "
-            f"speedup_vs_serial={r.n * p1 / r.total_s:.1f} reconciles={r.reconciles:.0f} reconcile_mean_s={r.reconcile_mean:.3f} phases_seen={dict(r.phases_seen)} "
-            f"reconcile_errors=+{r.reconcile_errors:.0f} delete_s={'%.1f' % r.delete_s if r.delete_s is not None else 'INCOMPLETE'} "
+            f"speedup_vs_serial={r.n * p1 / r.total_s:.1f} reconciles={r.reconciles:.0f} "
+            f"reconcile_mean_s={r.reconcile_mean:.3f} phases_seen={dict(r.phases_seen)} "
+            f"reconcile_errors=+{r.reconcile_errors:.0f} "
+            f"delete_s={f'{r.delete_s:.1f}' if r.delete_s is not None else 'INCOMPLETE'} "
             f"delete_catalog_cm_writes={r.delete_cm_writes} "
             f"cpu_s={ {k: round(v, 1) for k, v in r.cpu.items()} } "
-            f"operator_cpu_ms_per_product={1000 * r.cpu['operator'] / r.n:.1f} loadavg_before={r.load_before!r} loadavg_after={r.load_after!r}"
+            f"operator_cpu_ms_per_product={1000 * r.cpu['operator'] / r.n:.1f} loadavg_before={r.load_before!r} "
+            f"loadavg_after={r.load_after!r}"
         )
     counts, examples = scan_log(op.log_path)
     print(f"operator log {op.log_path}: {dict(counts) or 'no WARNING/ERROR/Traceback lines'}")
@@ -786,25 +911,44 @@ def report(single: dict[str, Any], results: list[SizeResult], wall: float, op: O
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000], help="batch sizes (default: 100 1000)")
-    parser.add_argument("--single-repeats", type=int, default=10, help="baseline: products applied alone, one after another")
+    parser.add_argument(
+        "--single-repeats", type=int, default=10, help="baseline: products applied alone, one after another"
+    )
     parser.add_argument("--rows", type=int, default=4, help="inline rows per product")
     parser.add_argument("--namespaces", type=int, default=4, help="namespaces a batch is spread over")
     parser.add_argument("--apply-parallel", type=int, default=4, help="kubectl apply processes a batch is split over")
-    parser.add_argument("--timeout-per-100", type=float, default=90.0,
-                        help="seconds allowed per 100 products (min 120 s, so 15 min for 1000)")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra environment for the operator, e.g. DATAMESH_INGEST_CONCURRENCY=8 (repeatable)")
-    parser.add_argument("--operator-exe", type=Path, default=REPO / ".venv" / "bin" / "datamesh",
-                        help="the datamesh command to run as the operator (default: .venv/bin/datamesh)")
+    parser.add_argument(
+        "--timeout-per-100",
+        type=float,
+        default=90.0,
+        help="seconds allowed per 100 products (min 120 s, so 15 min for 1000)",
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the operator, e.g. DATAMESH_INGEST_CONCURRENCY=8 (repeatable)",
+    )
+    parser.add_argument(
+        "--operator-exe",
+        type=Path,
+        default=REPO / ".venv" / "bin" / "datamesh",
+        help="the datamesh command to run as the operator (default: .venv/bin/datamesh)",
+    )
     parser.add_argument("--operator-verbose", action="store_true", help="run the operator with --verbose (DEBUG log)")
-    parser.add_argument("--log-dir", type=Path, default=None, help="where the operator log goes (default: a new temp dir)")
+    parser.add_argument(
+        "--log-dir", type=Path, default=None, help="where the operator log goes (default: a new temp dir)"
+    )
     args = parser.parse_args(argv)
     if any("=" not in e for e in args.env):
         parser.error("--env takes KEY=VALUE")
 
-    from datamesh.devcluster import ControlPlane
+    from datamesh_dev.devcluster import ControlPlane
 
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="datamesh-bench-"))
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -4,24 +4,46 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from datamesh import devcluster
+from datamesh_dev import devcluster
 
-# ==== control plane (datamesh.devcluster) ===================================================
+if TYPE_CHECKING:
+    from datamesh.settings import OperatorSettings
+    from tests.harness import Helm, Kubectl, OperatorThread
+
+# ==== markers ===============================================================================
+# Applied from what a test uses, never by hand, so `pytest -m "not cluster"` is the fast loop:
+#   cluster: needs the real control plane, or tools built from Go modules (kubectl, helm);
+#   faults:  the fault-injection tier under tests/faults/ (on the control plane too).
+
+_TOOL_FIXTURES = {"control_plane", "helm_binary"}
+_FAULTS = Path(__file__).resolve().parent / "faults"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _TOOL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cluster)
+        if _FAULTS in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.faults)
+
+
+# ==== control plane (datamesh_dev.devcluster) ===============================================
 # One real etcd + kube-apiserver + kube-controller-manager for the whole pytest session.
 # DATAMESH_TEST_KUBECONFIG=<path> runs against an existing cluster instead. If the control
 # plane cannot be built or started, every test using it errors: it is never skipped.
 
-_CLUSTER_FIXTURES = {"control_plane", "kubeconfig"}
 _tools: dict[str, Path] | devcluster.ControlPlaneError | None = None
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     # Build the binaries here, outside every test's timeout: a cold build takes 20+ minutes.
     global _tools
-    if not any(_CLUSTER_FIXTURES & set(getattr(i, "fixturenames", ())) for i in session.items):
+    if not any(_TOOL_FIXTURES & set(getattr(i, "fixturenames", ())) for i in session.items):
         return
     capman = session.config.pluginmanager.getplugin("capturemanager")
     show = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
@@ -60,6 +82,32 @@ def control_plane() -> Iterator[devcluster.ControlPlane | devcluster.ExternalClu
 def kubeconfig(control_plane: devcluster.ControlPlane | devcluster.ExternalCluster) -> Path:
     return control_plane.kubeconfig
 
+
+@pytest.fixture(scope="session")
+def helm_binary() -> Path:
+    return _built_tools()["helm"]
+
+
+@pytest.fixture(scope="session")
+def helm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("helm-home")
+
+
+@pytest.fixture(scope="session")
+def helm(helm_binary: Path, helm_home: Path) -> Helm:
+    """helm for rendering and linting (no cluster)."""
+    from tests.harness import Helm
+
+    return Helm(helm_binary, helm_home)
+
+
+@pytest.fixture(scope="session")
+def kube_version() -> str:
+    # This helm build does not embed a Kubernetes version (it assumes v1.20 without a cluster),
+    # so give it the pinned control plane's version, which the chart's kubeVersion accepts.
+    return devcluster.pinned_kubernetes_version()
+
+
 # ==== end of control plane ==================================================================
 
 
@@ -70,14 +118,14 @@ PLATFORM_NAMESPACE = "datamesh-system"
 
 
 @pytest.fixture(scope="session")
-def kubectl(control_plane: devcluster.ControlPlane | devcluster.ExternalCluster) -> "Kubectl":
+def kubectl(control_plane: devcluster.ControlPlane | devcluster.ExternalCluster) -> Kubectl:
     from tests.harness import Kubectl
 
     return Kubectl(control_plane.kubectl, control_plane.kubeconfig)
 
 
 @pytest.fixture(scope="session")
-def crd_installed(kubectl: "Kubectl") -> None:
+def crd_installed(kubectl: Kubectl) -> None:
     """The committed CRD applied and established, and the platform namespace created."""
     from tests.harness import wait_for
 
@@ -86,31 +134,34 @@ def crd_installed(kubectl: "Kubectl") -> None:
     def established() -> bool:
         # Polled: `kubectl wait` right after creation can fail on a CRD with no status yet.
         crd = kubectl.get("crd", "dataproducts.datamesh.io", "default") or {}
-        return any(c["type"] == "Established" and c["status"] == "True" for c in (crd.get("status") or {}).get("conditions", []))
+        return any(
+            c["type"] == "Established" and c["status"] == "True"
+            for c in (crd.get("status") or {}).get("conditions", [])
+        )
 
     wait_for(established, 60, what="the DataProduct CRD to be Established")
     kubectl.run("create", "namespace", PLATFORM_NAMESPACE, check=False)
 
 
-def operator_settings(**overrides: object) -> "OperatorSettings":
+def operator_settings(**overrides: object) -> OperatorSettings:
     """Settings tuned for tests: fast retries and timers, no metrics port."""
     from datamesh.settings import OperatorSettings
 
-    values: dict[str, object] = dict(
-        platform_namespace=PLATFORM_NAMESPACE,
-        sla_check_seconds=5.0,
-        retry_base_seconds=0.5,
-        retry_max_seconds=4.0,
-        catalog_flush_seconds=0.3,
-        url_timeout=3.0,
-        metrics_port=0,
-    )
+    values: dict[str, object] = {
+        "platform_namespace": PLATFORM_NAMESPACE,
+        "sla_check_seconds": 5.0,
+        "retry_base_seconds": 0.5,
+        "retry_max_seconds": 4.0,
+        "catalog_flush_seconds": 0.3,
+        "url_timeout": 3.0,
+        "metrics_port": 0,
+    }
     values.update(overrides)
     return OperatorSettings(**values)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")
-def operator(crd_installed: None, kubeconfig: Path) -> Iterator["OperatorThread"]:
+def operator(crd_installed: None, kubeconfig: Path) -> Iterator[OperatorThread]:
     """The operator, running for the whole session in a thread of the test process."""
     from tests.harness import OperatorThread
 

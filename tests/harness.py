@@ -4,18 +4,43 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from datamesh.handlers import run_operator
-from datamesh.qdrant import VectorStore
-from datamesh.settings import OperatorSettings
+from datamesh.adapters.qdrant import QdrantStore
+from datamesh.controller.main import run_operator
+from datamesh.core.ports import VectorStore
+from datamesh.settings import OperatorSettings, StoreSettings
 from tests.httpserver import LoopThread
 
 T = TypeVar("T")
+
+
+class Helm:
+    """The helm built by hack/build-tools.sh, with its own config/cache folders."""
+
+    def __init__(self, binary: Path, home: Path, kubeconfig: Path | None = None) -> None:
+        self.binary = binary
+        self.env = {
+            **os.environ,
+            "HELM_CACHE_HOME": str(home / "cache"),
+            "HELM_CONFIG_HOME": str(home / "config"),
+            "HELM_DATA_HOME": str(home / "data"),
+        }
+        if kubeconfig is not None:
+            self.env["KUBECONFIG"] = str(kubeconfig)
+
+    def run(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(self.binary), *args], capture_output=True, text=True, env=self.env, timeout=timeout
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed ({result.returncode}):\n{result.stderr}{result.stdout}")
+        return result
 
 
 class Kubectl:
@@ -25,10 +50,15 @@ class Kubectl:
         self.binary = binary
         self.kubeconfig = kubeconfig
 
-    def run(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [str(self.binary), "--kubeconfig", str(self.kubeconfig), *args],
-            input=input, capture_output=True, text=True, timeout=timeout,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr}")
@@ -75,7 +105,7 @@ class OperatorThread(LoopThread):
 
     @staticmethod
     async def _make_store() -> VectorStore:
-        return VectorStore.connect(None, ":memory:")
+        return QdrantStore.connect(StoreSettings(url=None, path=":memory:"))
 
     def start(self, timeout: float = 60) -> None:
         async def begin() -> tuple[asyncio.Event, asyncio.Event]:

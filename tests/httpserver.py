@@ -1,7 +1,7 @@
 """Event loops in background threads, and real uvicorn servers on them, for tests that need HTTP on 127.0.0.1.
 
-    with ServerThread(app) as url:
-        httpx.get(f"{url}/healthz")
+with ServerThread(app) as url:
+    httpx.get(f"{url}/healthz")
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Coroutine, Iterator
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from datamesh.serving import LOOPBACK, serve_app
+from datamesh.web.serving import LOOPBACK, serve_app
 
 T = TypeVar("T")
 
@@ -32,7 +32,7 @@ class LoopThread:
 
     @contextlib.contextmanager
     def serving(self, app: Any, **options: Any) -> Iterator[str]:
-        """``app`` served on this loop (see ``serve_app`` for ``options``) for the ``with`` block; yields its base URL."""
+        """``app`` served on this loop (``options`` as for ``serve_app``) for the ``with`` block; yields its URL."""
         server = serve_app(app, **options)
         url = self.call(server.__aenter__())
         try:
@@ -43,7 +43,9 @@ class LoopThread:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def close(self) -> None:
@@ -81,8 +83,14 @@ class ServerThread:
         self.app = app
         # A short graceful shutdown: a test's deliberately hanging handler must not hold up the end.
         self.options: dict[str, Any] = {
-            "host": host, "port": port, "log_level": log_level, "startup_timeout": startup_timeout,
-            "timeout_graceful_shutdown": graceful_shutdown, "shutdown_timeout": graceful_shutdown + 5, "lifespan": "auto", **config,
+            "host": host,
+            "port": port,
+            "log_level": log_level,
+            "startup_timeout": startup_timeout,
+            "timeout_graceful_shutdown": graceful_shutdown,
+            "shutdown_timeout": graceful_shutdown + 5,
+            "lifespan": "auto",
+            **config,
         }
         self.url = ""
         self._stack: contextlib.ExitStack | None = None
@@ -104,5 +112,7 @@ class ServerThread:
     def __enter__(self) -> str:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

@@ -5,34 +5,47 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="Datamesh Operator: DataProducts on Kubernetes, a discovery catalog and federated queries.", no_args_is_help=True)
-dev_cluster = typer.Typer(help="A local kube-apiserver + etcd + kube-controller-manager for development.", no_args_is_help=True)
-app.add_typer(dev_cluster, name="dev-cluster")
+app = typer.Typer(
+    help="Datamesh Operator: DataProducts on Kubernetes, a discovery catalog and federated queries.",
+    no_args_is_help=True,
+)
 console = Console()
 
 
 @app.command()
 def operator(
-    namespace: Annotated[Optional[list[str]], typer.Option("--namespace", "-n", help="Watch only this namespace (repeatable; globs allowed).")] = None,
-    all_namespaces: Annotated[bool, typer.Option("--all-namespaces", "-A", help="Watch every namespace (the default when no --namespace is given).")] = False,
-    liveness: Annotated[str, typer.Option(help="Liveness endpoint URL, served by kopf.")] = "http://0.0.0.0:8081/healthz",
+    namespace: Annotated[
+        list[str] | None,
+        typer.Option("--namespace", "-n", help="Watch only this namespace (repeatable; globs allowed)."),
+    ] = None,
+    all_namespaces: Annotated[
+        bool,
+        typer.Option(
+            "--all-namespaces", "-A", help="Watch every namespace (the default when no --namespace is given)."
+        ),
+    ] = False,
+    liveness: Annotated[
+        str, typer.Option(help="Liveness endpoint URL, served by kopf.")
+    ] = "http://0.0.0.0:8081/healthz",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the DataProduct operator (kopf) against the current kubeconfig or in-cluster account."""
     from prometheus_client import start_http_server
 
-    from datamesh.handlers import run_operator
+    from datamesh.controller.main import run_operator
     from datamesh.settings import get_settings
 
     if namespace and all_namespaces:
         raise typer.BadParameter("use either --namespace or --all-namespaces, not both")
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     settings = get_settings()
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
@@ -45,14 +58,18 @@ def local(
     host: Annotated[str, typer.Option(help="Address of the query API.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the query API.")] = 8080,
     serve: Annotated[bool, typer.Option(help="Serve the query API after reconciling (--no-serve to exit).")] = True,
-    state_dir: Annotated[Path, typer.Option(help="Where the embedded Qdrant, catalog and status are kept.")] = Path(".datamesh"),
+    state_dir: Annotated[Path, typer.Option(help="Where the embedded Qdrant, catalog and status are kept.")] = Path(
+        ".datamesh"
+    ),
 ) -> None:
     """Run the product lifecycle on a folder of manifests with an embedded Qdrant, and serve the query API."""
     from datamesh.local import run_local
 
     logging.basicConfig(level=logging.WARNING)
     try:
-        refused = asyncio.run(run_local(directory, host=host, port=port, serve=serve, state_dir=state_dir, console=console))
+        refused = asyncio.run(
+            run_local(directory, host=host, port=port, serve=serve, state_dir=state_dir, console=console)
+        )
     except FileNotFoundError as exc:
         raise typer.BadParameter(str(exc)) from exc
     except KeyboardInterrupt:
@@ -64,9 +81,11 @@ def local(
 @app.command()
 def ask(
     question: Annotated[str, typer.Argument(help="A question in plain words.")],
-    url: Annotated[str, typer.Option(envvar="DATAMESH_URL", help="Query service URL (local mode or in-cluster).")] = "http://127.0.0.1:8080",
-    token: Annotated[Optional[str], typer.Option(envvar="DATAMESH_TOKEN", help="Bearer token.")] = None,
-    domain: Annotated[Optional[list[str]], typer.Option("--domain", "-d", help="Only these domains (repeatable).")] = None,
+    url: Annotated[
+        str, typer.Option(envvar="DATAMESH_URL", help="Query service URL (local mode or in-cluster).")
+    ] = "http://127.0.0.1:8080",
+    token: Annotated[str | None, typer.Option(envvar="DATAMESH_TOKEN", help="Bearer token.")] = None,
+    domain: Annotated[list[str] | None, typer.Option("--domain", "-d", help="Only these domains (repeatable).")] = None,
     limit: Annotated[int, typer.Option(help="Hits per product.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON answer.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 30.0,
@@ -115,7 +134,7 @@ def query_service(
     port: Annotated[int, typer.Option()] = 8080,
 ) -> None:
     """Run the federated query service (settings from DATAMESH_QUERY_* and DATAMESH_QDRANT_*)."""
-    from datamesh.query_service import serve
+    from datamesh.query.app import serve
 
     logging.basicConfig(level=logging.INFO)
     asyncio.run(serve(host, port))
@@ -125,12 +144,16 @@ def query_service(
 def inference_server(
     host: Annotated[str, typer.Option()] = "0.0.0.0",
     port: Annotated[int, typer.Option()] = 8080,
-    model: Annotated[Optional[str], typer.Option(help="Embedding model served (default from DATAMESH_INFERENCE_MODEL).")] = None,
-    chat_endpoint: Annotated[Optional[str], typer.Option(help="OpenAI-compatible chat server for prompt-based enrichment.")] = None,
-    chat_model: Annotated[Optional[str], typer.Option()] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Embedding model served (default from DATAMESH_INFERENCE_MODEL).")
+    ] = None,
+    chat_endpoint: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible chat server for prompt-based enrichment.")
+    ] = None,
+    chat_model: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """Run the built-in inference runtime: /v1/embeddings and /v1/transform."""
-    from datamesh.inference_runtime import main
+    from datamesh.inference.runtime import main
 
     logging.basicConfig(level=logging.INFO)
     main(host, port, model, chat_endpoint, chat_model)
@@ -138,11 +161,13 @@ def inference_server(
 
 @app.command()
 def crd(
-    write: Annotated[Optional[Path], typer.Option(help="Write the CRD file into this folder instead of printing it.")] = None,
-    check: Annotated[Optional[Path], typer.Option(help="Exit 1 if the CRD file in this folder is stale.")] = None,
+    write: Annotated[
+        Path | None, typer.Option(help="Write the CRD file into this folder instead of printing it.")
+    ] = None,
+    check: Annotated[Path | None, typer.Option(help="Exit 1 if the CRD file in this folder is stale.")] = None,
 ) -> None:
     """Print, write or check the DataProduct CRD generated from the pydantic models."""
-    from datamesh.crdgen import CRD_FILE, crd_is_current, render_crd, write_crd
+    from datamesh.resource.crd import CRD_FILE, crd_is_current, render_crd, write_crd
 
     if check is not None:
         if not crd_is_current(check):
@@ -157,45 +182,15 @@ def crd(
 
 @app.command()
 def settings() -> None:
-    """Show the operator settings in effect (from DATAMESH_* environment variables)."""
-    from datamesh.settings import OperatorSettings
+    """Show the operator and store settings in effect (from DATAMESH_* environment variables)."""
+    from datamesh.settings import OperatorSettings, StoreSettings
 
-    current = OperatorSettings()
     table = Table("variable", "value", "meaning")
-    for name, info in OperatorSettings.model_fields.items():
-        table.add_row(f"DATAMESH_{name.upper()}", repr(getattr(current, name)), info.description or "")
+    for model, prefix in ((OperatorSettings, "DATAMESH_"), (StoreSettings, "DATAMESH_QDRANT_")):
+        current = model()
+        for name, info in model.model_fields.items():
+            table.add_row(f"{prefix}{name.upper()}", repr(getattr(current, name)), info.description or "")
     console.print(table)
-
-
-@dev_cluster.command("up")
-def dev_cluster_up(workdir: Annotated[Optional[Path], typer.Option(help="Where certificates, data and logs go.")] = None) -> None:
-    """Start the local control plane in the background (builds it from Go modules on first use)."""
-    from datamesh import devcluster
-
-    kubeconfig = devcluster.up(workdir)
-    typer.echo(f"export KUBECONFIG={kubeconfig}")
-
-
-@dev_cluster.command("down")
-def dev_cluster_down(workdir: Annotated[Optional[Path], typer.Option()] = None) -> None:
-    """Stop the local control plane and remove its data."""
-    from datamesh import devcluster
-
-    typer.echo("stopped" if devcluster.down(workdir) else "no dev cluster was running")
-
-
-@dev_cluster.command("kubectl", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def dev_cluster_kubectl(ctx: typer.Context, workdir: Annotated[Optional[Path], typer.Option()] = None) -> None:
-    """Run the built kubectl against the dev cluster: `datamesh dev-cluster kubectl get dp -A`."""
-    import os
-
-    from datamesh import devcluster
-
-    kubeconfig = (workdir or devcluster.default_workdir()) / "kubeconfig"
-    if not kubeconfig.exists():
-        raise typer.BadParameter("no dev cluster is running: start one with `datamesh dev-cluster up`")
-    kubectl = devcluster.tool_paths(["k8s"])["kubectl"]
-    os.execv(kubectl, [str(kubectl), "--kubeconfig", str(kubeconfig), *ctx.args])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +23,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from datamesh.catalog import CatalogWriter, FileCatalogBackend, catalog_entry
-from datamesh.conditions import Check, ConditionType
-from datamesh.models import KIND, DataProductSpec, Inference
-from datamesh.qdrant import VectorStore
-from datamesh.reconcile import Outcome, ProductRef, Reconciler, spec_error_message
-from datamesh.serving import ServerStartError, serve_app, serve_forever
-from datamesh.settings import OperatorSettings
+from datamesh.adapters.embeddings.registry import resolve_provider
+from datamesh.adapters.files import FileCatalogBackend
+from datamesh.adapters.http import EndpointProbe
+from datamesh.adapters.sources import SourceLoader
+from datamesh.adapters.stores import open_store
+from datamesh.core.conditions import Check, ConditionType
+from datamesh.core.ports import InferenceBackend, VectorStore
+from datamesh.engine.catalog_writer import CatalogWriter
+from datamesh.engine.reconciler import Outcome, Ports, ProductRef, Reconciler
+from datamesh.resource.catalog import entry_of_object
+from datamesh.resource.models import KIND, DataProductSpec, Inference, spec_error_message
+from datamesh.settings import OperatorSettings, StoreSettings
+from datamesh.web.serving import ServerStartError, serve_app, serve_forever
 
 STATE_DIR = Path(".datamesh")
 
@@ -91,6 +97,26 @@ def load_manifests(directory: Path) -> LoadedManifests:
     return loaded
 
 
+def standalone_reconciler(
+    settings: OperatorSettings,
+    store: VectorStore,
+    catalog: CatalogWriter,
+    http: httpx.AsyncClient,
+    inference: InferenceBackend | None = None,
+    on_rows: Callable[[ProductRef, int], None] | None = None,
+) -> Reconciler:
+    """A reconciler without a cluster: the built-in embedders, inline and url sources, HTTP probes."""
+    ports = Ports(
+        store=store,
+        catalog=catalog,
+        embedders=resolve_provider,
+        load_rows=SourceLoader(http, None, settings.url_timeout),
+        probe=EndpointProbe(http, settings.url_timeout),
+        inference=inference,
+    )
+    return Reconciler(settings, ports, on_rows=on_rows)
+
+
 class LocalInferenceBackend:
     """Serves each ``inference.model`` with the built-in runtime, in this process, on a local port."""
 
@@ -100,7 +126,7 @@ class LocalInferenceBackend:
 
     async def ensure(self, namespace: str, name: str, uid: str, spec: Inference) -> tuple[Check, str | None]:
         """Start (once per model) a runtime serving the product's model; its URL is the endpoint."""
-        from datamesh.inference_runtime import RuntimeSettings, create_app
+        from datamesh.inference.runtime import RuntimeSettings, create_app
 
         model = spec.model or ""
         if model not in self._urls:
@@ -111,7 +137,9 @@ class LocalInferenceBackend:
                 message = f"the built-in runtime for {model} did not start: {exc}"
                 return Check(ConditionType.inference_ready, False, "RuntimeFailed", message, transient=True), None
         url = self._urls[model]
-        return Check(ConditionType.inference_ready, True, "RuntimeServing", f"built-in runtime serving {model} at {url}"), url
+        return Check(
+            ConditionType.inference_ready, True, "RuntimeServing", f"built-in runtime serving {model} at {url}"
+        ), url
 
     async def close(self) -> None:
         await self._servers.aclose()
@@ -123,10 +151,15 @@ class LocalRun:
     def __init__(self, state_dir: Path = STATE_DIR, console: Console | None = None) -> None:
         self.state_dir = state_dir
         self.console = console or Console()
-        self.settings = OperatorSettings(qdrant_path=str(state_dir / "qdrant"), catalog_flush_seconds=0.05, metrics_port=0)
-        self.store = VectorStore.connect(None, self.settings.qdrant_path)
+        self.settings = OperatorSettings(catalog_flush_seconds=0.05, metrics_port=0)
+        self.store = open_store(StoreSettings(url=None, path=str(state_dir / "qdrant")))
         self.catalog_path = state_dir / "catalog.json"
-        self.catalog = CatalogWriter(FileCatalogBackend(self.catalog_path), "catalog", self.settings.catalog_shard_bytes, self.settings.catalog_flush_seconds)
+        self.catalog = CatalogWriter(
+            FileCatalogBackend(self.catalog_path),
+            "catalog",
+            self.settings.catalog_shard_bytes,
+            self.settings.catalog_flush_seconds,
+        )
         self.http = httpx.AsyncClient(timeout=self.settings.url_timeout)
         self.inference = LocalInferenceBackend()
         self._status_path = state_dir / "status.json"
@@ -139,7 +172,14 @@ class LocalRun:
         """Reconcile every product with progress bars; returns each body with its outcome."""
         saved = self._saved_status()
         results: list[tuple[dict[str, Any], Outcome]] = []
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"), console=self.console, transient=False) as progress:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("rows"),
+            console=self.console,
+            transient=False,
+        ) as progress:
             tasks = {}
             for _, body in products:
                 ref = ProductRef.of(body)
@@ -149,7 +189,9 @@ class LocalRun:
             def on_rows(ref: ProductRef, n: int) -> None:
                 progress.advance(tasks[(ref.namespace, ref.name)], n)
 
-            reconciler = Reconciler(self.settings, self.store, self.catalog, self.http, self.inference, None, on_rows=on_rows)
+            reconciler = standalone_reconciler(
+                self.settings, self.store, self.catalog, self.http, self.inference, on_rows
+            )
             await self.catalog.load()
             state: dict[str, Any] = {}
             entries = []
@@ -164,8 +206,11 @@ class LocalRun:
                 done = progress.tasks[task].total or outcome.status.records or 0
                 progress.update(task, total=done, completed=done)
                 results.append((body, outcome))
-                state[key] = {"spec": body.get("spec"), "status": outcome.status.model_dump(by_alias=True, mode="json")}
-                entries.append(catalog_entry(ref.namespace, ref.name, ref.generation, DataProductSpec.model_validate(body["spec"]), outcome.status))
+                status = outcome.status.model_dump(by_alias=True, mode="json")
+                state[key] = {"spec": body.get("spec"), "status": status}
+                entry = entry_of_object({**body, "status": status})
+                if entry is not None:
+                    entries.append(entry)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._status_path.write_text(json.dumps(state, indent=1))
         # The catalog holds exactly this folder's products, as the operator's rebuild does.
@@ -174,17 +219,25 @@ class LocalRun:
 
     def print_table(self, results: list[tuple[dict[str, Any], Outcome]], errors: list[ManifestError]) -> None:
         """The products and their phases, and the manifests that were refused."""
-        table = Table("product", "domain", "phase", "records", "collection", "message", title="Data products", expand=True)
+        table = Table(
+            "product", "domain", "phase", "records", "collection", "message", title="Data products", expand=True
+        )
         for body, outcome in results:
             st = outcome.status
             colour = {"Ready": "green", "Failed": "red", "Degraded": "yellow"}.get(str(st.phase), "white")
             table.add_row(
-                f"{body['metadata']['namespace']}/{body['metadata']['name']}", body["spec"]["domain"], f"[{colour}]{st.phase}[/]",
-                str(st.records if st.records is not None else "-"), st.collection or "-", "" if st.phase == "Ready" else (st.message or "")[:120],
+                f"{body['metadata']['namespace']}/{body['metadata']['name']}",
+                body["spec"]["domain"],
+                f"[{colour}]{st.phase}[/]",
+                str(st.records if st.records is not None else "-"),
+                st.collection or "-",
+                "" if st.phase == "Ready" else (st.message or "")[:120],
             )
         self.console.print(table)
         for err in errors:
-            self.console.print(f"[red]refused[/] {err.path} ({err.name}): {err.message}", soft_wrap=True, markup=True, highlight=False)
+            self.console.print(
+                f"[red]refused[/] {err.path} ({err.name}): {err.message}", soft_wrap=True, markup=True, highlight=False
+            )
 
     async def close(self) -> None:
         await self.catalog.close()
@@ -193,7 +246,15 @@ class LocalRun:
         await self.store.close()
 
 
-async def run_local(directory: Path, *, host: str = "127.0.0.1", port: int = 8080, serve: bool = True, state_dir: Path = STATE_DIR, console: Console | None = None) -> int:
+async def run_local(
+    directory: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    serve: bool = True,
+    state_dir: Path = STATE_DIR,
+    console: Console | None = None,
+) -> int:
     """Reconcile a folder of manifests and serve the query API; returns the number of refused manifests."""
     console = console or Console()
     loaded = load_manifests(directory)
@@ -211,11 +272,11 @@ async def run_local(directory: Path, *, host: str = "127.0.0.1", port: int = 808
 
 async def serve_query_api(run: LocalRun, host: str, port: int, console: Console) -> None:
     """The query service over this run's store and catalog file, until interrupted."""
-    from datamesh.access import Authenticator
-    from datamesh.catalog_watch import FileCatalogSource
-    from datamesh.query_service import QuerySettings, create_app
+    from datamesh.query.app import authenticator_of, create_app
+    from datamesh.query.catalog_sources import FileCatalogSource
+    from datamesh.query.settings import QuerySettings
 
     settings = QuerySettings(allow_anonymous=True, catalog_file=str(run.catalog_path))
-    app = create_app(FileCatalogSource(run.catalog_path), run.store, settings, Authenticator.from_settings(settings))
-    console.print(f"query API on http://{host}:{port}  (try: datamesh ask \"why do customers churn?\")")
+    app = create_app(FileCatalogSource(run.catalog_path), run.store, settings, authenticator_of(settings))
+    console.print(f'query API on http://{host}:{port}  (try: datamesh ask "why do customers churn?")')
     await serve_forever(app, host=host, port=port)

@@ -1,7 +1,8 @@
-"""Operator settings, read from ``DATAMESH_*`` environment variables.
+"""Process settings, read from environment variables.
 
-Every field's default is documented in the README's configuration table (``datamesh settings``
-prints the effective values).
+``DATAMESH_*`` configures the operator, ``DATAMESH_QDRANT_*`` the vector store that the
+operator, the query service and local mode share. Every field's default is documented in the
+README's configuration table (``datamesh settings`` prints the effective values).
 """
 
 from __future__ import annotations
@@ -10,6 +11,20 @@ from functools import lru_cache
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from datamesh.core.children import RuntimeDefaults
+
+
+class StoreSettings(BaseSettings):
+    """The vector store: a Qdrant server, or the embedded engine in a folder."""
+
+    model_config = SettingsConfigDict(env_prefix="DATAMESH_QDRANT_", extra="ignore")
+
+    url: str | None = Field(None, description="Qdrant server URL; unset uses the embedded store at path.")
+    api_key: str | None = Field(None, description="API key for the Qdrant server.")
+    path: str = Field(":memory:", description="Folder of the embedded store (':memory:' keeps it in RAM).")
+    timeout: float = Field(10.0, gt=0, description="Seconds per Qdrant request.")
+    concurrency: int = Field(8, ge=1, description="Store requests in flight at once.")
 
 
 class OperatorSettings(BaseSettings):
@@ -21,34 +36,49 @@ class OperatorSettings(BaseSettings):
     finalizer: str = Field("datamesh.io/finalizer", description="Finalizer the operator puts on every DataProduct.")
     annotation_prefix: str = Field("datamesh.io", description="Prefix of the operator's bookkeeping annotations.")
 
-    qdrant_url: str | None = Field(None, description="Qdrant server URL; unset uses the embedded Qdrant at qdrant_path.")
-    qdrant_api_key: str | None = Field(None, description="API key for the Qdrant server.")
-    qdrant_path: str = Field(":memory:", description="Folder of the embedded Qdrant (':memory:' keeps it in RAM).")
-    qdrant_timeout: float = Field(10.0, gt=0, description="Seconds per Qdrant request.")
-
-    watch_server_timeout: int = Field(300, gt=0, description="Seconds the API server keeps a watch open before it must be renewed.")
-    watch_client_timeout: int = Field(330, gt=0, description="Seconds after which the operator abandons a silent watch.")
+    watch_server_timeout: int = Field(
+        300, gt=0, description="Seconds the API server keeps a watch open before it must be renewed."
+    )
+    watch_client_timeout: int = Field(
+        330, gt=0, description="Seconds after which the operator abandons a silent watch."
+    )
     watch_connect_timeout: int = Field(30, gt=0, description="Seconds to establish a watch connection.")
 
     catalog_prefix: str = Field("datamesh-catalog", description="Name prefix of the catalog ConfigMaps.")
-    catalog_flush_seconds: float = Field(0.5, ge=0, description="Window within which catalog changes are coalesced into one write per ConfigMap.")
-    catalog_shard_bytes: int = Field(800_000, gt=10_000, description="Bytes per catalog ConfigMap before a new shard is started (the API limit is 1 MiB).")
+    catalog_flush_seconds: float = Field(
+        0.5, ge=0, description="Window within which catalog changes are coalesced into one write per ConfigMap."
+    )
+    catalog_shard_bytes: int = Field(
+        800_000,
+        gt=10_000,
+        description="Bytes per catalog ConfigMap before a new shard is started (the API limit is 1 MiB).",
+    )
 
     ingest_concurrency: int = Field(4, ge=1, description="Products ingested at the same time.")
     ingest_batch_size: int = Field(256, ge=1, description="Rows embedded and upserted per batch.")
     url_timeout: float = Field(30.0, gt=0, description="Seconds to fetch a url source or check an inference endpoint.")
 
-    retry_base_seconds: float = Field(2.0, gt=0, description="First retry delay after a transient error; doubles per attempt.")
+    retry_base_seconds: float = Field(
+        2.0, gt=0, description="First retry delay after a transient error; doubles per attempt."
+    )
     retry_max_seconds: float = Field(300.0, gt=0, description="Longest retry delay.")
     sla_check_seconds: float = Field(60.0, gt=0, description="How often SLAs and refresh intervals are checked.")
 
-    inference_image: str = Field("ghcr.io/datamesh-io/datamesh:0.1.0", description="Image of operator-deployed inference runtimes.")
+    inference_image: str = Field(
+        "ghcr.io/datamesh-io/datamesh:0.1.0", description="Image of operator-deployed inference runtimes."
+    )
     inference_cpu_request: str = Field("100m", description="Default CPU request of an inference container.")
     inference_memory_request: str = Field("256Mi", description="Default memory request of an inference container.")
     inference_memory_limit: str = Field("1Gi", description="Default memory limit of an inference container.")
 
     liveness_port: int = Field(8081, description="Port of the operator's /healthz endpoint.")
     metrics_port: int = Field(9090, description="Port of the operator's Prometheus /metrics endpoint (0 disables it).")
+
+    def runtime_defaults(self) -> RuntimeDefaults:
+        """What inference containers get when their spec does not say."""
+        return RuntimeDefaults(
+            self.inference_image, self.inference_cpu_request, self.inference_memory_request, self.inference_memory_limit
+        )
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,191 @@
+"""The Kubernetes API calls the operator makes itself (kopf handles watching and status).
+
+Also the Kubernetes implementations of two ports: catalog shards as ConfigMaps, and inference
+runtimes as a Deployment + Service per product.
+
+Every call has a timeout; conflicts and server errors are the caller's to retry.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from datamesh.core.children import RuntimeDefaults, deployment_available, desired_objects, inference_name, service_url
+from datamesh.core.conditions import Check, ConditionType
+from datamesh.core.ports import Conflict, Shard
+from datamesh.resource.catalog import CATALOG_LABEL
+from datamesh.resource.models import Inference
+
+REQUEST_TIMEOUT = 15
+T = TypeVar("T")
+
+
+async def api_client() -> client.ApiClient:
+    """An API client from the in-cluster service account, or ``KUBECONFIG`` / ~/.kube/config."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+        return client.ApiClient()
+    configuration = client.Configuration()
+    # The library reads KUBECONFIG once at import; read it now so a later export counts.
+    await config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
+    return client.ApiClient(configuration)
+
+
+async def _none_if_missing(call: Awaitable[T]) -> T | None:
+    """The call's result, or None when the API server answers 404."""
+    try:
+        return await call
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+class Kube:
+    """The typed API groups the operator uses, over one connection pool."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.apps = client.AppsV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+
+    async def close(self) -> None:
+        await self.api.close()
+
+    async def read_config_map(self, namespace: str, name: str) -> client.V1ConfigMap | None:
+        """A ConfigMap, or None when it does not exist."""
+        return await _none_if_missing(
+            self.core.read_namespaced_config_map(name, namespace, _request_timeout=REQUEST_TIMEOUT)
+        )
+
+    async def read_product(
+        self, group: str, version: str, plural: str, namespace: str, name: str
+    ) -> dict[str, Any] | None:
+        """One custom object, or None when it does not exist."""
+        result = await _none_if_missing(
+            self.custom.get_namespaced_custom_object(
+                group, version, namespace, plural, name, _request_timeout=REQUEST_TIMEOUT
+            )
+        )
+        return None if result is None else self._plain(result)
+
+    async def read_config_map_key(self, namespace: str, name: str, key: str) -> str | None:
+        """Text under ``key`` of a ConfigMap, or None when either is missing."""
+        cm = await self.read_config_map(namespace, name)
+        return None if cm is None else (cm.data or {}).get(key)
+
+    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create the object, or patch it to the desired state (drift repair)."""
+        kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+        # The client serialises plain dicts as they are; its stubs only know its model classes.
+        body: Any = obj
+        result: object
+        try:
+            if kind == "Deployment":
+                result = await self.apps.patch_namespaced_deployment(name, ns, body, _request_timeout=REQUEST_TIMEOUT)
+            elif kind == "Service":
+                result = await self.core.patch_namespaced_service(name, ns, body, _request_timeout=REQUEST_TIMEOUT)
+            else:
+                raise ValueError(f"cannot apply {kind}")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            if kind == "Deployment":
+                result = await self.apps.create_namespaced_deployment(ns, body, _request_timeout=REQUEST_TIMEOUT)
+            else:
+                result = await self.core.create_namespaced_service(ns, body, _request_timeout=REQUEST_TIMEOUT)
+        return self._plain(result)
+
+    def _plain(self, obj: object) -> dict[str, Any]:
+        """An API object as the JSON-shaped dict the API server sent."""
+        plain: dict[str, Any] = self.api.sanitize_for_serialization(obj)
+        return plain
+
+    async def read_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A Deployment as a plain dict, or None."""
+        result = await _none_if_missing(
+            self.apps.read_namespaced_deployment(name, namespace, _request_timeout=REQUEST_TIMEOUT)
+        )
+        return None if result is None else self._plain(result)
+
+    async def list_products(
+        self, group: str, version: str, plural: str, namespaces: list[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Every DataProduct in the cluster, or in ``namespaces`` (for the catalog rebuild)."""
+        if not namespaces:
+            result = await self.custom.list_cluster_custom_object(group, version, plural, _request_timeout=60)
+            return list(result.get("items", []))
+        items: list[dict[str, Any]] = []
+        for namespace in namespaces:
+            result = await self.custom.list_namespaced_custom_object(
+                group, version, namespace, plural, _request_timeout=60
+            )
+            items.extend(result.get("items", []))
+        return items
+
+
+class ConfigMapCatalogBackend:
+    """Catalog shards as labelled ConfigMaps in the platform namespace."""
+
+    def __init__(self, kube: Kube, namespace: str, prefix: str) -> None:
+        self.kube = kube
+        self.namespace = namespace
+        self.prefix = prefix
+
+    async def list_shards(self) -> list[Shard]:
+        result = await self.kube.core.list_namespaced_config_map(
+            self.namespace, label_selector=f"{CATALOG_LABEL}=true", _request_timeout=REQUEST_TIMEOUT
+        )
+        return [Shard(cm.metadata.name, dict(cm.data or {}), cm.metadata.resource_version) for cm in result.items]
+
+    async def read_shard(self, name: str) -> Shard:
+        cm = await self.kube.read_config_map(self.namespace, name)
+        return Shard(name, {}, None) if cm is None else Shard(name, dict(cm.data or {}), cm.metadata.resource_version)
+
+    async def write_shard(self, shard: Shard) -> None:
+        labels = {
+            CATALOG_LABEL: "true",
+            "app.kubernetes.io/part-of": "datamesh",
+            "app.kubernetes.io/managed-by": "datamesh-operator",
+        }
+        meta = client.V1ObjectMeta(
+            name=shard.name, namespace=self.namespace, labels=labels, resource_version=shard.version
+        )
+        body = client.V1ConfigMap(api_version="v1", kind="ConfigMap", metadata=meta, data=shard.data)
+        try:
+            if shard.version is None:
+                await self.kube.core.create_namespaced_config_map(
+                    self.namespace, body, _request_timeout=REQUEST_TIMEOUT
+                )
+            else:
+                await self.kube.core.replace_namespaced_config_map(
+                    shard.name, self.namespace, body, _request_timeout=REQUEST_TIMEOUT
+                )
+        except ApiException as exc:
+            if exc.status == 409:
+                raise Conflict(shard.name) from exc
+            raise
+
+
+class KubeInferenceBackend:
+    """Runs operator-deployed models as a Deployment + Service per product."""
+
+    def __init__(self, kube: Kube, defaults: RuntimeDefaults) -> None:
+        self.kube = kube
+        self.defaults = defaults
+
+    async def ensure(self, namespace: str, name: str, uid: str, spec: Inference) -> tuple[Check, str | None]:
+        """Apply the product's Deployment and Service; InferenceReady follows the Deployment's availability."""
+        for obj in desired_objects(namespace, name, uid, spec, self.defaults):
+            await self.kube.apply(obj)
+        ok, why = deployment_available(await self.kube.read_deployment(namespace, inference_name(name)))
+        url = service_url(namespace, name, spec.port)
+        if ok:
+            return Check(ConditionType.inference_ready, True, "DeploymentAvailable", why), url
+        return Check(ConditionType.inference_ready, False, "DeploymentProgressing", why), url

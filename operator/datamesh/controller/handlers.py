@@ -1,0 +1,184 @@
+"""kopf handlers for DataProduct: thin adapters from kopf's events to the reconcile core.
+
+Handlers are registered on an explicit registry built by :func:`build_registry`, so the
+operator command, the tests and a second operator in one process never share global state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from datamesh.controller import metrics
+from datamesh.controller.runtime import Runtime, build_runtime
+from datamesh.core.children import MANAGED_BY, desired_objects, drifted
+from datamesh.core.conditions import utcnow
+from datamesh.core.sla import refresh_due
+from datamesh.engine.reconciler import Outcome
+from datamesh.resource.catalog import entry_of_object
+from datamesh.resource.models import GROUP, PLURAL, VERSION, DataProductStatus, parse_spec, parse_status
+from datamesh.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+
+RESOURCE = (GROUP, VERSION, PLURAL)
+
+
+def write_outcome(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None:
+    """Put the outcome's status into the patch and post its events."""
+    # Every managed field is written, None included, so a cleared value is removed by the merge patch.
+    patch.status.update(outcome.status.model_dump(by_alias=True, mode="json"))
+    for event in outcome.events:
+        kopf.event(
+            body, type="Warning" if event.warning else "Normal", reason=event.reason, message=event.message[:1000]
+        )
+
+
+def kopf_settings(settings: OperatorSettings, namespaces: list[str] | None = None) -> kopf.OperatorSettings:
+    """kopf's own settings: our finalizer and annotation prefix, and watch timeouts."""
+    ks = kopf.OperatorSettings()
+    if namespaces:
+        # Fixed namespaces need no observing of namespaces and CRDs (and no cluster-wide RBAC).
+        ks.scanning.disabled = True
+    ks.persistence.finalizer = settings.finalizer
+    ks.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=settings.annotation_prefix)
+    ks.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=settings.annotation_prefix, key="last-handled-configuration"
+    )
+    # Without these a watch can hang forever on a silently dropped connection.
+    ks.watching.server_timeout = settings.watch_server_timeout
+    ks.watching.client_timeout = settings.watch_client_timeout
+    ks.watching.connect_timeout = settings.watch_connect_timeout
+    ks.posting.level = logging.INFO
+    # kopf keeps an object's worker for idle_timeout after its last event (default 5 s); with a
+    # bounded pool that capped a burst of new products at ~64 per 6 s. Release workers sooner.
+    ks.queueing.worker_limit = 256
+    ks.queueing.idle_timeout = 0.5
+    return ks
+
+
+def build_registry(settings: OperatorSettings, namespaces: list[str] | None = None) -> kopf.OperatorRegistry:
+    """A registry with every handler of the DataProduct operator (``namespaces``: the watched ones, or all)."""
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    async def startup(memo: kopf.Memo, retry: int, **_: Any) -> None:
+        try:
+            if getattr(memo, "runtime", None) is None:
+                memo.runtime = await build_runtime(settings, getattr(memo, "store", None))
+            # The catalog is derived state: make it hold exactly the products that exist now.
+            bodies = await memo.runtime.kube.list_products(*RESOURCE, namespaces=namespaces)
+            entries = [e for e in map(entry_of_object, bodies) if e is not None]
+            await memo.runtime.catalog.replace_all(entries, namespaces=namespaces)
+        except Exception as exc:
+            if retry >= 5:
+                raise kopf.PermanentError(f"cannot start: {exc}") from exc
+            raise kopf.TemporaryError(f"start-up failed, retrying: {exc}", delay=min(30, 2**retry)) from exc
+        log.info("catalog rebuilt with %d entries", len(entries))
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+        runtime: Runtime | None = getattr(memo, "runtime", None)
+        if runtime is not None:
+            await runtime.close()
+            memo.runtime = None
+
+    @kopf.on.probe(registry=registry, id="products")
+    def probe_products(memo: kopf.Memo, **_: Any) -> int:
+        return memo.runtime.reconciler.known_products if getattr(memo, "runtime", None) else 0
+
+    @kopf.on.resume(*RESOURCE, registry=registry)
+    @kopf.on.create(*RESOURCE, registry=registry)
+    @kopf.on.update(*RESOURCE, registry=registry, field="spec")
+    async def reconcile_product(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int, **_: Any) -> None:
+        outcome = await memo.runtime.reconciler.reconcile(body, retry=retry)
+        if outcome is None:
+            return
+        write_outcome(outcome, body, patch)
+        if outcome.retry_after is not None:
+            raise kopf.TemporaryError(outcome.status.message or "transient failure", delay=outcome.retry_after)
+
+    @kopf.timer(
+        *RESOURCE,
+        registry=registry,
+        interval=settings.sla_check_seconds,
+        initial_delay=settings.sla_check_seconds,
+        sharp=False,
+    )
+    async def resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+        # Refresh due sources, re-check endpoints, SLA and drift; nothing is written when nothing changed.
+        status = parse_status(body)
+        spec = parse_spec(body)
+        if spec is None:
+            return
+        refresh = refresh_due(spec, status.last_ingested_at, utcnow())
+        outcome = await memo.runtime.reconciler.reconcile(body, refresh=refresh)
+        if outcome is None:
+            return
+        if outcome.events or _comparable(outcome.status) != _comparable(status):
+            write_outcome(outcome, body, patch)
+        sla = outcome.status.sla
+        for objective, met in (
+            ("freshness", sla and sla.freshness_met),
+            ("availability", sla and sla.availability_met),
+        ):
+            metrics.SLA_BREACHES.labels(
+                namespace=body.metadata.namespace, name=body.metadata.name, objective=objective
+            ).set(1 if met is False else 0)
+
+    @kopf.on.delete(*RESOURCE, registry=registry)
+    async def delete_product(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        await memo.runtime.reconciler.finalize(body)
+
+    for group_version, plural in (("apps/v1", "deployments"), ("v1", "services")):
+
+        @kopf.on.event(group_version, plural, registry=registry, labels={"app.kubernetes.io/managed-by": MANAGED_BY})
+        async def child_changed(
+            *,
+            type: str,
+            body: kopf.Body,
+            memo: kopf.Memo,
+            **_: Any,
+        ) -> None:
+            # Drift repair: a child deleted or edited by hand is put back from its owner's spec. The
+            # owner is read when needed, not indexed: an index costs a worker per product at start.
+            owner = body.metadata.labels.get("datamesh.io/product")
+            if owner is None or type not in ("DELETED", "MODIFIED"):
+                return
+            runtime: Runtime = memo.runtime
+            product = await runtime.kube.read_product(*RESOURCE, body.metadata.namespace or "default", owner)
+            if product is not None:
+                await _repair_children(runtime, product, body, deleted=type == "DELETED")
+
+    return registry
+
+
+def _comparable(status: DataProductStatus) -> dict[str, Any]:
+    """Status without the time of the last SLA check, which changes on every timer tick."""
+    data = status.model_dump(by_alias=True, mode="json")
+    if data.get("sla"):
+        data["sla"].pop("lastCheckedAt", None)
+    return data
+
+
+async def _repair_children(runtime: Runtime, product: Mapping[str, Any], child: kopf.Body, deleted: bool) -> None:
+    if (product.get("metadata") or {}).get("deletionTimestamp"):
+        return  # the product is going away; let the garbage collector finish
+    spec = parse_spec(product)
+    if spec is None or spec.inference is None or not spec.inference.enabled or not spec.inference.model:
+        return
+    meta = product["metadata"]
+    defaults = runtime.settings.runtime_defaults()
+    for obj in desired_objects(meta["namespace"], meta["name"], meta["uid"], spec.inference, defaults):
+        if obj["kind"] != child.get("kind"):
+            continue
+        if deleted or drifted(obj, child):
+            log.info("restoring %s %s/%s", obj["kind"], meta["namespace"], obj["metadata"]["name"])
+            await runtime.kube.apply(obj)

@@ -1,0 +1,63 @@
+"""The operator's composition root: the adapters wired into the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+
+from datamesh.adapters.embeddings.registry import resolve_provider
+from datamesh.adapters.http import EndpointProbe
+from datamesh.adapters.kube import ConfigMapCatalogBackend, Kube, KubeInferenceBackend, api_client
+from datamesh.adapters.sources import SourceLoader
+from datamesh.adapters.stores import open_store
+from datamesh.controller.metrics import PrometheusObserver
+from datamesh.core.ports import VectorStore
+from datamesh.engine.catalog_writer import CatalogWriter
+from datamesh.engine.reconciler import Ports, Reconciler
+from datamesh.settings import OperatorSettings, StoreSettings
+
+
+@dataclass
+class Runtime:
+    """What the handlers of one operator process share (kept in kopf's memo)."""
+
+    settings: OperatorSettings
+    kube: Kube
+    store: VectorStore
+    catalog: CatalogWriter
+    http: httpx.AsyncClient
+    reconciler: Reconciler
+    owns_store: bool
+
+    async def close(self) -> None:
+        """Flush the catalog and release every connection."""
+        await self.catalog.close()
+        await self.http.aclose()
+        await self.kube.close()
+        if self.owns_store:
+            await self.store.close()
+
+
+async def build_runtime(settings: OperatorSettings, store: VectorStore | None = None) -> Runtime:
+    """Connect to the API server and the store; ``store`` lets tests share one embedded store."""
+    kube = Kube(await api_client())
+    owns_store = store is None
+    if store is None:
+        store = open_store(StoreSettings())
+    observer = PrometheusObserver()
+    backend = ConfigMapCatalogBackend(kube, settings.platform_namespace, settings.catalog_prefix)
+    catalog = CatalogWriter(
+        backend, settings.catalog_prefix, settings.catalog_shard_bytes, settings.catalog_flush_seconds, observer
+    )
+    http = httpx.AsyncClient(timeout=settings.url_timeout, limits=httpx.Limits(max_connections=32))
+    ports = Ports(
+        store=store,
+        catalog=catalog,
+        embedders=resolve_provider,
+        load_rows=SourceLoader(http, kube.read_config_map_key, settings.url_timeout),
+        probe=EndpointProbe(http, settings.url_timeout),
+        inference=KubeInferenceBackend(kube, settings.runtime_defaults()),
+        observer=observer,
+    )
+    return Runtime(settings, kube, store, catalog, http, Reconciler(settings, ports), owns_store)

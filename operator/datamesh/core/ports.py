@@ -1,0 +1,237 @@
+"""The ports of the reconcile core: what it needs from the outside world, as Protocols.
+
+Adapters (``datamesh.adapters``) implement them against Qdrant, Kubernetes, HTTP and files;
+tests implement them in memory. The errors here are the only ones the core interprets, so an
+adapter translates its library's exceptions into these by kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from datamesh.core.conditions import Check
+from datamesh.core.plan import CollectionPlan
+from datamesh.core.rows import Row
+from datamesh.resource.models import Inference, Source
+
+# ==== errors ==================================================================================
+
+
+class VectorStoreError(Exception):
+    """The vector store could not be reached or refused a request (transient: retried with backoff)."""
+
+
+class CollectionMissing(VectorStoreError):
+    """The collection (or alias) does not exist."""
+
+
+class EmbeddingError(Exception):
+    """Embedding failed; ``transient`` says whether retrying later can help."""
+
+    transient: bool = False
+
+
+class UnknownModelError(EmbeddingError):
+    """The model string is not understood or the model does not exist (permanent)."""
+
+
+class ProviderUnavailableError(EmbeddingError):
+    """The library of the provider is not installed (permanent until the image changes)."""
+
+
+class EmbeddingServiceError(EmbeddingError):
+    """A remote embedding service is down, overloaded or too slow, after retries (transient)."""
+
+    transient = True
+
+
+class SourceError(Exception):
+    """The source could not be read. Transient ones (network, missing ConfigMap) are retried."""
+
+    def __init__(self, message: str, *, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class Conflict(Exception):
+    """A catalog shard changed since it was read (resourceVersion mismatch)."""
+
+
+# ==== embeddings ==============================================================================
+
+
+@runtime_checkable
+class EmbeddingProvider(Protocol):
+    """Turns texts into L2-normalised vectors of a fixed dimension."""
+
+    model_id: str
+
+    async def dimension(self) -> int:
+        """Length of the vectors this provider returns."""
+        ...
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """One L2-normalised vector per text, in order."""
+        ...
+
+
+class EmbedderResolver(Protocol):
+    """The provider for a model string and an optional OpenAI-compatible endpoint."""
+
+    def __call__(self, model: str, endpoint: str | None = None) -> EmbeddingProvider: ...
+
+
+# ==== vector store ============================================================================
+
+
+@dataclass(frozen=True)
+class ScoredRow:
+    """One search hit: the point id, its similarity and its stored payload."""
+
+    id: str
+    score: float
+    payload: Mapping[str, Any] = field(default_factory=dict)
+
+
+class VectorStore(Protocol):
+    """The product collections of one Qdrant (a server, or the embedded engine)."""
+
+    async def current_index(self, alias: str) -> str | None:
+        """The index collection an alias points at, if any."""
+        ...
+
+    async def ensure_index(self, plan: CollectionPlan) -> bool:
+        """Create the plan's index collection if missing; True when it was created."""
+        ...
+
+    async def point_alias(self, alias: str, index: str) -> str | None:
+        """Point ``alias`` at ``index`` atomically; returns the index it pointed at before."""
+        ...
+
+    async def upsert(
+        self,
+        collection: str,
+        ids: Sequence[str],
+        vectors: Sequence[Sequence[float]],
+        payloads: Sequence[Mapping[str, Any]],
+    ) -> None:
+        """Write one batch of points (idempotent: ids come from primary keys)."""
+        ...
+
+    async def delete_other_ingests(self, collection: str, digest: str) -> None:
+        """Remove points not written by the ingestion with ``digest``."""
+        ...
+
+    async def count(self, collection: str) -> int:
+        """Exact number of points in a collection or alias."""
+        ...
+
+    async def exists(self, collection: str) -> bool:
+        """Whether a collection (or alias) exists."""
+        ...
+
+    async def drop(self, collection: str) -> None:
+        """Delete a collection if it exists."""
+        ...
+
+    async def drop_product(self, alias: str) -> None:
+        """Delete a product's alias and every index collection built for it."""
+        ...
+
+    async def search(self, collection: str, vector: Sequence[float], limit: int) -> list[ScoredRow]:
+        """Nearest points to ``vector``."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections (and the embedded store's lock)."""
+        ...
+
+
+# ==== rows, endpoints, inference ==============================================================
+
+
+class RowLoader(Protocol):
+    """Reads every row of a product's source."""
+
+    async def __call__(self, source: Source, namespace: str) -> list[Row]: ...
+
+
+class EndpointProbe(Protocol):
+    """None when the URL answers, else the cause in a few words."""
+
+    async def __call__(self, url: str) -> str | None: ...
+
+
+class InferenceBackend(Protocol):
+    """Runs the model of products with ``inference.model``."""
+
+    async def ensure(self, namespace: str, name: str, uid: str, spec: Inference) -> tuple[Check, str | None]:
+        """Make the runtime exist; its InferenceReady check and endpoint URL."""
+        ...
+
+
+# ==== catalog =================================================================================
+
+
+@dataclass
+class Shard:
+    """One ConfigMap (or file section) of the catalog as read."""
+
+    name: str
+    data: dict[str, str]
+    version: str | None  # None: does not exist yet
+
+
+class CatalogBackend(Protocol):
+    """Where catalog shards are kept."""
+
+    async def list_shards(self) -> list[Shard]: ...
+
+    async def read_shard(self, name: str) -> Shard: ...
+
+    async def write_shard(self, shard: Shard) -> None:
+        """Write ``shard.data``; raises Conflict when ``shard.version`` is stale."""
+        ...
+
+
+# ==== observation =============================================================================
+
+
+class Observer(Protocol):
+    """Where the engine reports what it did (Prometheus in the operator, nothing in tests)."""
+
+    def reconciled(self, phase: str, seconds: float, reason: str | None) -> None:
+        """One reconcile ended in ``phase``; ``reason`` is Ready's reason when it went wrong."""
+
+    def phase_changed(self, old: str | None, new: str | None) -> None:
+        """A product moved from one phase to another (None: appeared or went away)."""
+
+    def rows_ingested(self, count: int) -> None:
+        """Rows embedded and written."""
+
+    def rows_rejected(self, count: int) -> None:
+        """Source rows refused by validation."""
+
+    def catalog_written(self) -> None:
+        """One catalog shard write."""
+
+
+class NullObserver:
+    """Observes nothing."""
+
+    def reconciled(self, phase: str, seconds: float, reason: str | None) -> None:
+        return None
+
+    def phase_changed(self, old: str | None, new: str | None) -> None:
+        return None
+
+    def rows_ingested(self, count: int) -> None:
+        return None
+
+    def rows_rejected(self, count: int) -> None:
+        return None
+
+    def catalog_written(self) -> None:
+        return None

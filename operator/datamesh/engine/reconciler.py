@@ -1,0 +1,432 @@
+"""The reconciler: what should exist for a product, made so, and reported as status.
+
+Plain async Python with no kopf in it: the kopf handlers, the local mode and the tests all
+call :class:`Reconciler`. Every side effect goes through a port (``datamesh.core.ports``), so
+the same decisions run against a cluster, the embedded engine, or in-memory fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from datamesh.core.backoff import backoff_delay
+from datamesh.core.conditions import Check, ConditionType, Transition, apply_checks, phase_of, utcnow
+from datamesh.core.plan import CollectionPlan, collection_alias, collection_plan
+from datamesh.core.ports import (
+    EmbedderResolver,
+    EmbeddingError,
+    EmbeddingProvider,
+    EmbeddingServiceError,
+    EndpointProbe,
+    InferenceBackend,
+    NullObserver,
+    Observer,
+    RowLoader,
+    SourceError,
+    VectorStore,
+    VectorStoreError,
+)
+from datamesh.core.rows import ingest_digest, validate_rows
+from datamesh.core.sla import sla_check
+from datamesh.engine.catalog_writer import CatalogWriter
+from datamesh.engine.ingest import write_points
+from datamesh.resource.catalog import catalog_entry, entry_key
+from datamesh.resource.models import DataProductSpec, DataProductStatus, Phase, parse_status, spec_error_message
+from datamesh.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event to post on the product."""
+
+    reason: str
+    message: str
+    warning: bool = False
+
+
+@dataclass
+class Outcome:
+    """What one reconcile decided: the status to write, events to post, when to retry."""
+
+    status: DataProductStatus
+    events: list[Event] = field(default_factory=list)
+    retry_after: float | None = None
+    points_written: int = 0
+
+    @property
+    def phase(self) -> Phase:
+        return Phase(self.status.phase)
+
+
+@dataclass(frozen=True)
+class ProductRef:
+    """Identity of the product being reconciled."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> ProductRef:
+        meta = body.get("metadata") or {}
+        return cls(
+            str(meta.get("namespace") or "default"),
+            str(meta["name"]),
+            str(meta.get("uid") or ""),
+            int(meta.get("generation") or 1),
+        )
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Everything the reconciler reaches outside itself."""
+
+    store: VectorStore
+    catalog: CatalogWriter
+    embedders: EmbedderResolver
+    load_rows: RowLoader
+    probe: EndpointProbe
+    inference: InferenceBackend | None = None
+    observer: Observer = field(default_factory=NullObserver)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """The Ingested check and the status fields an ingestion changed (None: unchanged)."""
+
+    check: Check
+    written: int = 0
+    records: int | None = None
+    rejected: int | None = None
+    digest: str | None = None
+    ingested_at: datetime | None = None
+    events: tuple[Event, ...] = ()
+
+
+@dataclass(frozen=True)
+class CollectionResult:
+    """The CollectionReady and Ingested checks and the collection fields of the status."""
+
+    collection: Check
+    ingest: IngestResult
+    alias: str | None = None
+    index: str | None = None
+    vector_size: int | None = None
+    events: tuple[Event, ...] = ()
+    # Whether alias/index/vector_size replace the status's values (False: keep what it says).
+    sets_collection: bool = False
+    sets_index: bool = False
+
+
+def _waiting(collection: Check) -> CollectionResult:
+    waiting = Check(
+        ConditionType.ingested, None, "WaitingForCollection", "rows are ingested once the collection is ready"
+    )
+    return CollectionResult(collection, IngestResult(waiting))
+
+
+class Reconciler:
+    """Reconciles DataProducts through its ports."""
+
+    def __init__(
+        self, settings: OperatorSettings, ports: Ports, on_rows: Callable[[ProductRef, int], None] | None = None
+    ) -> None:
+        self.settings = settings
+        self.ports = ports
+        self.on_rows = on_rows  # progress hook: rows embedded and written so far, per batch
+        self._ingest_slots = asyncio.Semaphore(settings.ingest_concurrency)
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._phases: dict[tuple[str, str], str] = {}
+        self._generations: dict[tuple[str, str], int] = {}
+
+    def _lock(self, ref: ProductRef) -> asyncio.Lock:
+        # One reconcile per product at a time: handlers, timers and child events may overlap.
+        return self._locks.setdefault((ref.namespace, ref.name), asyncio.Lock())
+
+    def retry_delay(self, retry: int) -> float:
+        """Backoff after a transient failure (``retry`` counts earlier attempts, from 0)."""
+        return backoff_delay(retry + 1, self.settings.retry_base_seconds, self.settings.retry_max_seconds, jitter=False)
+
+    async def reconcile(self, body: Mapping[str, Any], *, refresh: bool = False, retry: int = 0) -> Outcome | None:
+        """Bring one product to its desired state and return the status that says how it went.
+
+        None when ``body`` is older than a generation already reconciled (a timer that
+        queued behind a spec change must not roll the product back).
+        """
+        ref = ProductRef.of(body)
+        started = time.perf_counter()
+        key = (ref.namespace, ref.name)
+        async with self._lock(ref):
+            if ref.generation < self._generations.get(key, 0):
+                return None
+            self._generations[key] = ref.generation
+            outcome = await self._reconcile(ref, body, refresh=refresh, retry=retry)
+        phase = outcome.phase.value
+        reason = None
+        if outcome.phase in (Phase.degraded, Phase.failed):
+            ready = next((c for c in outcome.status.conditions if c.type == ConditionType.ready.value), None)
+            reason = ready.reason if ready else "Unknown"
+        self.ports.observer.reconciled(phase, time.perf_counter() - started, reason)
+        self._track_phase(ref, phase)
+        return outcome
+
+    @property
+    def known_products(self) -> int:
+        """Products this reconciler has reconciled and not finalized."""
+        return len(self._phases)
+
+    def _track_phase(self, ref: ProductRef, phase: str | None) -> None:
+        key = (ref.namespace, ref.name)
+        old = self._phases.pop(key, None)
+        if phase is not None:
+            self._phases[key] = phase
+        self.ports.observer.phase_changed(old, phase)
+
+    async def _reconcile(self, ref: ProductRef, body: Mapping[str, Any], *, refresh: bool, retry: int) -> Outcome:
+        status = parse_status(body)
+        now = utcnow()
+        try:
+            spec = DataProductSpec.model_validate(body.get("spec") or {})
+        except ValidationError as exc:
+            check = Check(ConditionType.collection_ready, False, "InvalidSpec", spec_error_message(exc), permanent=True)
+            new, transitions = apply_checks(status, [check], ref.generation, now)
+            return Outcome(new, _events(transitions))
+
+        rows = await self._collection_and_rows(ref, spec, status, now, refresh)
+        inference_check, endpoint = await self._inference(ref, spec)
+        sla, sla_status = sla_check(spec, rows.ingest.ingested_at or status.last_ingested_at, inference_check, now)
+        status = _apply_rows(status, rows).model_copy(update={"inference_endpoint": endpoint, "sla": sla_status})
+        checks = [rows.collection, rows.ingest.check, inference_check, sla]
+
+        # The catalog entry carries the phase the product will have if the write succeeds.
+        provisional = status.model_copy(update={"phase": phase_of([*checks, Check(ConditionType.cataloged, True, "")])})
+        key = entry_key(ref.namespace, ref.name)
+        try:
+            await self.ports.catalog.upsert(catalog_entry(ref.namespace, ref.name, ref.generation, spec, provisional))
+            checks.append(Check(ConditionType.cataloged, True, "Cataloged", f"entry {key} is in the discovery catalog"))
+        except Exception as exc:
+            cause = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            checks.append(
+                Check(
+                    ConditionType.cataloged,
+                    False,
+                    "CatalogWriteFailed",
+                    f"catalog write failed: {cause}",
+                    transient=True,
+                )
+            )
+
+        new, transitions = apply_checks(status, checks, ref.generation, now)
+        events = [*_events(transitions), *rows.events, *rows.ingest.events]
+        retry_after = self.retry_delay(retry) if any(c.transient for c in checks) else None
+        return Outcome(new, events, retry_after, rows.ingest.written)
+
+    async def _collection_and_rows(
+        self, ref: ProductRef, spec: DataProductSpec, status: DataProductStatus, now: datetime, refresh: bool
+    ) -> CollectionResult:
+        search = spec.semantic_search
+        if search is None or not search.enabled:
+            return CollectionResult(
+                Check(ConditionType.collection_ready, True, "SemanticSearchDisabled", "semantic search is not enabled"),
+                IngestResult(
+                    Check(ConditionType.ingested, True, "NothingToIngest", "rows are only ingested for semantic search")
+                ),
+                sets_collection=True,
+                sets_index=True,
+            )
+        try:
+            provider = self.ports.embedders(search.embedding_model, search.embedding_endpoint)
+            dimension = await provider.dimension()
+        except EmbeddingServiceError as exc:
+            return _waiting(
+                Check(ConditionType.collection_ready, False, "EmbeddingServiceUnavailable", str(exc), transient=True)
+            )
+        except EmbeddingError as exc:
+            return _waiting(
+                Check(ConditionType.collection_ready, False, "UnknownEmbeddingModel", str(exc), permanent=True)
+            )
+
+        plan = collection_plan(ref.namespace, ref.name, spec, dimension)
+        planned = CollectionResult(
+            Check(ConditionType.collection_ready, None, "CollectionBuilding", ""),
+            IngestResult(Check(ConditionType.ingested, None, "WaitingForCollection", "")),
+            alias=plan.alias,
+            vector_size=plan.vector_size,
+            sets_collection=True,
+        )
+        store = self.ports.store
+        events: list[Event] = []
+        try:
+            current = await store.current_index(plan.alias)
+            if await store.ensure_index(plan) and current is not None:
+                events.append(
+                    Event("Reindexing", f"embedding settings changed: building {plan.index} beside {current}")
+                )
+            ingest = await self._ingest(ref, spec, status, plan, provider, current, now, refresh)
+            switched = False
+            if ingest.check.ok:
+                previous = await store.point_alias(plan.alias, plan.index)
+                if previous is not None and previous != plan.index:
+                    await store.drop(previous)
+                    events.append(
+                        Event("Reindexed", f"alias {plan.alias} now points at {plan.index}; dropped {previous}")
+                    )
+                switched = True
+        except (VectorStoreError, EmbeddingServiceError) as exc:
+            reason = "QdrantUnavailable" if isinstance(exc, VectorStoreError) else "EmbeddingServiceUnavailable"
+            failed = _waiting(Check(ConditionType.collection_ready, False, reason, str(exc), transient=True))
+            return replace(planned, collection=failed.collection, ingest=failed.ingest, events=tuple(events))
+
+        if switched:
+            detail = f"{plan.alias} -> {plan.index} ({plan.vector_size} dims, {plan.distance})"
+            collection = Check(ConditionType.collection_ready, True, "CollectionReady", detail)
+        elif current == plan.index:
+            detail = f"{plan.index} keeps the last complete ingestion; the new one has not completed"
+            collection = Check(ConditionType.collection_ready, False, "CollectionStale", detail)
+        else:
+            detail = f"{plan.index} is being built; queries still use {current or 'nothing'}"
+            collection = Check(ConditionType.collection_ready, False, "CollectionBuilding", detail)
+        return replace(
+            planned, collection=collection, ingest=ingest, index=plan.index, sets_index=switched, events=tuple(events)
+        )
+
+    async def _ingest(
+        self,
+        ref: ProductRef,
+        spec: DataProductSpec,
+        status: DataProductStatus,
+        plan: CollectionPlan,
+        provider: EmbeddingProvider,
+        current: str | None,
+        now: datetime,
+        refresh: bool,
+    ) -> IngestResult:
+        store = self.ports.store
+        if spec.source is None:
+            records = await store.count(plan.index)
+            check = Check(ConditionType.ingested, True, "NoSource", "no source declared; the collection is empty")
+            return IngestResult(check, records=records, rejected=0)
+        # Nothing read when the last ingestion already matches this spec and Qdrant still holds it.
+        unchanged_spec = status.observed_generation == ref.generation and status.ingested_digest is not None
+        if unchanged_spec and not refresh and current == plan.index and await store.count(plan.index) == status.records:
+            message = _ingest_message(status.records or 0, status.rejected_records or 0, [])
+            return IngestResult(Check(ConditionType.ingested, True, _ingest_reason(status.rejected_records), message))
+
+        async with self._ingest_slots:
+            try:
+                rows = await self.ports.load_rows(spec.source, ref.namespace)
+            except SourceError as exc:
+                reason = "SourceUnavailable" if exc.transient else "SourceInvalid"
+                check = Check(
+                    ConditionType.ingested,
+                    False,
+                    reason,
+                    str(exc),
+                    transient=exc.transient,
+                    permanent=not exc.transient,
+                )
+                return IngestResult(check)
+            validated = validate_rows(ref.namespace, ref.name, spec, rows)
+            digest = ingest_digest(plan, spec.key_fields, validated)
+            written = 0
+            if digest != status.ingested_digest or await store.count(plan.index) != len(validated.ids):
+                progress = self.on_rows
+                on_batch = (lambda n: progress(ref, n)) if progress is not None else None
+                batch = self.settings.ingest_batch_size
+                await write_points(store, plan.index, provider, spec.key_fields, validated, digest, batch, on_batch)
+                written = len(validated.ids)
+                self.ports.observer.rows_ingested(written)
+        self.ports.observer.rows_rejected(validated.rejected)
+        events: list[Event] = []
+        if validated.rejected and (written or status.rejected_records != validated.rejected):
+            detail = f"{validated.rejected} of {len(rows)} rows rejected: " + "; ".join(validated.reasons)
+            events.append(Event("RowsRejected", detail, warning=True))
+        records = await store.count(plan.index)
+        message = _ingest_message(records, validated.rejected, validated.reasons)
+        if validated.ignored_columns:
+            message += f"; columns not in the schema were not stored: {', '.join(sorted(validated.ignored_columns))}"
+        check = Check(ConditionType.ingested, True, _ingest_reason(validated.rejected), message)
+        return IngestResult(check, written, records, validated.rejected, digest, now, tuple(events))
+
+    async def _inference(self, ref: ProductRef, spec: DataProductSpec) -> tuple[Check, str | None]:
+        inference = spec.inference
+        if inference is None or not inference.enabled:
+            return Check(ConditionType.inference_ready, True, "NotRequested", "no inference requested"), None
+        if inference.endpoint:
+            problem = await self.ports.probe(inference.endpoint)
+            if problem:
+                return Check(
+                    ConditionType.inference_ready, False, "EndpointUnreachable", problem, transient=True
+                ), inference.endpoint
+            return Check(
+                ConditionType.inference_ready, True, "EndpointReachable", f"{inference.endpoint} answers"
+            ), inference.endpoint
+        backend = self.ports.inference
+        if backend is None:
+            message = "this operator cannot deploy models"
+            return Check(ConditionType.inference_ready, False, "NoInferenceBackend", message, permanent=True), None
+        try:
+            return await backend.ensure(ref.namespace, ref.name, ref.uid, inference)
+        except Exception as exc:
+            message = f"cannot deploy the inference runtime: {exc}"
+            return Check(ConditionType.inference_ready, False, "DeployFailed", message, transient=True), None
+
+    async def finalize(self, body: Mapping[str, Any]) -> None:
+        """Clean up what owner references cannot: the collection (unless Retain) and the catalog entry."""
+        ref = ProductRef.of(body)
+        async with self._lock(ref):
+            if (body.get("spec") or {}).get("deletionPolicy", "Delete") != "Retain":
+                await self.ports.store.drop_product(collection_alias(ref.namespace, ref.name))
+            await self.ports.catalog.remove(entry_key(ref.namespace, ref.name))
+        self._locks.pop((ref.namespace, ref.name), None)
+        self._generations.pop((ref.namespace, ref.name), None)
+        self._track_phase(ref, None)
+
+
+def _apply_rows(status: DataProductStatus, rows: CollectionResult) -> DataProductStatus:
+    """The status with the fields the collection and ingestion steps changed."""
+    update: dict[str, Any] = {}
+    if rows.sets_collection:
+        update.update(collection=rows.alias, vector_size=rows.vector_size)
+        if rows.alias is None:
+            update["index_collection"] = None
+    if rows.sets_index:
+        update["index_collection"] = rows.index
+    ingest = rows.ingest
+    for name, value in (
+        ("records", ingest.records),
+        ("rejected_records", ingest.rejected),
+        ("ingested_digest", ingest.digest),
+        ("last_ingested_at", ingest.ingested_at),
+    ):
+        if value is not None:
+            update[name] = value
+    return status.model_copy(update=update)
+
+
+def _ingest_reason(rejected: int | None) -> str:
+    return "IngestedWithRejects" if rejected else "Ingested"
+
+
+def _ingest_message(records: int, rejected: int, reasons: list[str]) -> str:
+    message = f"{records} records in the collection"
+    if rejected:
+        message += f"; {rejected} rows rejected" + (f" ({'; '.join(reasons)})" if reasons else "")
+    return message
+
+
+def _events(transitions: list[Transition]) -> list[Event]:
+    return [
+        Event(t.reason, f"{t.type} is {t.status}: {t.message}".rstrip(": "), warning=t.warning) for t in transitions
+    ]

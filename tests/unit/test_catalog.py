@@ -1,0 +1,67 @@
+"""The catalog writer: coalescing, sharding under the ConfigMap limit, removal, rebuild."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from datamesh.adapters.files import FileCatalogBackend, read_catalog_file
+from datamesh.engine.catalog_writer import CatalogWriter
+from datamesh.resource.catalog import CatalogEntry
+
+
+def entry(i: int, description: str = "A product used by the catalog tests.") -> CatalogEntry:
+    return CatalogEntry(namespace="ns", name=f"p{i:04d}", domain="test", description=description, phase="Ready")
+
+
+async def test_concurrent_changes_become_one_write(tmp_path: Path) -> None:
+    writer = CatalogWriter(
+        FileCatalogBackend(tmp_path / "catalog.json"), "cat", shard_bytes=10_000_000, flush_seconds=0.05
+    )
+    await asyncio.gather(*(writer.upsert(entry(i)) for i in range(200)))
+    assert writer.writes == 1
+    assert len(read_catalog_file(tmp_path / "catalog.json")) == 200
+
+
+async def test_shards_stay_under_the_limit_and_removal_works(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.json"
+    writer = CatalogWriter(FileCatalogBackend(path), "cat", shard_bytes=20_000, flush_seconds=0.01)
+    big = "x" * 900
+    await asyncio.gather(*(writer.upsert(entry(i, big)) for i in range(100)))
+    doc = json.loads(path.read_text())
+    assert len(doc) >= 5, "100 entries of ~1 KiB must spread over several 20 kB shards"
+    for shard in doc.values():
+        assert sum(len(k) + len(v) for k, v in shard.items()) <= 20_000
+    assert len(read_catalog_file(path)) == 100
+    await writer.remove("ns.p0003")
+    assert "ns.p0003" not in read_catalog_file(path) and len(read_catalog_file(path)) == 99
+
+
+async def test_replace_all_drops_entries_of_products_that_are_gone(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.json"
+    first = CatalogWriter(FileCatalogBackend(path), "cat", 100_000, 0.01)
+    await asyncio.gather(*(first.upsert(entry(i)) for i in range(10)))
+    restarted = CatalogWriter(FileCatalogBackend(path), "cat", 100_000, 0.01)
+    await restarted.replace_all([entry(1), entry(2)])
+    assert sorted(read_catalog_file(path)) == ["ns.p0001", "ns.p0002"]
+
+
+async def test_entry_card_carries_what_routing_needs() -> None:
+    e = CatalogEntry.model_validate(
+        {
+            "namespace": "sales",
+            "name": "customer-churn",
+            "domain": "sales",
+            "description": "Why B2B customers cancel.",
+            "tags": ["churn"],
+            "fields": [{"name": "churn_reason", "type": "string", "description": "Reason given at cancellation"}],
+        }
+    )
+    card = e.card()
+    assert (
+        "customer churn" in card
+        and "Why B2B customers cancel." in card
+        and "Reason given at cancellation" in card
+        and "churn" in card
+    )

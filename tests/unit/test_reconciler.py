@@ -1,0 +1,276 @@
+"""The Reconciler over in-memory ports: what a user sees in status, events and the catalog.
+
+Fast and without a cluster. The store is the real embedded store and the catalog a real file;
+only the row loader, the endpoint probe and the inference backend are small fakes, because
+they stand for a ConfigMap, a remote server and a Deployment that do not exist here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from datamesh.adapters.embeddings.registry import resolve_provider
+from datamesh.adapters.files import FileCatalogBackend, read_catalog_file
+from datamesh.adapters.stores import open_store
+from datamesh.core.conditions import Check, ConditionType
+from datamesh.core.ports import SourceError, VectorStore
+from datamesh.core.rows import Row
+from datamesh.engine.catalog_writer import CatalogWriter
+from datamesh.engine.reconciler import Outcome, Ports, Reconciler
+from datamesh.resource.models import Inference, Source
+from datamesh.settings import OperatorSettings, StoreSettings
+
+SMALL = "builtin:ngram-128"
+ROWS = [
+    {"id": "a", "reason": "price went up at renewal"},
+    {"id": "b", "reason": "moved to a competitor after the merger"},
+    {"id": "c", "reason": "missing single sign-on"},
+]
+
+
+@dataclass
+class FakeRows:
+    """Rows of every product's source, or the error reading them raises."""
+
+    rows: list[Row] = field(default_factory=lambda: [dict(r) for r in ROWS])
+    error: SourceError | None = None
+    reads: int = 0
+
+    async def __call__(self, source: Source, namespace: str) -> list[Row]:
+        self.reads += 1
+        if self.error is not None:
+            raise self.error
+        return [dict(r) for r in self.rows]
+
+
+@dataclass
+class FakeProbe:
+    """An endpoint that answers unless ``down`` says why not."""
+
+    down: str | None = None
+
+    async def __call__(self, url: str) -> str | None:
+        return self.down
+
+
+@dataclass
+class FakeInference:
+    """A deploying backend whose runtime is available when ``available`` is set."""
+
+    available: bool = True
+    calls: list[tuple[str, str]] = field(default_factory=list)
+
+    async def ensure(self, namespace: str, name: str, uid: str, spec: Inference) -> tuple[Check, str | None]:
+        self.calls.append((namespace, name))
+        url = f"http://{name}-inference.{namespace}.svc:{spec.port}"
+        return Check(ConditionType.inference_ready, self.available, "Deployed" if self.available else "Waiting"), url
+
+
+@dataclass
+class World:
+    reconciler: Reconciler
+    store: VectorStore
+    catalog_path: Path
+    rows: FakeRows
+    probe: FakeProbe
+    inference: FakeInference
+
+    async def reconcile(self, body: Mapping[str, Any], **kwargs: Any) -> Outcome:
+        outcome = await self.reconciler.reconcile(body, **kwargs)
+        assert outcome is not None
+        return outcome
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    settings = OperatorSettings(
+        catalog_flush_seconds=0.0, retry_base_seconds=2.0, retry_max_seconds=60.0, metrics_port=0
+    )
+    store = open_store(StoreSettings(url=None, path=":memory:"))
+    catalog = CatalogWriter(FileCatalogBackend(tmp_path / "catalog.json"), "catalog", 100_000, 0.0)
+    rows, probe, inference = FakeRows(), FakeProbe(), FakeInference()
+    ports = Ports(store, catalog, resolve_provider, rows, probe, inference)
+    yield World(Reconciler(settings, ports), store, tmp_path / "catalog.json", rows, probe, inference)
+    await catalog.close()
+    await store.close()
+
+
+def product(
+    name: str = "churn", generation: int = 1, status: Mapping[str, Any] | None = None, **spec: Any
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "metadata": {"namespace": "sales", "name": name, "uid": f"uid-{name}", "generation": generation},
+        "spec": {
+            "domain": "sales",
+            "description": "Why customers cancel, in their own words.",
+            "schema": {"fields": [{"name": "id", "primaryKey": True}, {"name": "reason"}]},
+            "source": {"inline": ROWS},
+            "semanticSearch": {"keyFields": ["reason"]},
+            **spec,
+        },
+    }
+    if status is not None:
+        body["status"] = dict(status)
+    return body
+
+
+def conditions(outcome: Outcome) -> dict[str, tuple[str, str, str]]:
+    return {c.type: (c.status, c.reason, c.message) for c in outcome.status.conditions}
+
+
+def wire(outcome: Outcome) -> dict[str, Any]:
+    return outcome.status.model_dump(by_alias=True, mode="json")
+
+
+async def test_a_new_product_becomes_ready_with_its_rows_searchable_and_cataloged(world: World) -> None:
+    outcome = await world.reconcile(product())
+    assert outcome.status.phase == "Ready" and outcome.retry_after is None
+    assert {t: s for t, (s, _, _) in conditions(outcome).items()} == {
+        "CollectionReady": "True",
+        "Ingested": "True",
+        "InferenceReady": "True",
+        "Cataloged": "True",
+        "SLAMet": "True",
+        "Ready": "True",
+    }
+    assert outcome.status.records == 3 and outcome.points_written == 3
+    assert outcome.status.collection == "sales.churn" and outcome.status.index_collection.startswith("sales.churn--")
+    (vector,) = await resolve_provider("builtin:ngram-384").embed(["competitor merger"])
+    hits = await world.store.search("sales.churn", vector, 1)
+    assert hits[0].payload["id"] == "b"
+    entry = read_catalog_file(world.catalog_path)["sales.churn"]
+    assert entry.phase == "Ready" and entry.collection == "sales.churn" and entry.records == 3
+
+
+async def test_an_unchanged_product_is_not_read_or_written_again(world: World) -> None:
+    first = await world.reconcile(product())
+    again = await world.reconcile(product(status=wire(first)))
+    assert again.points_written == 0 and world.rows.reads == 1
+    assert again.status.phase == "Ready" and again.events == []
+    assert again.status.conditions == first.status.conditions, "lastTransitionTime holds while nothing changes"
+
+
+async def test_a_refresh_rereads_the_source_and_removes_rows_that_left_it(world: World) -> None:
+    first = await world.reconcile(product())
+    world.rows.rows = world.rows.rows[:2]
+    refreshed = await world.reconcile(product(status=wire(first)), refresh=True)
+    assert world.rows.reads == 2 and refreshed.status.records == 2
+    assert await world.store.count("sales.churn") == 2
+
+
+async def test_an_invalid_spec_fails_with_the_field_and_touches_nothing(world: World) -> None:
+    body = product()
+    body["spec"]["semanticSearch"]["keyFields"] = ["nowhere"]
+    outcome = await world.reconcile(body)
+    assert outcome.status.phase == "Failed" and outcome.retry_after is None
+    status, reason, message = conditions(outcome)["CollectionReady"]
+    assert (status, reason) == ("False", "InvalidSpec") and "keyFields" in message and "nowhere" in message
+    assert world.rows.reads == 0 and not await world.store.exists("sales.churn")
+    assert any(e.warning and e.reason == "InvalidSpec" for e in outcome.events)
+
+
+async def test_an_unknown_model_fails_naming_the_accepted_forms(world: World) -> None:
+    outcome = await world.reconcile(product(semanticSearch={"keyFields": ["reason"], "embeddingModel": "nope:x"}))
+    _, reason, message = conditions(outcome)["CollectionReady"]
+    assert outcome.status.phase == "Failed" and reason == "UnknownEmbeddingModel" and "accepted forms" in message
+
+
+async def test_a_source_that_is_down_degrades_with_backoff_then_recovers(world: World) -> None:
+    world.rows.error = SourceError("GET http://rows.example answered HTTP 503", transient=True)
+    down = await world.reconcile(product())
+    assert down.status.phase == "Degraded" and down.retry_after == 2.0
+    assert conditions(down)["Ingested"][:2] == ("False", "SourceUnavailable")
+    assert "HTTP 503" in conditions(down)["Ready"][2]
+    later = await world.reconcile(product(status=wire(down)), retry=3)
+    assert later.retry_after == 16.0, "the delay doubles per retry"
+    world.rows.error = None
+    up = await world.reconcile(product(status=wire(later)))
+    assert up.status.phase == "Ready" and up.status.records == 3 and up.retry_after is None
+
+
+async def test_a_permanently_bad_source_fails_without_retry(world: World) -> None:
+    world.rows.error = SourceError("cannot parse the source as json: Expecting value", transient=False)
+    outcome = await world.reconcile(product())
+    assert outcome.status.phase == "Failed" and outcome.retry_after is None
+    assert conditions(outcome)["Ingested"][:2] == ("False", "SourceInvalid")
+
+
+async def test_rejected_rows_are_counted_and_announced(world: World) -> None:
+    world.rows.rows = [*ROWS, {"id": "a", "reason": "a duplicate of the first row"}, {"reason": "no id at all"}]
+    outcome = await world.reconcile(product())
+    assert outcome.status.records == 3 and outcome.status.rejected_records == 2
+    assert conditions(outcome)["Ingested"][1] == "IngestedWithRejects"
+    (event,) = [e for e in outcome.events if e.reason == "RowsRejected"]
+    assert event.warning and "duplicate primary key" in event.message and "id is missing" in event.message
+
+
+async def test_a_model_change_builds_a_new_index_and_switches_the_alias(world: World) -> None:
+    first = await world.reconcile(product())
+    old = first.status.index_collection
+    changed = await world.reconcile(
+        product(
+            generation=2,
+            status=wire(first),
+            semanticSearch={"keyFields": ["reason"], "embeddingModel": "builtin:ngram-128"},
+        )
+    )
+    assert changed.status.phase == "Ready" and changed.status.vector_size == 128
+    assert changed.status.index_collection != old and not await world.store.exists(old or "")
+    assert await world.store.current_index("sales.churn") == changed.status.index_collection
+    assert [e.reason for e in changed.events if e.reason.startswith("Reindex")] == ["Reindexing", "Reindexed"]
+
+
+async def test_an_unreachable_inference_endpoint_degrades_and_breaches_availability(world: World) -> None:
+    world.probe.down = "http://model.example is unreachable: ConnectError"
+    outcome = await world.reconcile(
+        product(inference={"enabled": True, "endpoint": "http://model.example"}, sla={"availability": "99.9"})
+    )
+    assert outcome.status.phase == "Degraded" and outcome.retry_after is not None
+    assert conditions(outcome)["InferenceReady"][:2] == ("False", "EndpointUnreachable")
+    assert conditions(outcome)["SLAMet"][:2] == ("False", "SLABreached")
+    assert outcome.status.sla is not None and outcome.status.sla.availability_met is False
+
+
+async def test_a_deployed_model_reports_its_service_url(world: World) -> None:
+    outcome = await world.reconcile(product(inference={"enabled": True, "model": "builtin:ngram-384"}))
+    assert world.inference.calls == [("sales", "churn")]
+    assert outcome.status.inference_endpoint == "http://churn-inference.sales.svc:8080"
+    world.inference.available = False
+    waiting = await world.reconcile(
+        product(inference={"enabled": True, "model": "builtin:ngram-384"}, status=wire(outcome))
+    )
+    assert waiting.status.phase == "Provisioning" and conditions(waiting)["Ready"][0] == "False"
+
+
+async def test_an_older_generation_never_rolls_a_product_back(world: World) -> None:
+    await world.reconcile(product(generation=3))
+    assert await world.reconciler.reconcile(product(generation=2)) is None
+
+
+async def test_a_failed_catalog_write_degrades_with_its_cause(world: World, tmp_path: Path) -> None:
+    class Broken(FileCatalogBackend):
+        async def write_shard(self, shard: Any) -> None:
+            raise OSError("disk full")
+
+    world.reconciler.ports.catalog.backend = Broken(tmp_path / "broken.json")
+    outcome = await world.reconcile(product())
+    status, reason, message = conditions(outcome)["Cataloged"]
+    assert (status, reason) == ("False", "CatalogWriteFailed") and message.endswith("OSError: disk full")
+    assert outcome.status.phase == "Degraded"
+
+
+async def test_finalize_drops_the_collection_and_the_entry_unless_retained(world: World) -> None:
+    await world.reconcile(product("gone"))
+    await world.reconcile(product("kept", deletionPolicy="Retain"))
+    await world.reconciler.finalize(product("gone"))
+    await world.reconciler.finalize(product("kept", deletionPolicy="Retain"))
+    assert not await world.store.exists("sales.gone")
+    assert await world.store.count("sales.kept") == 3, "Retain keeps the rows"
+    assert "sales.gone" not in read_catalog_file(world.catalog_path)
+    assert "sales.kept" not in read_catalog_file(world.catalog_path)
+    assert world.reconciler.known_products == 0

@@ -1,0 +1,146 @@
+"""Reading sources over real HTTP, and validating rows against the schema."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from fastapi import FastAPI, Response
+
+from datamesh.adapters.sources import SourceLoader, fetch_url, parse_rows
+from datamesh.core.ports import SourceError
+from datamesh.core.rows import validate_rows
+from datamesh.resource.models import DataProductSpec, Source, SourceFormat
+from tests.httpserver import ServerThread
+
+ROWS = [{"id": "a", "text": "late parcel", "amount": 1.5}, {"id": "b", "text": "damaged box", "amount": 2.0}]
+
+
+def _parquet() -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(ROWS), buf)
+    return buf.getvalue()
+
+
+def _app() -> FastAPI:
+    app = FastAPI()
+    bodies = {
+        "csv": "id,text,amount\na,late parcel,1.5\nb,damaged box,2.0\n",
+        "jsonl": "\n".join(json.dumps(r) for r in ROWS) + "\n",
+        "json": json.dumps({"rows": ROWS}),
+    }
+
+    @app.get("/rows.{fmt}")
+    def rows(fmt: str) -> Response:
+        if fmt == "parquet":
+            return Response(_parquet(), media_type="application/octet-stream")
+        return Response(bodies[fmt], media_type="text/plain")
+
+    @app.get("/huge.csv")
+    def huge() -> Response:
+        return Response("id,text\n" + "x,y\n" * 100_000, media_type="text/csv")
+
+    @app.get("/slow.csv")
+    async def slow() -> Response:
+        await asyncio.sleep(5)
+        return Response("id,text\n")
+
+    @app.get("/broken.json")
+    def broken() -> Response:
+        return Response("{not json", media_type="application/json")
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def server() -> str:
+    with ServerThread(_app()) as url:
+        yield url
+
+
+def _source(url: str, fmt: str, **extra: object) -> Source:
+    return Source.model_validate({"url": {"url": url, "format": fmt, **extra}})
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "json", "parquet"])
+async def test_url_formats(server: str, fmt: str) -> None:
+    async with httpx.AsyncClient() as http:
+        rows = await SourceLoader(http, None)(_source(f"{server}/rows.{fmt}", fmt), "ns")
+    assert [r["id"] for r in rows] == ["a", "b"]
+    assert str(rows[0]["text"]) == "late parcel"
+
+
+async def test_size_cap_timeout_and_errors(server: str) -> None:
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(SourceError, match="maxBytes") as too_big:
+            await SourceLoader(http, None)(_source(f"{server}/huge.csv", "csv", maxBytes=10_000), "ns")
+        assert not too_big.value.transient
+        started = time.monotonic()
+        with pytest.raises(SourceError, match="cannot fetch") as slow:
+            await SourceLoader(http, None, timeout=0.3)(_source(f"{server}/slow.csv", "csv"), "ns")
+        assert slow.value.transient and time.monotonic() - started < 4
+        with pytest.raises(SourceError, match="cannot parse the source as json"):
+            await SourceLoader(http, None)(_source(f"{server}/broken.json", "json"), "ns")
+        with pytest.raises(SourceError, match="HTTP 404"):
+            await SourceLoader(http, None)(_source(f"{server}/missing.csv", "csv"), "ns")
+
+
+async def test_url_5xx_is_retried_and_the_last_cause_named() -> None:
+    url = "http://source.test/rows.csv"
+    answers = iter([httpx.Response(503), httpx.Response(200, text="id,text\na,late parcel\n")])
+    async with httpx.AsyncClient(transport=httpx.MockTransport(lambda request: next(answers))) as http:
+        assert await fetch_url(http, url, 1000) == b"id,text\na,late parcel\n"
+    async with httpx.AsyncClient(transport=httpx.MockTransport(lambda request: httpx.Response(502))) as http:
+        with pytest.raises(SourceError, match=f"cannot fetch {url}: HTTP 502") as info:
+            await fetch_url(http, url, 1000, attempts=2)
+    assert info.value.transient
+
+
+def test_parse_rows_refuses_non_objects() -> None:
+    with pytest.raises(SourceError, match="list of JSON objects"):
+        parse_rows("[1, 2]", SourceFormat.json)
+
+
+def test_validation_counts_and_explains_bad_rows() -> None:
+    spec = DataProductSpec.model_validate(
+        {
+            "domain": "t",
+            "description": "validation test product",
+            "schema": {
+                "fields": [
+                    {"name": "id", "type": "integer", "primaryKey": True},
+                    {"name": "text", "type": "string", "required": True},
+                    {"name": "when", "type": "timestamp"},
+                    {"name": "ok", "type": "boolean"},
+                ]
+            },
+            "source": {"inline": []},
+            "semanticSearch": {"keyFields": ["text"]},
+        }
+    )
+    rows = [
+        {"id": "1", "text": "fine", "when": "2026-10-03T14:12:00Z", "ok": "yes", "extra": 1},
+        {"id": "2", "text": "bad time", "when": "yesterday"},
+        {"id": "x", "text": "bad id"},
+        {"id": "3"},
+        {"id": 1, "text": "duplicate"},
+        {"id": "4", "text": "   "},
+    ]
+    result = validate_rows("ns", "p", spec, rows)
+    assert len(result.rows) == 1 and result.rows[0] == {
+        "id": 1,
+        "text": "fine",
+        "when": "2026-10-03T14:12:00+00:00",
+        "ok": True,
+    }
+    assert result.rejected == 5
+    assert result.reasons[0].startswith("row 2: when") and "duplicate primary key" in result.reasons[3]
+    assert result.ignored_columns == {"extra"}
+    again = validate_rows("ns", "p", spec, rows)
+    assert again.ids == result.ids, "point ids are derived from the primary key"
