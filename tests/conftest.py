@@ -15,6 +15,7 @@ from datamesh import devcluster
 # plane cannot be built or started, every test using it errors: it is never skipped.
 
 _CLUSTER_FIXTURES = {"control_plane", "kubeconfig"}
+_KWOK_FIXTURES = {"fake_node"}
 _tools: dict[str, Path] | devcluster.ControlPlaneError | None = None
 
 
@@ -25,9 +26,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     capman = session.config.pluginmanager.getplugin("capturemanager")
     show = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
+    names = devcluster.DEFAULT_TOOLS
+    if any(_KWOK_FIXTURES & set(getattr(i, "fixturenames", ())) for i in session.items):
+        names = (*names, "kwok")  # kube-scheduler comes with the k8s set
     try:
         with show:  # let the user watch the build's progress
-            _tools = devcluster.tool_paths()
+            _tools = devcluster.tool_paths(names)
     except devcluster.ControlPlaneError as e:
         _tools = e
 
@@ -61,6 +65,26 @@ def kubeconfig(control_plane: devcluster.ControlPlane | devcluster.ExternalClust
     return control_plane.kubeconfig
 
 # ==== end of control plane ==================================================================
+
+
+# ==== simulated nodes (datamesh.devcluster_kwok) ============================================
+# kube-scheduler + kwok + one fake Node, started on first use: pods get scheduled and become
+# Ready (no container runs), so Deployments become Available and Jobs complete.
+
+
+@pytest.fixture(scope="session")
+def fake_node(control_plane: devcluster.ControlPlane | devcluster.ExternalCluster) -> Iterator[str]:
+    """The name of a Ready, untainted fake Node that kwok plays; pods scheduled there run."""
+    from datamesh import devcluster_kwok
+
+    tools = _built_tools()
+    if "kwok" not in tools:  # requested dynamically: the collection hook did not build kwok
+        tools = {**tools, **devcluster.tool_paths(("k8s", "kwok"))}
+    workdir = control_plane.workdir / "kwok" if isinstance(control_plane, devcluster.ControlPlane) else None
+    with devcluster_kwok.FakeNodes(control_plane.kubeconfig, tools=tools, workdir=workdir) as nodes:
+        yield nodes.nodes[0]
+
+# ==== end of simulated nodes ================================================================
 
 
 # ==== the DataProduct CRD and the operator =================================================
