@@ -40,7 +40,7 @@ import yaml
 
 from datamesh.adapters.embeddings.registry import resolve_provider
 from datamesh.adapters.files import FileCatalogBackend, read_catalog_file
-from datamesh.adapters.qdrant import QdrantStore
+from datamesh.adapters.stores import open_store
 from datamesh.core.ports import VectorStore
 from datamesh.engine.catalog_writer import CatalogWriter
 from datamesh.local import standalone_reconciler
@@ -194,7 +194,7 @@ class Case:
 
 async def main(args: argparse.Namespace) -> None:
     started = time.perf_counter()
-    store = QdrantStore.connect(StoreSettings())
+    store = open_store(StoreSettings(url=None))
     with tempfile.TemporaryDirectory() as tmp:
         entries = await build(store, 100, Path(tmp) / "catalog.json")
     print(

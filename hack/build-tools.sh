@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Builds the test/dev control plane (etcd, kube-apiserver, kube-controller-manager), kubectl
-# and helm from the Go module proxy at the versions pinned in hack/tools/*/go.mod, into
+# Builds the test/dev control plane (etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler), kubectl, helm and kwok (simulated nodes) from the Go module proxy at the
+# versions pinned in hack/tools/*/go.mod, into
 #   ${DATAMESH_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/datamesh/tools}/<tool>-<version>/
-# A tool already in the cache is not rebuilt. Prints "<name>=<path>" for every binary.
+# A binary already in the cache is not rebuilt: a cached folder lacking one that this script
+# now lists (e.g. kube-scheduler, added later) gets only that one built, and the folder is
+# republished whole. Prints "<name>=<path>" for every binary.
 #
-# Usage: hack/build-tools.sh [etcd|k8s|helm ...]   (default: all)
+# Usage: hack/build-tools.sh [etcd|k8s|helm|kwok ...]   (default: all)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -12,7 +15,7 @@ cache="${DATAMESH_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/datamesh/tools}"
 
 if ! command -v go >/dev/null 2>&1; then
   echo "error: the Go toolchain is needed to build the control plane (go not found on PATH)." >&2
-  echo "       Install Go 1.24 or newer (https://go.dev/doc/install) and run this again." >&2
+  echo "       Install Go 1.26 or newer (https://go.dev/doc/install) and run this again." >&2
   exit 3
 fi
 
@@ -22,21 +25,40 @@ pinned() { (cd "$here/tools/$1" && go list -m -f '{{.Version}}' "$2"); }
 # build <tools-module> <cache-key> <ldflags> <out-name>=<package> ...
 build() {
   local mod="$1" key="$2" ldflags="$3"; shift 3
-  local dest="$cache/$key"
-  local missing=0 spec
-  for spec in "$@"; do [ -x "$dest/${spec%%=*}" ] || missing=1; done
-  if [ "$missing" = 1 ]; then
-    mkdir -p "$dest.partial"
+  local dest="$cache/$key" spec part lock_fd=""
+  if ! all_built "$dest" "$@"; then
+    mkdir -p "$cache"
+    # One build per folder at a time: a second caller waits, then finds the binaries built.
+    if command -v flock >/dev/null 2>&1; then
+      exec {lock_fd}>"$dest.lock"
+      flock "$lock_fd"
+      rm -rf "$dest".partial.*  # left by an interrupted build (we hold the lock)
+    fi
+  fi
+  if ! all_built "$dest" "$@"; then
+    part="$(mktemp -d "$dest.partial.XXXXXX")"
     for spec in "$@"; do
+      if [ -x "$dest/${spec%%=*}" ]; then
+        cp -p "$dest/${spec%%=*}" "$part/"  # published earlier: reuse it
+        continue
+      fi
       echo "building ${spec%%=*} ($key), this takes a while on first use..." >&2
       (cd "$here/tools/$mod" && CGO_ENABLED=0 go build -trimpath -tags selinux,notest \
-        -ldflags "$ldflags" -o "$dest.partial/${spec%%=*}" "${spec#*=}")
+        -ldflags "$ldflags" -o "$part/${spec%%=*}" "${spec#*=}")
     done
     # Publish the folder only once every binary in it is built, so an interrupted build
     # is never mistaken for a cached one.
-    rm -rf "$dest" && mv "$dest.partial" "$dest"
+    chmod 755 "$part"
+    rm -rf "$dest" && mv "$part" "$dest"
   fi
+  if [ -n "$lock_fd" ]; then exec {lock_fd}>&-; fi
   for spec in "$@"; do echo "${spec%%=*}=$dest/${spec%%=*}"; done
+}
+
+# all_built <folder> <out-name>=<package> ...: whether every binary is in the folder.
+all_built() {
+  local dest="$1" spec; shift
+  for spec in "$@"; do [ -x "$dest/${spec%%=*}" ] || return 1; done
 }
 
 build_etcd() {
@@ -56,6 +78,7 @@ build_k8s() {
   build k8s "kubernetes-$v" "$ld" \
     kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver \
     kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager \
+    kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler \
     kubectl=k8s.io/kubernetes/cmd/kubectl
 }
 
@@ -64,10 +87,15 @@ build_helm() {
   build helm "helm-$v" "-s -w -X helm.sh/helm/v3/internal/version.version=$v" helm=helm.sh/helm/v3/cmd/helm
 }
 
-targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(etcd k8s helm)
+build_kwok() {
+  local v; v="$(pinned kwok sigs.k8s.io/kwok)"
+  build kwok "kwok-$v" "-s -w" kwok=sigs.k8s.io/kwok/cmd/kwok
+}
+
+targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(etcd k8s helm kwok)
 for t in "${targets[@]}"; do
   case "$t" in
-    etcd|k8s|helm) "build_$t" ;;
-    *) echo "error: unknown tool '$t' (expected etcd, k8s or helm)" >&2; exit 2 ;;
+    etcd|k8s|helm|kwok) "build_$t" ;;
+    *) echo "error: unknown tool '$t' (expected etcd, k8s, helm or kwok)" >&2; exit 2 ;;
   esac
 done

@@ -33,7 +33,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # ==== control plane (datamesh_dev.devcluster) ===============================================
-# One real etcd + kube-apiserver + kube-controller-manager for the whole pytest session.
+# One real etcd + kube-apiserver + kube-controller-manager + kube-scheduler, with a kwok node,
+# for the whole pytest session.
 # DATAMESH_TEST_KUBECONFIG=<path> runs against an existing cluster instead. If the control
 # plane cannot be built or started, every test using it errors: it is never skipped.
 
@@ -76,6 +77,14 @@ def control_plane() -> Iterator[devcluster.ControlPlane | devcluster.ExternalClu
         with devcluster.ControlPlane(tools=_built_tools()) as cp:
             mp.setenv("KUBECONFIG", str(cp.kubeconfig))
             yield cp
+
+
+@pytest.fixture(scope="session")
+def fake_node(control_plane: devcluster.ControlPlane | devcluster.ExternalCluster) -> str:
+    """A Ready node that kwok plays: pods scheduled there become Ready without running."""
+    if isinstance(control_plane, devcluster.ControlPlane):
+        return control_plane.node_names[0]
+    return "kwok-node-0"  # an external dev cluster started by `datamesh-dev up` has the same node
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from datamesh.adapters.qdrant import QdrantStore
+from datamesh.adapters.stores import open_store
 from datamesh.controller.main import run_operator
 from datamesh.core.ports import VectorStore
 from datamesh.settings import OperatorSettings, StoreSettings
@@ -105,7 +105,7 @@ class OperatorThread(LoopThread):
 
     @staticmethod
     async def _make_store() -> VectorStore:
-        return QdrantStore.connect(StoreSettings(url=None, path=":memory:"))
+        return open_store(StoreSettings(url=None, path=":memory:"))
 
     def start(self, timeout: float = 60) -> None:
         async def begin() -> tuple[asyncio.Event, asyncio.Event]:

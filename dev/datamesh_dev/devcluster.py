@@ -1,9 +1,11 @@
-"""A real local Kubernetes control plane: etcd, kube-apiserver and kube-controller-manager.
+"""A real local Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager, and
+kube-scheduler with a kwok-simulated node.
 
 Used by the test suite (one control plane per pytest session) and by the developer command
-(``datamesh-dev up|down|status|kubectl``), which keeps one running in the background.
-There are no nodes: objects are stored, validated, watched and garbage-collected for real, but
-no pod ever runs. The binaries are built from the Go module proxy by ``hack/build-tools.sh``.
+(``datamesh-dev up|down|status|kubectl``), which keeps one running in the background. Objects
+are stored, validated, watched and garbage-collected for real; pods are scheduled onto a fake
+node that kwok reports Ready (``datamesh_dev.kwok``), so Deployments become Available, but no
+container runs. The binaries are built from the Go module proxy by ``hack/build-tools.sh``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import yaml
 from cryptography import x509
@@ -39,6 +41,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from datamesh.web.serving import free_ports
+
+if TYPE_CHECKING:
+    from datamesh_dev.kwok import FakeNodes
 
 __all__ = [
     "ControlPlane",
@@ -55,7 +60,7 @@ __all__ = [
     "up",
 ]
 
-DEFAULT_TOOLS: tuple[str, ...] = ("etcd", "k8s", "helm")
+DEFAULT_TOOLS: tuple[str, ...] = ("etcd", "k8s", "helm", "kwok")
 BUILD_TIMEOUT_S = 3 * 60 * 60  # a cold build of kubernetes on two cores takes 20+ minutes
 READY_TIMEOUT_S = 120.0
 STOP_GRACE_S = 10.0
@@ -73,6 +78,7 @@ _OWNED = (
     "etcd.log",
     "kube-apiserver.log",
     "kube-controller-manager.log",
+    "kwok",
 )
 
 
@@ -402,12 +408,15 @@ class ControlPlane:
         keep: bool = False,
         tools: Mapping[str, Path] | None = None,
         with_helm: bool = True,
+        nodes: bool = True,
         ready_timeout: float = READY_TIMEOUT_S,
     ) -> None:
         self._requested_workdir = Path(workdir).expanduser().resolve() if workdir else None
         self._keep = keep
         self._tools = dict(tools) if tools is not None else None
         self._with_helm = with_helm
+        self._with_nodes = nodes
+        self._nodes: FakeNodes | None = None
         self._ready_timeout = ready_timeout
         self._workdir: Path | None = None
         self._created_workdir = False
@@ -554,6 +563,18 @@ class ControlPlane:
         kcm_health = f"https://127.0.0.1:{kcm_port}/healthz"
         self._wait("kube-controller-manager", lambda: _http_ok(kcm_health, _insecure_context()))
 
+        if self._with_nodes:
+            # kube-scheduler + kwok + one fake Node: pods are scheduled and become Ready.
+            from datamesh_dev.kwok import FakeNodes
+
+            self._nodes = FakeNodes(self.kubeconfig, workdir=wd / "kwok", keep=True, tools=tools)
+            self._nodes.start()
+
+    @property
+    def node_names(self) -> tuple[str, ...]:
+        """The simulated nodes pods are scheduled on (none with ``nodes=False``)."""
+        return self._nodes.nodes if self._nodes is not None else ()
+
     def restart_apiserver(self) -> None:
         """Stop and start kube-apiserver alone (same port and certs), wait until it is ready.
 
@@ -571,6 +592,9 @@ class ControlPlane:
         with self._lock:
             procs = self._procs
             self._procs = {}
+            if self._nodes is not None:
+                self._nodes.stop()
+                self._nodes = None
             # The API server and controller manager first, so they never see etcd vanish.
             _terminate([p for n, p in procs.items() if n != "etcd"])
             _terminate([p for n, p in procs.items() if n == "etcd"])
@@ -598,7 +622,8 @@ class ControlPlane:
 
     def _resolved_tools(self) -> dict[str, Path]:
         if self._tools is None:
-            self._tools = tool_paths(DEFAULT_TOOLS if self._with_helm else ("etcd", "k8s"))
+            names = ("etcd", "k8s", *(("helm",) if self._with_helm else ()), *(("kwok",) if self._with_nodes else ()))
+            self._tools = tool_paths(names)
         return self._tools
 
     def _tool(self, name: str) -> Path:

@@ -152,7 +152,7 @@ class LocalRun:
         self.state_dir = state_dir
         self.console = console or Console()
         self.settings = OperatorSettings(catalog_flush_seconds=0.05, metrics_port=0)
-        self.store = open_store(StoreSettings(url=None, path=str(state_dir / "qdrant")))
+        self.store = open_store(StoreSettings(url=None, path=str(state_dir / "store")))
         self.catalog_path = state_dir / "catalog.json"
         self.catalog = CatalogWriter(
             FileCatalogBackend(self.catalog_path),

@@ -20,11 +20,19 @@ class StoreSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="DATAMESH_QDRANT_", extra="ignore")
 
-    url: str | None = Field(None, description="Qdrant server URL; unset uses the embedded store at path.")
+    url: str | None = Field(
+        None, description="Qdrant server URL; unset uses the embedded engine (qdrant-edge) at path."
+    )
     api_key: str | None = Field(None, description="API key for the Qdrant server.")
-    path: str = Field(":memory:", description="Folder of the embedded store (':memory:' keeps it in RAM).")
+    path: str = Field(
+        ":memory:", description="Folder of the embedded store (':memory:': a temporary folder, gone on exit)."
+    )
     timeout: float = Field(10.0, gt=0, description="Seconds per Qdrant request.")
     concurrency: int = Field(8, ge=1, description="Store requests in flight at once.")
+    max_open: int = Field(
+        256, ge=1, description="Embedded store: collections kept open at once (least recently used closed first)."
+    )
+    search_threads: int = Field(1, ge=1, description="Embedded store: search threads per open collection.")
 
 
 class OperatorSettings(BaseSettings):

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 
 from datamesh.controller import metrics
+from datamesh.core.ports import SearchRequest
 from datamesh.resource.catalog import CATALOG_LABEL
 from datamesh.web.serving import free_port
 from tests.conftest import PLATFORM_NAMESPACE
@@ -94,7 +95,10 @@ def test_every_example_becomes_ready_with_collection_and_catalog_entry(
         st = dp["status"]
         assert st["collection"] == f"{ns}.{name}"
         assert st["vectorSize"] == 384
-        assert len(operator.call(operator.store.search(st["collection"], [1.0] + [0.0] * 383, 1))) == 1
+        assert (
+            len(operator.call(operator.store.search(st["collection"], SearchRequest([1.0] + [0.0] * 383, "row", 1))))
+            == 1
+        )
         points = operator.call(operator.store.count(st["collection"]))
         assert points == st["records"] == len(doc["spec"]["source"]["inline"]) - st.get("rejectedRecords", 0)
         assert st["records"] >= 20
@@ -116,11 +120,12 @@ def test_every_example_becomes_ready_with_collection_and_catalog_entry(
 
 
 def test_inference_model_gets_owned_deployment_restored_and_garbage_collected(
-    kubectl: Kubectl, operator: OperatorThread
+    kubectl: Kubectl, operator: OperatorThread, fake_node: str
 ) -> None:
-    """No kubelet runs here, so the Deployment's pods never start: InferenceReady stays False
-    (DeploymentProgressing) and that is what the test asserts; the objects themselves are real."""
-    apply(kubectl, product("with-model", inference={"enabled": True, "model": "builtin:ngram-384"}))
+    """The Deployment's pods run on the kwok node (no container starts, but the workload
+    controllers see them Ready): InferenceReady and the availability SLA follow the replicas."""
+    spec = {"inference": {"enabled": True, "model": "builtin:ngram-384"}, "sla": {"availability": "99.9"}}
+    apply(kubectl, product("with-model", **spec))
     dep = wait_for(
         lambda: kubectl.get("deployment", "with-model-inference", "default"), 60, what="inference Deployment"
     )
@@ -132,15 +137,47 @@ def test_inference_model_gets_owned_deployment_restored_and_garbage_collected(
         assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "datamesh-operator"
     assert dep["spec"]["template"]["spec"]["containers"][0]["command"] == ["datamesh", "inference-server"]
 
-    def inference_condition() -> dict[str, Any] | None:
+    def inference(status: str, message: str) -> dict[str, Any] | None:
         st = kubectl.get("dp", "with-model", "default").get("status") or {}
-        return next((c for c in st.get("conditions", []) if c["type"] == "InferenceReady"), None)
+        conds = {c["type"]: c for c in st.get("conditions", [])}
+        cond = conds.get("InferenceReady") or {}
+        return st if cond.get("status") == status and message in cond.get("message", "") else None
 
-    cond = wait_for(inference_condition, 30, what="InferenceReady")
-    assert cond["status"] == "False" and cond["reason"] == "DeploymentProgressing"
-    st = kubectl.get("dp", "with-model", "default")["status"]
+    st = wait_for(lambda: inference("True", "1/1 replicas available"), 60, what="InferenceReady True")
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert st["phase"] == "Ready" and conds["InferenceReady"]["reason"] == "DeploymentAvailable"
     assert st["inferenceEndpoint"] == "http://with-model-inference.default.svc:8080"
-    assert st["phase"] == "Provisioning"
+    assert conds["SLAMet"]["status"] == "True" and st["sla"]["availabilityMet"] is True
+
+    scaled = product("with-model", **{**spec, "inference": {**spec["inference"], "replicas": 3}})
+    apply(kubectl, scaled)
+    wait_for(lambda: inference("True", "3/3 replicas available"), 60, what="3 replicas available")
+
+    # Drain the node: the pods go, their replacements cannot be scheduled, nothing is available.
+    kubectl.run("cordon", fake_node)
+    try:
+        kubectl.run("delete", "pods", "-n", "default", "-l", "app.kubernetes.io/instance=with-model-inference")
+        st = wait_for(lambda: inference("False", "0/3 replicas available"), 60, what="InferenceReady False")
+        assert st["phase"] == "Provisioning" and st["sla"]["availabilityMet"] is False
+        assert "inference endpoint not available" in st["sla"]["message"]
+    finally:
+        kubectl.run("uncordon", fake_node)
+    wait_for(lambda: inference("True", "3/3 replicas available"), 60, what="available again after uncordon")
+    events = kubectl.json("get", "events", "-n", "default", "--field-selector", "involvedObject.name=with-model")
+    reasons = [e["reason"] for e in events["items"]]
+    assert "DeploymentProgressing" in reasons and "DeploymentAvailable" in reasons
+
+    scaled_down = product("with-model", **{**spec, "inference": {**spec["inference"], "replicas": 0}})
+    apply(kubectl, scaled_down)
+    wait_for(lambda: inference("True", "scaled to zero replicas"), 60, what="scaled to zero")
+    apply(kubectl, product("with-model", **spec))
+    dep = wait_for(
+        lambda: (
+            inference("True", "1/1 replicas available") and kubectl.get("deployment", "with-model-inference", "default")
+        ),
+        60,
+        what="back to one replica",
+    )
 
     kubectl.run("delete", "deployment", "with-model-inference")
     restored = wait_for(
@@ -198,7 +235,9 @@ def test_model_change_reindexes_and_same_spec_writes_nothing(kubectl: Kubectl, o
     )
     assert operator.call(operator.store.current_index("default.reindex")) == st["indexCollection"]
     assert st["vectorSize"] == 256
-    assert len(operator.call(operator.store.search("default.reindex", [1.0] + [0.0] * 255, 1))) == 1
+    assert (
+        len(operator.call(operator.store.search("default.reindex", SearchRequest([1.0] + [0.0] * 255, "row", 1)))) == 1
+    )
     assert not operator.call(operator.store.exists(old_index)), "the old index is dropped after the switch"
     assert operator.call(operator.store.count("default.reindex")) == 5
     events = kubectl.json("get", "events", "-n", "default", "--field-selector", "involvedObject.name=reindex")["items"]

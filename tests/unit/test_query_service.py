@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 
 from datamesh.adapters.embeddings.registry import resolve_provider
 from datamesh.adapters.files import FileCatalogBackend
-from datamesh.adapters.qdrant import QdrantStore
+from datamesh.adapters.stores import open_store as real_open_store
 from datamesh.core.ports import VectorStore
 from datamesh.engine.catalog_writer import CatalogWriter
 from datamesh.engine.reconciler import Reconciler
@@ -129,7 +129,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
     hang = {"hang": False}
     runtime_calls: list[dict[str, Any]] = []
     settings = operator_settings(catalog_flush_seconds=0.01)
-    store = QdrantStore.connect(StoreSettings())
+    store = real_open_store(StoreSettings(url=None))
     catalog_path = tmp / "catalog.json"
     writer = CatalogWriter(
         FileCatalogBackend(catalog_path), "catalog", settings.catalog_shard_bytes, settings.catalog_flush_seconds
@@ -619,10 +619,10 @@ async def test_openapi_documents_endpoints_examples_and_security(mesh: Mesh) -> 
 
 async def test_serve_sizes_the_store_for_the_fan_out(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The service's own store allows as many Qdrant requests at once as products are asked at once."""
-    stores: list[QdrantStore] = []
+    stores: list[Any] = []
 
-    def open_store(settings: StoreSettings, concurrency: int | None = None) -> QdrantStore:
-        stores.append(QdrantStore.connect(StoreSettings(url=None, path=":memory:"), concurrency))
+    def open_store(settings: StoreSettings, concurrency: int | None = None) -> VectorStore:
+        stores.append(real_open_store(settings, concurrency))
         return stores[-1]
 
     async def no_serving(self: uvicorn.Server, sockets: Any = None) -> None:

@@ -18,7 +18,7 @@ from datamesh.adapters.embeddings.registry import resolve_provider
 from datamesh.adapters.files import FileCatalogBackend, read_catalog_file
 from datamesh.adapters.stores import open_store
 from datamesh.core.conditions import Check, ConditionType
-from datamesh.core.ports import SourceError, VectorStore
+from datamesh.core.ports import SearchRequest, SourceError, VectorStore
 from datamesh.core.rows import Row
 from datamesh.engine.catalog_writer import CatalogWriter
 from datamesh.engine.reconciler import Outcome, Ports, Reconciler
@@ -141,7 +141,7 @@ async def test_a_new_product_becomes_ready_with_its_rows_searchable_and_cataloge
     assert outcome.status.records == 3 and outcome.points_written == 3
     assert outcome.status.collection == "sales.churn" and outcome.status.index_collection.startswith("sales.churn--")
     (vector,) = await resolve_provider("builtin:ngram-384").embed(["competitor merger"])
-    hits = await world.store.search("sales.churn", vector, 1)
+    hits = await world.store.search("sales.churn", SearchRequest(vector, "competitor merger", 1))
     assert hits[0].payload["id"] == "b"
     entry = read_catalog_file(world.catalog_path)["sales.churn"]
     assert entry.phase == "Ready" and entry.collection == "sales.churn" and entry.records == 3

@@ -9,7 +9,7 @@ Every call has a timeout; conflicts and server errors are the caller's to retry.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from typing import Any, TypeVar
 
 from kubernetes_asyncio import client, config
@@ -74,6 +74,16 @@ class Kube:
             )
         )
         return None if result is None else self._plain(result)
+
+    async def patch_product_status(
+        self, group: str, version: str, plural: str, product: Mapping[str, Any], status: Mapping[str, Any]
+    ) -> None:
+        """Merge ``status`` into a custom object's status subresource."""
+        meta = product["metadata"]
+        body: Any = {"status": dict(status)}
+        await self.custom.patch_namespaced_custom_object_status(
+            group, version, meta["namespace"], plural, meta["name"], body, _request_timeout=REQUEST_TIMEOUT
+        )
 
     async def read_config_map_key(self, namespace: str, name: str, key: str) -> str | None:
         """Text under ``key`` of a ConfigMap, or None when either is missing."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import warnings
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -17,12 +18,17 @@ from qdrant_client import AsyncQdrantClient
 from qdrant_client import models as qm
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from datamesh.core.plan import DIGEST_KEY, CollectionPlan
-from datamesh.core.ports import CollectionMissing, ScoredRow, VectorStoreError
-from datamesh.resource.models import FieldType
+from datamesh.adapters import bm25
+from datamesh.adapters.similarity import cosine, dense_of
+from datamesh.core.plan import DENSE_VECTOR, DIGEST_KEY, FUSION, SPARSE_VECTOR, CollectionPlan
+from datamesh.core.ports import CollectionMissing, ScoredRow, SearchRequest, VectorStoreError
+from datamesh.resource.models import FieldType, SearchMode
 from datamesh.settings import StoreSettings
 
 T = TypeVar("T")
+
+# How long a collection's layout (BM25 or not) is trusted: an alias may switch to a re-indexed one.
+_LAYOUT_TTL = 10.0
 
 # How qdrant-client's local mode words a missing collection (or alias).
 _LOCAL_NOT_FOUND = re.compile(r"Collection (.+) not found")
@@ -41,6 +47,7 @@ class QdrantStore:
 
     def __init__(self, client: AsyncQdrantClient, concurrency: int = 8) -> None:
         self.client = client
+        self._sparse: dict[str, tuple[bool, float]] = {}
         # Bounded concurrency: a thousand reconciles must not open a thousand requests.
         self._slots = asyncio.Semaphore(concurrency)
 
@@ -77,12 +84,15 @@ class QdrantStore:
         """Create the plan's index collection if missing; True when it was created."""
         if await self._call("check collection", self.client.collection_exists(plan.index)):
             return False
+        dense = qm.VectorParams(size=plan.vector_size, distance=qm.Distance(plan.distance))
+        sparse = {SPARSE_VECTOR: qm.SparseVectorParams(modifier=qm.Modifier.IDF)} if plan.sparse else None
         await self._call(
             "create collection",
             self.client.create_collection(
-                plan.index, vectors_config=qm.VectorParams(size=plan.vector_size, distance=qm.Distance(plan.distance))
+                plan.index, vectors_config={DENSE_VECTOR: dense}, sparse_vectors_config=sparse
             ),
         )
+        self._sparse[plan.index] = (plan.sparse, time.monotonic())
         with warnings.catch_warnings():
             # Local mode ignores payload indexes (and says so); a server uses them.
             warnings.simplefilter("ignore", UserWarning)
@@ -110,14 +120,28 @@ class QdrantStore:
         collection: str,
         ids: Sequence[str],
         vectors: Sequence[Sequence[float]],
+        texts: Sequence[str],
         payloads: Sequence[Mapping[str, Any]],
     ) -> None:
-        """Write one batch of points (idempotent: ids come from primary keys)."""
-        points = [
-            qm.PointStruct(id=i, vector=list(v), payload=dict(p))
-            for i, v, p in zip(ids, vectors, payloads, strict=True)
-        ]
+        """Write one batch of points (idempotent: ids come from primary keys); ``texts`` feed BM25."""
+        with_sparse = await self._has_sparse(collection)
+        points = []
+        for point_id, vector, text, payload in zip(ids, vectors, texts, payloads, strict=True):
+            named: dict[str, Any] = {DENSE_VECTOR: list(vector)}
+            sparse = bm25.document_vector(text) if with_sparse else None
+            if sparse is not None:
+                named[SPARSE_VECTOR] = qm.SparseVector(indices=sparse.indices, values=sparse.values)
+            points.append(qm.PointStruct(id=point_id, vector=named, payload=dict(payload)))
         await self._call("upsert", self.client.upsert(collection, points=points, wait=True))
+
+    async def _has_sparse(self, collection: str) -> bool:
+        """Whether a collection (or the one an alias names) holds BM25 vectors; remembered a few seconds."""
+        now = time.monotonic()
+        known = self._sparse.get(collection)
+        if known is None or now - known[1] > _LAYOUT_TTL:
+            info = await self._call("describe collection", self.client.get_collection(collection))
+            known = self._sparse[collection] = (SPARSE_VECTOR in (info.config.params.sparse_vectors or {}), now)
+        return known[0]
 
     async def delete_other_ingests(self, collection: str, digest: str) -> None:
         """Remove points not written by the ingestion with ``digest`` (rows gone from the source)."""
@@ -137,6 +161,7 @@ class QdrantStore:
 
     async def drop(self, collection: str) -> None:
         """Delete a collection if it exists."""
+        self._sparse.pop(collection, None)
         if await self.exists(collection):
             await self._call("delete collection", self.client.delete_collection(collection))
 
@@ -155,12 +180,44 @@ class QdrantStore:
             if c.name.startswith(f"{alias}--"):
                 await self.drop(c.name)
 
-    async def search(self, collection: str, vector: Sequence[float], limit: int) -> list[ScoredRow]:
-        """Nearest points to ``vector``."""
+    async def search(self, collection: str, request: SearchRequest) -> list[ScoredRow]:
+        """The best rows for a question: one query, with dense and BM25 prefetches fused in hybrid mode."""
+        dense = list(request.vector)
+        wants_words = request.mode is not SearchMode.dense and await self._has_sparse(collection)
+        words = bm25.query_vector(request.text) if wants_words else None
+        sparse = qm.SparseVector(indices=words.indices, values=words.values) if words is not None else None
+        query: Any
+        prefetch: list[qm.Prefetch] | None = None
+        using: str | None = None
+        if request.mode is SearchMode.hybrid and sparse is not None:
+            fetch = FUSION.fetch(request.limit)
+            prefetch = [
+                qm.Prefetch(query=dense, using=DENSE_VECTOR, limit=fetch),
+                qm.Prefetch(query=sparse, using=SPARSE_VECTOR, limit=fetch),
+            ]
+            query = qm.RrfQuery(rrf=qm.Rrf(k=FUSION.k, weights=[FUSION.dense_weight, FUSION.sparse_weight]))
+        elif request.mode is SearchMode.sparse:
+            if sparse is None:
+                return []  # no indexable word: nothing can match
+            query, using = sparse, SPARSE_VECTOR
+        else:
+            query, using = dense, DENSE_VECTOR
         result = await self._call(
-            "search", self.client.query_points(collection, query=list(vector), limit=limit, with_payload=True)
+            "search",
+            self.client.query_points(
+                collection,
+                query=query,
+                using=using,
+                prefetch=prefetch,
+                limit=request.limit,
+                with_payload=True,
+                with_vectors=[DENSE_VECTOR],
+            ),
         )
-        return [ScoredRow(str(p.id), float(p.score), p.payload or {}) for p in result.points]
+        return [
+            ScoredRow(str(p.id), float(p.score), p.payload or {}, cosine(dense, dense_of(p.vector)))
+            for p in result.points
+        ]
 
     async def close(self) -> None:
         """Close the client (releases the embedded store's folder lock)."""

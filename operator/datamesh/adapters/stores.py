@@ -1,7 +1,10 @@
-"""Choosing the vector store: a Qdrant server when a URL is set, else the embedded store."""
+"""Choosing the vector store: a Qdrant server when a URL is set, else Qdrant's embedded engine."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from datamesh.adapters.edge import EdgeStore
 from datamesh.adapters.qdrant import QdrantStore
 from datamesh.core.ports import VectorStore
 from datamesh.settings import StoreSettings
@@ -9,4 +12,8 @@ from datamesh.settings import StoreSettings
 
 def open_store(settings: StoreSettings, concurrency: int | None = None) -> VectorStore:
     """The store ``settings`` describe, with at most ``concurrency`` requests in flight."""
-    return QdrantStore.connect(settings, concurrency)
+    slots = concurrency or settings.concurrency
+    if settings.url:
+        return QdrantStore.connect(settings, slots)
+    root = None if settings.path == ":memory:" else Path(settings.path)
+    return EdgeStore(root, concurrency=slots, max_open=settings.max_open, search_threads=settings.search_threads)

@@ -14,10 +14,10 @@ import kopf
 
 from datamesh.controller import metrics
 from datamesh.controller.runtime import Runtime, build_runtime
-from datamesh.core.children import MANAGED_BY, desired_objects, drifted
-from datamesh.core.conditions import utcnow
+from datamesh.core.children import MANAGED_BY, deployment_available, desired_objects, drifted
+from datamesh.core.conditions import ConditionType, utcnow
 from datamesh.core.sla import refresh_due
-from datamesh.engine.reconciler import Outcome
+from datamesh.engine.reconciler import Event, Outcome
 from datamesh.resource.catalog import entry_of_object
 from datamesh.resource.models import GROUP, PLURAL, VERSION, DataProductStatus, parse_spec, parse_status
 from datamesh.settings import OperatorSettings
@@ -29,12 +29,15 @@ RESOURCE = (GROUP, VERSION, PLURAL)
 
 def write_outcome(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None:
     """Put the outcome's status into the patch and post its events."""
-    # Every managed field is written, None included, so a cleared value is removed by the merge patch.
-    patch.status.update(outcome.status.model_dump(by_alias=True, mode="json"))
+    patch.status.update(outcome.status.wire_status())
     for event in outcome.events:
-        kopf.event(
-            body, type="Warning" if event.warning else "Normal", reason=event.reason, message=event.message[:1000]
-        )
+        post_event(body, event)
+
+
+def post_event(body: Mapping[str, Any], event: Event) -> None:
+    """A Kubernetes Event on the product."""
+    kind = "Warning" if event.warning else "Normal"
+    kopf.event(body, type=kind, reason=event.reason, message=event.message[:1000])  # type: ignore[arg-type]
 
 
 def kopf_settings(settings: OperatorSettings, namespaces: list[str] | None = None) -> kopf.OperatorSettings:
@@ -147,15 +150,24 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
             memo: kopf.Memo,
             **_: Any,
         ) -> None:
-            # Drift repair: a child deleted or edited by hand is put back from its owner's spec. The
-            # owner is read when needed, not indexed: an index costs a worker per product at start.
+            # A child deleted or edited by hand is put back from its owner's spec; a Deployment that
+            # gains or loses its available replicas updates InferenceReady at once. The owner is
+            # read when needed, not indexed: an index costs a worker per product at start.
             owner = body.metadata.labels.get("datamesh.io/product")
             if owner is None or type not in ("DELETED", "MODIFIED"):
                 return
             runtime: Runtime = memo.runtime
             product = await runtime.kube.read_product(*RESOURCE, body.metadata.namespace or "default", owner)
-            if product is not None:
-                await _repair_children(runtime, product, body, deleted=type == "DELETED")
+            if product is None or (product.get("metadata") or {}).get("deletionTimestamp"):
+                return  # the product is going away; let the garbage collector finish
+            if await _repair_children(runtime, product, body, deleted=type == "DELETED"):
+                return
+            if body.get("kind") == "Deployment" and _availability_changed(product, body):
+                outcome = await runtime.reconciler.reconcile(product)
+                if outcome is not None:
+                    await runtime.kube.patch_product_status(*RESOURCE, product, outcome.status.wire_status())
+                    for event in outcome.events:
+                        post_event(product, event)
 
     return registry
 
@@ -168,17 +180,24 @@ def _comparable(status: DataProductStatus) -> dict[str, Any]:
     return data
 
 
-async def _repair_children(runtime: Runtime, product: Mapping[str, Any], child: kopf.Body, deleted: bool) -> None:
-    if (product.get("metadata") or {}).get("deletionTimestamp"):
-        return  # the product is going away; let the garbage collector finish
+async def _repair_children(runtime: Runtime, product: Mapping[str, Any], child: kopf.Body, deleted: bool) -> bool:
+    """Put a deleted or hand-edited child back; True when it had to."""
     spec = parse_spec(product)
     if spec is None or spec.inference is None or not spec.inference.enabled or not spec.inference.model:
-        return
+        return False
     meta = product["metadata"]
     defaults = runtime.settings.runtime_defaults()
     for obj in desired_objects(meta["namespace"], meta["name"], meta["uid"], spec.inference, defaults):
-        if obj["kind"] != child.get("kind"):
-            continue
-        if deleted or drifted(obj, child):
+        if obj["kind"] == child.get("kind") and (deleted or drifted(obj, child)):
             log.info("restoring %s %s/%s", obj["kind"], meta["namespace"], obj["metadata"]["name"])
             await runtime.kube.apply(obj)
+            return True
+    return False
+
+
+def _availability_changed(product: Mapping[str, Any], deployment: Mapping[str, Any]) -> bool:
+    """Whether the Deployment's availability differs from what the product's InferenceReady says."""
+    available, _ = deployment_available(deployment)
+    conditions = parse_status(product).conditions
+    inference = next((c for c in conditions if c.type == ConditionType.inference_ready.value), None)
+    return inference is None or (inference.status == "True") != available

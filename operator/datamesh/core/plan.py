@@ -1,8 +1,8 @@
 """Where and how a product's vectors are stored: names, ids and the collection plan.
 
 Each product has an alias (what queries use) pointing at an index collection named after its
-embedding settings, so a change of model builds a new index beside the old one and the alias
-switches when it is complete.
+embedding settings, so a change of model or search mode builds a new index beside the old one
+and the alias switches when it is complete.
 """
 
 from __future__ import annotations
@@ -13,13 +13,42 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from datamesh.resource.models import DataProductSpec, Distance, FieldType
+from datamesh.resource.models import DataProductSpec, Distance, FieldType, SearchMode, qualified_name
 
 # Payload keys the operator owns; schema field names cannot start with "_", so they never clash.
 TEXT_KEY = "_text"
 DIGEST_KEY = "_ingest"
+# Vector names of every collection: the key fields' embedding, and BM25 over their words.
+DENSE_VECTOR = "dense"
+SPARSE_VECTOR = "bm25"
+# Part of every index name: a new layout of the collections re-indexes every product once.
+LAYOUT = "2"
+# Qdrant refuses collection and alias names over 255 characters; an index adds "--" + 10.
+MAX_ALIAS = 255 - 12
 
 _POINT_NAMESPACE = uuid.UUID("6f1c8e0a-4b7d-5f3a-9c2e-d4a1b0e7f9c3")
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """How a hybrid search fuses its two prefetches: weighted reciprocal rank fusion.
+
+    Each prefetch fetches ``max(limit * fetch_factor, min_fetch)`` candidates, so a row found by
+    only one of them still competes. Weights are set by the quality benchmark, not by habit.
+    """
+
+    k: int = 2
+    dense_weight: float = 1.0
+    sparse_weight: float = 1.0
+    fetch_factor: int = 4
+    min_fetch: int = 50
+
+    def fetch(self, limit: int) -> int:
+        """Candidates each prefetch returns for a search of ``limit`` hits."""
+        return max(limit * self.fetch_factor, self.min_fetch)
+
+
+FUSION = Fusion()
 
 
 @dataclass(frozen=True)
@@ -31,11 +60,17 @@ class CollectionPlan:
     vector_size: int
     distance: Distance
     payload_indexes: dict[str, FieldType] = field(default_factory=dict)
+    mode: SearchMode = SearchMode.hybrid
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the collection holds BM25 vectors of the key fields' words."""
+        return self.mode is not SearchMode.dense
 
 
 def collection_alias(namespace: str, name: str) -> str:
-    """The alias queries use for a product (namespaces hold no dots, so it is unique)."""
-    return f"{namespace}.{name}"
+    """The alias queries use for a product: unique, and short enough for Qdrant with its index suffix."""
+    return qualified_name(namespace, name, MAX_ALIAS)
 
 
 def collection_plan(namespace: str, name: str, spec: DataProductSpec, vector_size: int) -> CollectionPlan:
@@ -43,11 +78,14 @@ def collection_plan(namespace: str, name: str, spec: DataProductSpec, vector_siz
     search = spec.semantic_search
     if search is None:
         raise ValueError("a collection plan needs semanticSearch")
-    settings = f"{search.embedding_model}|{search.embedding_endpoint or ''}|{vector_size}|{search.distance}"
-    suffix = hashlib.sha256(settings.encode()).hexdigest()[:10]
+    mode = SearchMode(search.mode)
+    settings = (
+        f"{search.embedding_model}|{search.embedding_endpoint or ''}|{vector_size}|{search.distance}|{mode.value}"
+    )
+    suffix = hashlib.sha256(f"{LAYOUT}|{settings}".encode()).hexdigest()[:10]
     alias = collection_alias(namespace, name)
     indexes = {f.name: FieldType(f.type) for f in spec.data_schema.fields if f.filterable}
-    return CollectionPlan(alias, f"{alias}--{suffix}", vector_size, Distance(search.distance), indexes)
+    return CollectionPlan(alias, f"{alias}--{suffix}", vector_size, Distance(search.distance), indexes, mode)
 
 
 def point_id(namespace: str, name: str, key: Sequence[Any]) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 from datamesh.core.conditions import Check
 from datamesh.core.plan import CollectionPlan
 from datamesh.core.rows import Row
-from datamesh.resource.models import Inference, Source
+from datamesh.resource.models import Inference, SearchMode, Source
 
 # ==== errors ==================================================================================
 
@@ -25,6 +25,10 @@ class VectorStoreError(Exception):
 
 class CollectionMissing(VectorStoreError):
     """The collection (or alias) does not exist."""
+
+
+class StoreRejected(VectorStoreError):
+    """The store refused a request as malformed (a wrong vector size, a conflicting collection)."""
 
 
 class EmbeddingError(Exception):
@@ -87,12 +91,27 @@ class EmbedderResolver(Protocol):
 
 
 @dataclass(frozen=True)
+class SearchRequest:
+    """One product search: the question's embedding and words, fused by Qdrant in hybrid mode."""
+
+    vector: Sequence[float]
+    text: str
+    limit: int
+    mode: SearchMode = SearchMode.hybrid
+
+
+@dataclass(frozen=True)
 class ScoredRow:
-    """One search hit: the point id, its similarity and its stored payload."""
+    """One search hit: the point id, its rank score, its cosine similarity to the question, its payload.
+
+    ``score`` orders hits within one product (a fused score in hybrid mode); ``similarity`` is
+    the embedding's cosine, comparable across products that share a model.
+    """
 
     id: str
     score: float
     payload: Mapping[str, Any] = field(default_factory=dict)
+    similarity: float | None = None
 
 
 class VectorStore(Protocol):
@@ -115,9 +134,10 @@ class VectorStore(Protocol):
         collection: str,
         ids: Sequence[str],
         vectors: Sequence[Sequence[float]],
+        texts: Sequence[str],
         payloads: Sequence[Mapping[str, Any]],
     ) -> None:
-        """Write one batch of points (idempotent: ids come from primary keys)."""
+        """Write one batch of points (idempotent: ids come from primary keys); ``texts`` feed BM25."""
         ...
 
     async def delete_other_ingests(self, collection: str, digest: str) -> None:
@@ -140,8 +160,8 @@ class VectorStore(Protocol):
         """Delete a product's alias and every index collection built for it."""
         ...
 
-    async def search(self, collection: str, vector: Sequence[float], limit: int) -> list[ScoredRow]:
-        """Nearest points to ``vector``."""
+    async def search(self, collection: str, request: SearchRequest) -> list[ScoredRow]:
+        """The best rows for a question, as one Qdrant query (two prefetches fused in hybrid mode)."""
         ...
 
     async def close(self) -> None:

@@ -25,7 +25,7 @@ async def write_points(
         texts = [key_text(r, key_fields) for r in rows]
         vectors = await provider.embed(texts)
         payloads = [{**r, TEXT_KEY: t, DIGEST_KEY: digest} for r, t in zip(rows, texts, strict=True)]
-        await store.upsert(collection, validated.ids[start : start + batch_size], vectors, payloads)
+        await store.upsert(collection, validated.ids[start : start + batch_size], vectors, texts, payloads)
         if on_batch is not None:
             on_batch(len(rows))
     # Only after every batch landed: a crash mid-way leaves the old rows in place, never fewer.

@@ -14,6 +14,7 @@ from datamesh.core.ports import (
     EmbeddingError,
     EmbeddingServiceError,
     ScoredRow,
+    SearchRequest,
     VectorStore,
     VectorStoreError,
 )
@@ -22,7 +23,7 @@ from datamesh.query.routing import Route, product_ref
 from datamesh.query.schemas import RRF_K, Hit, MergedHit, ProductError, ProductResult
 from datamesh.query.settings import QuerySettings
 from datamesh.resource.catalog import CatalogEntry
-from datamesh.resource.models import DEFAULT_EMBEDDING_MODEL, parse_duration
+from datamesh.resource.models import DEFAULT_EMBEDDING_MODEL, SearchMode, parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,9 @@ class QueryEngine:
                 stage = "vector_store"
                 if not entry.collection:
                     raise VectorStoreError("the product has no collection")
-                points = await self.store.search(entry.collection, vector, limit)
+                mode = SearchMode(entry.search_mode or SearchMode.hybrid)
+                request = SearchRequest(vector, vectors.question, limit, mode)
+                points = await self.store.search(entry.collection, request)
             return ProductResult(
                 product=product_ref(entry), hits=[_hit(p) for p in points], latency_ms=elapsed_ms(started)
             )

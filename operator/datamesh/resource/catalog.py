@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from datamesh.resource.models import DataProductSpec, DataProductStatus, parse_spec, parse_status
+from datamesh.resource.models import DataProductSpec, DataProductStatus, parse_spec, parse_status, qualified_name
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class CatalogEntry(WireModel):
     collection: str | None = None
     embedding_model: str | None = None
     embedding_endpoint: str | None = None
+    search_mode: str | None = None
     inference_endpoint: str | None = None
     phase: str | None = None
     records: int | None = None
@@ -81,8 +82,8 @@ class CatalogEntry(WireModel):
 
 
 def entry_key(namespace: str, name: str) -> str:
-    """Catalog key of a product (a valid ConfigMap data key)."""
-    return f"{namespace}.{name}"
+    """Catalog key of a product: a valid ConfigMap data key (at most 253 characters)."""
+    return qualified_name(namespace, name, 253)
 
 
 def catalog_entry(
@@ -105,6 +106,7 @@ def catalog_entry(
         collection=status.collection if search else None,
         embedding_model=search.embedding_model if search else None,
         embedding_endpoint=search.embedding_endpoint if search else None,
+        search_mode=search.mode if search else None,
         inference_endpoint=status.inference_endpoint,
         phase=status.phase,
         records=status.records,

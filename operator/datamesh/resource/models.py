@@ -8,6 +8,7 @@ is mirrored here by a validator, so local mode and the operator refuse exactly w
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from datetime import datetime
@@ -48,6 +49,19 @@ DURATION_HINT = "must be a duration such as 500ms, 30s, 15m or 24h"
 # A leading underscore is reserved for keys the platform adds to rows (_text, _inference, ...).
 FIELD_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]*$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+def qualified_name(namespace: str, name: str, limit: int) -> str:
+    """``namespace.name``, or a stable shortening of it with a hash suffix when it exceeds ``limit``.
+
+    Namespaces hold no dots, so the full form is unique; a shortened one keeps the namespace and
+    the start of the name readable and stays unique by the hash of the whole.
+    """
+    full = f"{namespace}.{name}"
+    if len(full) <= limit:
+        return full
+    digest = hashlib.sha256(full.encode()).hexdigest()[:12]
+    return f"{full[: limit - len(digest) - 1].rstrip('.-')}-{digest}"
 
 
 def parse_duration(value: str) -> float:
@@ -247,6 +261,12 @@ class Distance(str, Enum):
     euclid = "Euclid"
 
 
+class SearchMode(str, Enum):
+    hybrid = "hybrid"
+    dense = "dense"
+    sparse = "sparse"
+
+
 class SemanticSearch(CRDModel):
     """Embed the key fields of every row into a Qdrant collection."""
 
@@ -274,6 +294,13 @@ class SemanticSearch(CRDModel):
         json_schema_extra={"items": {"type": "string", "maxLength": 63}, "default": []},
     )
     distance: Distance = Field(Distance.cosine, description="Vector distance of the collection: Cosine, Dot or Euclid.")
+    mode: SearchMode = Field(
+        SearchMode.hybrid,
+        description=(
+            "How a question finds rows: hybrid (the key fields' embedding and BM25 on their words, fused by "
+            "Qdrant), dense (embedding only) or sparse (BM25 only). Changing it re-indexes the product."
+        ),
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -515,6 +542,10 @@ class DataProductStatus(CRDModel):
         None, description="Digest of source rows and embedding settings of the last ingestion."
     )
     sla: SLAStatus | None = Field(None, description="Result of the last SLA check.")
+
+    def wire_status(self) -> dict[str, Any]:
+        """Every field as written to the API, None included, so a merge patch removes cleared values."""
+        return self.model_dump(by_alias=True, mode="json")
 
 
 def spec_error_message(exc: ValidationError) -> str:

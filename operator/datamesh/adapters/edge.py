@@ -1,0 +1,435 @@
+"""The embedded vector store: Qdrant's own engine in this process, through qdrant-edge.
+
+``qdrant_edge.EdgeShard`` is one Qdrant shard in one directory, with no collections or aliases
+of its own. Here each index collection is a shard directory, and the aliases are one small JSON
+file swapped atomically, so the reconcile core sees the same collections, aliases and errors as
+on a Qdrant server.
+
+Layout under the root folder::
+
+    aliases.json                           {alias: index collection}
+    collections/<safe name>/collection.json  what the collection is (written last: its commit mark)
+    collections/<safe name>/shard/         the EdgeShard (config, WAL, segments)
+
+A shard directory is locked by the process that opens it (its WAL), so one process owns the
+root. Shards are cheap when configured for it (one search thread, vectors memory-mapped, no
+payload index unless a field is filterable) and at most ``max_open`` stay open at once, least
+recently used closed first, so hundreds of products cost little memory and few threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import re
+import shutil
+import tempfile
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import qdrant_edge as qe
+
+from datamesh.adapters import bm25
+from datamesh.adapters.files import atomic_write
+from datamesh.adapters.similarity import cosine, dense_of
+from datamesh.core.plan import DENSE_VECTOR, DIGEST_KEY, FUSION, SPARSE_VECTOR, CollectionPlan
+from datamesh.core.ports import (
+    CollectionMissing,
+    ScoredRow,
+    SearchRequest,
+    StoreRejected,
+    VectorStoreError,
+)
+from datamesh.resource.models import Distance, FieldType, SearchMode
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+META_FILE = "collection.json"
+ALIASES_FILE = "aliases.json"
+_DISTANCES = {Distance.cosine: qe.Distance.Cosine, Distance.dot: qe.Distance.Dot, Distance.euclid: qe.Distance.Euclid}
+_PAYLOAD_TYPES = {
+    FieldType.string: qe.PayloadSchemaType.Keyword,
+    FieldType.integer: qe.PayloadSchemaType.Integer,
+    FieldType.number: qe.PayloadSchemaType.Float,
+    FieldType.boolean: qe.PayloadSchemaType.Bool,
+    FieldType.timestamp: qe.PayloadSchemaType.Datetime,
+    FieldType.date: qe.PayloadSchemaType.Datetime,
+}
+# The engine's messages are its only error signal (it raises plain Exception): the prefixes of
+# its OperationError kinds that mean the request itself was wrong, and those meaning "absent".
+_REJECTED = (
+    "Vector dimension error",
+    "Not existing vector name error",
+    "Payload type does not match",
+    "Validation failed",
+    "Wrong usage of sparse vectors",
+    "Service runtime error: config is incompatible",
+)
+_MISSING = ("cannot load edge shard: directory", "no segments were loaded", "Shard is not initialized")
+
+
+def _panicked(exc: BaseException) -> bool:
+    # Rust panics arrive as pyo3_runtime.PanicException, a BaseException whose module is not importable.
+    return type(exc).__name__ == "PanicException" and type(exc).__module__ == "pyo3_runtime"
+
+
+def _translate(exc: BaseException, collection: str) -> BaseException:
+    """An exception of the engine (or of our file handling) as the port's error of the same kind."""
+    if isinstance(exc, VectorStoreError):
+        return exc
+    where = f"embedded store, collection {collection}"
+    if _panicked(exc):
+        return VectorStoreError(f"{where}: the engine failed: {exc}")
+    if isinstance(exc, FileNotFoundError):
+        return CollectionMissing(f"{where}: does not exist")
+    if isinstance(exc, OSError):
+        return VectorStoreError(f"{where}: I/O error: {exc}")
+    if isinstance(exc, (TypeError, ValueError)):
+        return StoreRejected(f"{where}: {exc}")
+    if type(exc) is Exception:
+        message = str(exc)
+        if message.startswith(_REJECTED):
+            return StoreRejected(f"{where}: {message}")
+        if any(marker in message for marker in _MISSING):
+            return CollectionMissing(f"{where}: does not exist ({message})")
+        return VectorStoreError(f"{where}: {message}")
+    return exc
+
+
+def safe_dirname(name: str) -> str:
+    """A directory name for any collection name: readable start, unique by the hash of the whole."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:80].strip("._-") or "c"
+    return f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+
+
+def _finite(vector: Sequence[float], size: int) -> list[float]:
+    values = [float(v) for v in vector]
+    if len(values) != size:
+        raise StoreRejected(f"a vector of {len(values)} dimensions for a collection of {size}")
+    if not all(map(math.isfinite, values)):
+        raise StoreRejected("a vector with NaN or infinite values")  # the engine would store them silently
+    return values
+
+
+@dataclass
+class _Shard:
+    """An open shard and the operations in flight on it."""
+
+    name: str
+    meta: dict[str, Any]
+    engine: qe.EdgeShard
+    users: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    writing: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+
+class EdgeStore:
+    """Product collections in Qdrant's embedded engine, under one folder owned by this process."""
+
+    def __init__(
+        self,
+        root: Path | None,
+        *,
+        concurrency: int = 8,
+        max_open: int = 256,
+        search_threads: int = 1,
+        batch_size: int = 256,
+    ) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="datamesh-store-") if root is None else None
+        self.root = Path(self._tmp.name) if self._tmp is not None else Path(root or ".")
+        (self.root / "collections").mkdir(parents=True, exist_ok=True)
+        self.max_open = max_open
+        self.search_threads = search_threads
+        self.batch_size = batch_size
+        self._slots = asyncio.Semaphore(concurrency)
+        self._open: OrderedDict[str, _Shard] = OrderedDict()  # least recently used first
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._aliases = self._read_aliases()
+        self._alias_lock = asyncio.Lock()
+        self._closed = False
+
+    # ---- plumbing ------------------------------------------------------------------------------
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def _dir(self, name: str) -> Path:
+        return self.root / "collections" / safe_dirname(name)
+
+    async def _engine(self, collection: str, call: Callable[..., T], *args: Any) -> T:
+        """Run one engine call in a worker thread (bounded), its errors translated by kind."""
+        if self._closed:
+            raise VectorStoreError("the embedded store is closed")
+        async with self._slots:
+            try:
+                return await asyncio.to_thread(call, *args)
+            except BaseException as exc:  # a Rust panic is a BaseException
+                if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+                    raise
+                translated = _translate(exc, collection)
+                if translated is exc:
+                    raise
+                raise translated from exc
+
+    def _config(self, meta: Mapping[str, Any]) -> qe.EdgeConfig:
+        dense = qe.EdgeVectorParams(
+            size=int(meta["vector_size"]), distance=_DISTANCES[Distance(meta["distance"])], memory=qe.Memory.Cold
+        )
+        sparse = {SPARSE_VECTOR: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)} if meta["sparse"] else None
+        return qe.EdgeConfig(
+            vectors={DENSE_VECTOR: dense}, sparse_vectors=sparse, max_search_threads=self.search_threads
+        )
+
+    def _read_meta(self, name: str) -> dict[str, Any] | None:
+        try:
+            meta: dict[str, Any] = json.loads((self._dir(name) / META_FILE).read_text())
+        except FileNotFoundError:
+            return None
+        return meta
+
+    @contextlib.asynccontextmanager
+    async def _use(self, name: str) -> AsyncIterator[_Shard]:
+        """An open shard for one operation: opened on first use, kept open while it is in use."""
+        async with self._lock(name):
+            shard = self._open.get(name)
+            if shard is None:
+                meta = await self._engine(name, self._read_meta, name)
+                if meta is None:
+                    raise CollectionMissing(f"embedded store, collection {name}: does not exist")
+                engine = await self._engine(name, qe.EdgeShard.load, str(self._dir(name) / "shard"), self._config(meta))
+                shard = self._open[name] = _Shard(name, meta, engine)
+            self._open.move_to_end(name)
+            shard.users += 1
+            shard.idle.clear()
+        try:
+            yield shard
+        finally:
+            shard.users -= 1
+            if shard.users == 0:
+                shard.idle.set()
+            await self._evict()
+
+    async def _evict(self) -> None:
+        # Close the least recently used idle shards over the cap (each holds a thread and mappings).
+        for name in [n for n, s in self._open.items() if s.users == 0][: max(0, len(self._open) - self.max_open)]:
+            async with self._lock(name):
+                shard = self._open.get(name)
+                if shard is not None and shard.users == 0:
+                    await self._close_locked(name)
+
+    async def _close_locked(self, name: str) -> None:
+        shard = self._open.pop(name, None)
+        if shard is None:
+            return
+        await shard.idle.wait()
+        try:
+            await asyncio.to_thread(shard.engine.close)
+        except Exception as exc:  # the shard is gone either way; say why it did not close cleanly
+            log.warning("closing embedded collection %s: %s", name, exc)
+
+    def _resolve(self, name: str) -> str:
+        # Aliases first, as a Qdrant server resolves them.
+        return self._aliases.get(name, name)
+
+    # ---- aliases -------------------------------------------------------------------------------
+
+    def _read_aliases(self) -> dict[str, str]:
+        try:
+            aliases: dict[str, str] = json.loads((self.root / ALIASES_FILE).read_text())
+        except FileNotFoundError:
+            return {}
+        return aliases
+
+    async def current_index(self, alias: str) -> str | None:
+        """The index collection an alias points at, if any."""
+        return self._aliases.get(alias)
+
+    async def point_alias(self, alias: str, index: str) -> str | None:
+        """Point ``alias`` at ``index`` atomically (a file replaced whole); returns the previous target."""
+        if await self._engine(index, self._read_meta, index) is None:
+            raise CollectionMissing(f"embedded store, collection {index}: does not exist")
+        async with self._alias_lock:
+            previous = self._aliases.get(alias)
+            if previous != index:
+                aliases = {**self._aliases, alias: index}
+                await self._engine(alias, atomic_write, self.root / ALIASES_FILE, json.dumps(aliases, sort_keys=True))
+                self._aliases = aliases
+            return previous
+
+    # ---- collections ---------------------------------------------------------------------------
+
+    async def ensure_index(self, plan: CollectionPlan) -> bool:
+        """Create the plan's index collection if missing; True when it was created."""
+        wanted = {
+            "name": plan.index,
+            "vector_size": plan.vector_size,
+            "distance": Distance(plan.distance).value,
+            "sparse": plan.sparse,
+            "payload_indexes": {k: FieldType(v).value for k, v in plan.payload_indexes.items()},
+        }
+        async with self._lock(plan.index):
+            meta = await self._engine(plan.index, self._read_meta, plan.index)
+            if meta is not None:
+                if any(meta[k] != wanted[k] for k in ("vector_size", "distance", "sparse")):
+                    raise StoreRejected(f"embedded store, collection {plan.index}: exists with other vectors")
+                return False
+            engine = await self._engine(plan.index, self._create, plan.index, wanted)
+            self._open[plan.index] = _Shard(plan.index, wanted, engine)
+        await self._evict()
+        return True
+
+    def _create(self, name: str, meta: dict[str, Any]) -> qe.EdgeShard:
+        directory = self._dir(name)
+        if directory.exists():  # a creation a crash interrupted: it has no commit mark
+            shutil.rmtree(directory)
+        engine = qe.EdgeShard.create(str(directory / "shard"), self._config(meta))
+        try:
+            # Only filterable fields: each payload index costs megabytes per shard, even empty.
+            for key, kind in meta["payload_indexes"].items():
+                engine.update(qe.UpdateOperation.create_field_index(key, _PAYLOAD_TYPES[FieldType(kind)]))
+            engine.flush()
+            atomic_write(directory / META_FILE, json.dumps(meta, sort_keys=True))
+        except BaseException:
+            engine.close()
+            raise
+        return engine
+
+    async def exists(self, collection: str) -> bool:
+        """Whether a collection (or alias) exists."""
+        name = self._resolve(collection)
+        return await self._engine(name, self._read_meta, name) is not None
+
+    async def count(self, collection: str) -> int:
+        """Exact number of points in a collection or alias."""
+        name = self._resolve(collection)
+        async with self._use(name) as shard:
+            return await self._engine(name, shard.engine.count, qe.CountRequest(exact=True))
+
+    async def drop(self, collection: str) -> None:
+        """Close and delete a collection if it exists (aliases pointing at it are left alone)."""
+        async with self._lock(collection):
+            await self._close_locked(collection)
+            await self._engine(collection, self._remove, collection)
+
+    def _remove(self, name: str) -> None:
+        directory = self._dir(name)
+        if directory.exists():
+            # Renamed first: the collection is gone at once, even if the removal is interrupted.
+            tomb = directory.with_name(f".drop-{uuid.uuid4().hex}")
+            directory.rename(tomb)
+            shutil.rmtree(tomb, ignore_errors=True)
+
+    async def drop_product(self, alias: str) -> None:
+        """Delete a product's alias and every index collection built for it."""
+        async with self._alias_lock:
+            if alias in self._aliases:
+                aliases = {k: v for k, v in self._aliases.items() if k != alias}
+                await self._engine(alias, atomic_write, self.root / ALIASES_FILE, json.dumps(aliases, sort_keys=True))
+                self._aliases = aliases
+        for name in await self._engine(alias, self._collections):
+            if name.startswith(f"{alias}--"):
+                await self.drop(name)
+
+    def _collections(self) -> list[str]:
+        names = []
+        for directory in (self.root / "collections").iterdir():
+            try:
+                names.append(json.loads((directory / META_FILE).read_text())["name"])
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return names
+
+    # ---- points --------------------------------------------------------------------------------
+
+    async def upsert(
+        self,
+        collection: str,
+        ids: Sequence[str],
+        vectors: Sequence[Sequence[float]],
+        texts: Sequence[str],
+        payloads: Sequence[Mapping[str, Any]],
+    ) -> None:
+        """Write points in batches (the engine holds the GIL while it writes, so batches stay small)."""
+        async with self._use(collection) as shard, shard.writing:
+            for start in range(0, len(ids), self.batch_size):
+                end = start + self.batch_size
+                batch = (ids[start:end], vectors[start:end], texts[start:end], payloads[start:end])
+                await self._engine(collection, self._write, shard, *batch)
+
+    @staticmethod
+    def _write(
+        shard: _Shard,
+        ids: Sequence[str],
+        vectors: Sequence[Sequence[float]],
+        texts: Sequence[str],
+        payloads: Sequence[Mapping[str, Any]],
+    ) -> None:
+        size, sparse = int(shard.meta["vector_size"]), bool(shard.meta["sparse"])
+        points = []
+        for point_id, vector, text, payload in zip(ids, vectors, texts, payloads, strict=True):
+            named: dict[str, Any] = {DENSE_VECTOR: _finite(vector, size)}
+            words = bm25.document_vector(text) if sparse else None
+            if words is not None:  # only the tokenizer's own vectors: a malformed one breaks the shard
+                named[SPARSE_VECTOR] = words
+            points.append(qe.Point(point_id, named, dict(payload)))
+        shard.engine.update(qe.UpdateOperation.upsert_points(points))
+
+    async def delete_other_ingests(self, collection: str, digest: str) -> None:
+        """Remove points not written by the ingestion with ``digest``."""
+        keep = qe.Filter(must_not=[qe.FieldCondition(key=DIGEST_KEY, match=qe.MatchValue(digest))])
+        async with self._use(collection) as shard, shard.writing:
+            await self._engine(collection, shard.engine.update, qe.UpdateOperation.delete_points_by_filter(keep))
+
+    async def search(self, collection: str, request: SearchRequest) -> list[ScoredRow]:
+        """The best rows for a question: one query, with dense and BM25 prefetches fused in hybrid mode."""
+        name = self._resolve(collection)
+        async with self._use(name) as shard:
+            dense = _finite(request.vector, int(shard.meta["vector_size"]))
+            has_words = bool(shard.meta["sparse"]) and request.mode is not SearchMode.dense
+            words = bm25.query_vector(request.text) if has_words else None
+            if request.mode is SearchMode.sparse and words is None:
+                return []  # no indexable word: nothing can match
+            query = self._query(request, dense, words)
+            points = await self._engine(name, shard.engine.query, query)
+        return [
+            ScoredRow(str(p.id), float(p.score), p.payload or {}, cosine(dense, dense_of(p.vector))) for p in points
+        ]
+
+    @staticmethod
+    def _query(request: SearchRequest, dense: list[float], words: qe.SparseVector | None) -> qe.QueryRequest:
+        common: dict[str, Any] = {"limit": request.limit, "with_payload": True, "with_vector": [DENSE_VECTOR]}
+        if request.mode is SearchMode.sparse and words is not None:
+            return qe.QueryRequest(query=qe.Query.Nearest(words, using=SPARSE_VECTOR), **common)
+        if request.mode is SearchMode.hybrid and words is not None:
+            fetch = FUSION.fetch(request.limit)
+            return qe.QueryRequest(
+                prefetches=[
+                    qe.Prefetch(limit=fetch, query=qe.Query.Nearest(dense, using=DENSE_VECTOR)),
+                    qe.Prefetch(limit=fetch, query=qe.Query.Nearest(words, using=SPARSE_VECTOR)),
+                ],
+                # The stub names the Fusion class; the engine takes its inner Rrf as the query.
+                query=qe.Fusion.Rrf(k=FUSION.k, weights=[FUSION.dense_weight, FUSION.sparse_weight]),  # type: ignore[arg-type]
+                **common,
+            )
+        return qe.QueryRequest(query=qe.Query.Nearest(dense, using=DENSE_VECTOR), **common)
+
+    async def close(self) -> None:
+        """Close every shard (flushing it), so the folder can be opened again."""
+        for name in list(self._open):
+            async with self._lock(name):
+                await self._close_locked(name)
+        self._closed = True
+        if self._tmp is not None:
+            self._tmp.cleanup()

@@ -1,0 +1,273 @@
+"""One contract for both vector stores: Qdrant's embedded engine (qdrant-edge) and a Qdrant server's
+API through qdrant-client.
+
+No Qdrant server can run here, so the server store runs against qdrant-client's local mode, which
+implements the same API in process; it stands in for the server. Everything the reconciler and
+the query service rely on is asserted against both, so the code above cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datamesh.adapters.edge import EdgeStore
+from datamesh.adapters.qdrant import QdrantStore
+from datamesh.core.plan import DIGEST_KEY, CollectionPlan, collection_alias
+from datamesh.core.ports import CollectionMissing, SearchRequest, StoreRejected, VectorStore, VectorStoreError
+from datamesh.resource.models import Distance, SearchMode
+from datamesh.settings import StoreSettings
+
+DIM = 16
+TEXTS = [
+    "invoice paid twice after a card retry",
+    "shipment held at customs for missing paperwork",
+    "customer left for a cheaper competitor",
+    "the xq-7781 firmware bricks the scanner",  # a rare token only BM25 can match exactly
+    "renewal price increase of forty percent",
+    "warehouse flooded during the storm",
+]
+
+
+def run_python(script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+
+
+def unit(seed: int) -> list[float]:
+    vector = np.random.default_rng(seed).normal(size=DIM)
+    return (vector / np.linalg.norm(vector)).tolist()
+
+
+VECTORS = [unit(i) for i in range(len(TEXTS))]
+IDS = [f"00000000-0000-4000-8000-{i:012d}" for i in range(len(TEXTS))]
+
+
+def plan(index: str, mode: SearchMode = SearchMode.hybrid, alias: str = "ns.product") -> CollectionPlan:
+    return CollectionPlan(alias, index, DIM, Distance.cosine, {}, mode)
+
+
+@pytest.fixture(params=["embedded", "server-api"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[VectorStore]:
+    made: VectorStore = (
+        EdgeStore(tmp_path / "store") if request.param == "embedded" else QdrantStore.connect(StoreSettings())
+    )
+    yield made
+    await made.close()
+
+
+async def filled(store: VectorStore, index: str = "ns.product--a", mode: SearchMode = SearchMode.hybrid) -> str:
+    assert await store.ensure_index(plan(index, mode))
+    payloads = [{"text": t, DIGEST_KEY: "d1"} for t in TEXTS]
+    await store.upsert(index, IDS, VECTORS, TEXTS, payloads)
+    return index
+
+
+def request(vector: Sequence[float], text: str, limit: int = 3, mode: SearchMode = SearchMode.hybrid) -> SearchRequest:
+    return SearchRequest(vector, text, limit, mode)
+
+
+async def test_a_missing_collection_is_reported_as_such(store: VectorStore) -> None:
+    with pytest.raises(CollectionMissing, match=r"nowhere\.product"):
+        await store.count("nowhere.product")
+    with pytest.raises(CollectionMissing):
+        await store.search("nowhere.product", request(unit(0), "anything"))
+    assert not await store.exists("nowhere.product")
+
+
+async def test_ensure_creates_once_and_upserts_are_idempotent(store: VectorStore) -> None:
+    index = await filled(store)
+    assert not await store.ensure_index(plan(index))
+    assert await store.exists(index) and await store.count(index) == len(TEXTS)
+    await store.upsert(index, IDS[:2], VECTORS[:2], TEXTS[:2], [{"text": "again", DIGEST_KEY: "d1"}] * 2)
+    assert await store.count(index) == len(TEXTS), "the same ids replace their points"
+
+
+async def test_the_alias_switches_atomically_and_queries_follow_it(store: VectorStore) -> None:
+    first = await filled(store, "ns.product--a")
+    assert await store.point_alias("ns.product", first) is None
+    assert await store.current_index("ns.product") == first and await store.exists("ns.product")
+    second = "ns.product--b"
+    await store.ensure_index(plan(second))
+    await store.upsert(second, IDS[:1], VECTORS[:1], TEXTS[:1], [{"text": TEXTS[0], DIGEST_KEY: "d2"}])
+    assert await store.point_alias("ns.product", second) == first
+    assert await store.count("ns.product") == 1
+    hits = await store.search("ns.product", request(VECTORS[0], TEXTS[0]))
+    assert [h.id for h in hits] == [IDS[0]]
+
+
+async def test_dense_search_ranks_by_cosine_and_reports_it(store: VectorStore) -> None:
+    index = await filled(store)
+    hits = await store.search(index, request(VECTORS[2], "unrelated words", limit=len(TEXTS), mode=SearchMode.dense))
+    assert hits[0].id == IDS[2] and hits[0].payload["text"] == TEXTS[2]
+    expected = sorted(float(np.dot(VECTORS[2], v)) for v in VECTORS)[::-1]
+    assert [round(h.score, 4) for h in hits] == [round(s, 4) for s in expected]
+    assert all(h.similarity is not None and abs(h.similarity - h.score) < 1e-4 for h in hits)
+
+
+async def test_hybrid_search_finds_the_exact_rare_word_the_embedding_misses(store: VectorStore) -> None:
+    index = await filled(store)
+    question = "which scanner firmware xq-7781 problem"
+    far = unit(999)  # an embedding unrelated to every row: only the words can find it
+    dense = await store.search(index, request(far, question, limit=2, mode=SearchMode.dense))
+    assert IDS[3] not in [h.id for h in dense]
+    hybrid = await store.search(index, request(far, question, limit=2))
+    assert hybrid[0].id == IDS[3]
+    assert hybrid[0].similarity is not None and abs(hybrid[0].similarity - float(np.dot(far, VECTORS[3]))) < 1e-4
+    sparse = await store.search(index, request(far, question, limit=5, mode=SearchMode.sparse))
+    assert [h.id for h in sparse] == [IDS[3]], "BM25 returns only rows sharing a word"
+    assert await store.search(index, request(far, "the of and", mode=SearchMode.sparse)) == []
+
+
+async def test_a_dense_only_collection_holds_no_words(store: VectorStore) -> None:
+    index = await filled(store, mode=SearchMode.dense)
+    hits = await store.search(index, request(unit(999), "xq-7781", limit=1))
+    assert hits and hits[0].id != IDS[3], "hybrid on a dense-only collection is the embedding alone"
+
+
+async def test_stale_points_are_removed_by_digest(store: VectorStore) -> None:
+    index = await filled(store)
+    await store.upsert(index, IDS[:2], VECTORS[:2], TEXTS[:2], [{"text": t, DIGEST_KEY: "d2"} for t in TEXTS[:2]])
+    await store.delete_other_ingests(index, "d2")
+    assert await store.count(index) == 2
+
+
+async def test_dropping_a_product_removes_its_alias_and_every_index(store: VectorStore) -> None:
+    for index in ("ns.product--a", "ns.product--b"):
+        await store.ensure_index(plan(index))
+    await store.ensure_index(plan("ns.other--a", alias="ns.other"))
+    await store.point_alias("ns.product", "ns.product--b")
+    await store.drop_product("ns.product")
+    assert await store.current_index("ns.product") is None
+    assert not await store.exists("ns.product--a") and not await store.exists("ns.product--b")
+    assert await store.exists("ns.other--a")
+    await store.drop("ns.other--a")
+    await store.drop("ns.other--a")  # idempotent
+    assert not await store.exists("ns.other--a")
+
+
+async def test_a_vector_of_the_wrong_size_is_refused(store: VectorStore) -> None:
+    index = await filled(store)
+    with pytest.raises(StoreRejected if isinstance(store, EdgeStore) else (StoreRejected, ValueError)):
+        await store.upsert(index, IDS[:1], [[1.0] * (DIM + 1)], TEXTS[:1], [{}])
+
+
+async def test_the_longest_valid_names_fit(store: VectorStore) -> None:
+    alias = collection_alias("n" * 63, "a" * 253)
+    index = f"{alias}--0123456789"
+    assert len(index) <= 255 and alias.startswith("n" * 63 + ".")
+    assert await store.ensure_index(plan(index, alias=alias))
+    await store.point_alias(alias, index)
+    assert await store.current_index(alias) == index
+
+
+# ---- the embedded engine only ----------------------------------------------------------------
+
+
+async def test_embedded_collections_survive_a_restart(tmp_path: Path) -> None:
+    first = EdgeStore(tmp_path)
+    index = await filled(first)
+    await first.point_alias("ns.product", index)
+    await first.close()
+    again = EdgeStore(tmp_path)
+    try:
+        assert await again.current_index("ns.product") == index
+        assert await again.count("ns.product") == len(TEXTS)
+    finally:
+        await again.close()
+
+
+async def test_embedded_writes_survive_a_crash(tmp_path: Path) -> None:
+    """kill -9 after an upsert that was never flushed: the engine's write-ahead log replays it."""
+    script = textwrap.dedent(
+        f"""
+        import asyncio, os, signal, sys
+        sys.path[:0] = {sys.path!r}
+        from tests.unit.test_store_contract import filled
+        from datamesh.adapters.edge import EdgeStore
+
+        async def main():
+            store = EdgeStore({str(tmp_path)!r})
+            await filled(store)
+            print("written", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        asyncio.run(main())
+        """
+    )
+    done = await asyncio.to_thread(run_python, script)
+    assert done.returncode == -signal.SIGKILL and "written" in done.stdout, done.stderr
+    store = EdgeStore(tmp_path)
+    try:
+        assert await store.count("ns.product--a") == len(TEXTS)
+    finally:
+        await store.close()
+
+
+async def test_a_folder_open_in_another_process_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    store = EdgeStore(tmp_path)
+    await filled(store)
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        sys.path[:0] = {sys.path!r}
+        from datamesh.adapters.edge import EdgeStore
+        from datamesh.core.ports import VectorStoreError
+
+        async def main():
+            store = EdgeStore({str(tmp_path)!r})
+            try:
+                await store.count("ns.product--a")
+            except VectorStoreError as exc:
+                print("refused:", exc)
+
+        asyncio.run(main())
+        """
+    )
+    try:
+        other = await asyncio.to_thread(run_python, script)
+        assert "refused:" in other.stdout and "WAL" in other.stdout, other.stdout + other.stderr
+    finally:
+        await store.close()
+
+
+async def test_embedded_store_keeps_few_collections_open(tmp_path: Path) -> None:
+    store = EdgeStore(tmp_path, max_open=2)
+    try:
+        for i in range(5):
+            await filled(store, f"ns.p{i}--a")
+        assert len(store._open) <= 2
+        for i in range(5):
+            hits = await store.search(f"ns.p{i}--a", request(VECTORS[1], TEXTS[1], limit=1))
+            assert hits[0].id == IDS[1]
+        assert len(store._open) <= 2
+        threads = len(os.listdir("/proc/self/task"))
+        assert threads < 64, "one search thread per open collection, not eight"
+    finally:
+        await store.close()
+
+
+async def test_a_malformed_vector_never_reaches_the_engine(tmp_path: Path) -> None:
+    store = EdgeStore(tmp_path)
+    try:
+        index = await filled(store)
+        with pytest.raises(StoreRejected, match="NaN"):
+            await store.upsert(index, IDS[:1], [[float("nan")] * DIM], TEXTS[:1], [{}])
+        assert await store.count(index) == len(TEXTS)
+    finally:
+        await store.close()
+
+
+async def test_a_closed_store_says_so(tmp_path: Path) -> None:
+    store = EdgeStore(tmp_path)
+    await store.close()
+    with pytest.raises(VectorStoreError, match="closed"):
+        await store.count("ns.product")
