@@ -7,7 +7,7 @@ adapter translates its library's exceptions into these by kind.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -172,10 +172,28 @@ class VectorStore(Protocol):
 # ==== rows, endpoints, inference ==============================================================
 
 
-class RowLoader(Protocol):
-    """Reads every row of a product's source."""
+class RowSource(Protocol):
+    """A product's rows, read in batches, as many times as the ingestion passes over them."""
 
-    async def __call__(self, source: Source, namespace: str) -> list[Row]: ...
+    def batches(self, size: int) -> Iterator[list[Row]]:
+        """The rows, ``size`` at a time (raises SourceError when the data cannot be parsed)."""
+        ...
+
+    def close(self) -> None:
+        """Release what holds the rows (a downloaded file)."""
+        ...
+
+
+class RowLoader(Protocol):
+    """Opens a product's source for reading."""
+
+    async def __call__(self, source: Source, namespace: str) -> RowSource: ...
+
+
+class Progress(Protocol):
+    """Where a long ingestion reports how far it got."""
+
+    async def __call__(self, namespace: str, name: str, done: int, total: int) -> None: ...
 
 
 class EndpointProbe(Protocol):

@@ -236,6 +236,15 @@ class Source(CRDModel):
     refresh_interval: Duration | None = Field(
         None, description="Re-ingest the source this often, e.g. 1h; unset means only on change."
     )
+    max_rejected_percent: float = Field(
+        10.0,
+        ge=0,
+        le=100,
+        description=(
+            "Share of the source's rows that may be refused by the schema before the ingestion fails "
+            "(the previous rows then stay in place); 0 accepts no refused row, 100 any number."
+        ),
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -515,6 +524,13 @@ class SLAStatus(CRDModel):
     message: str | None = Field(None, max_length=4096, description="Which objective is breached, and by how much.")
 
 
+class IngestionProgress(CRDModel):
+    """How far a running ingestion got (only while one runs)."""
+
+    rows_done: int = Field(ge=0, description="Rows embedded and written so far.")
+    rows_total: int = Field(ge=0, description="Rows of the source that passed validation.")
+
+
 class DataProductStatus(CRDModel):
     """What the operator reports about one product."""
 
@@ -542,6 +558,7 @@ class DataProductStatus(CRDModel):
         None, description="Digest of source rows and embedding settings of the last ingestion."
     )
     sla: SLAStatus | None = Field(None, description="Result of the last SLA check.")
+    ingestion: IngestionProgress | None = Field(None, description="Progress of a running ingestion.")
 
     def wire_status(self) -> dict[str, Any]:
         """Every field as written to the API, None included, so a merge patch removes cleared values."""
