@@ -98,6 +98,9 @@ class SearchRequest:
     text: str
     limit: int
     mode: SearchMode = SearchMode.hybrid
+    # Routing collections only: the products whose points may answer, and which kind ("card", "row").
+    products: Sequence[str] | None = None
+    kind: str | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,10 @@ class VectorStore(Protocol):
 
     async def delete_other_ingests(self, collection: str, digest: str) -> None:
         """Remove points not written by the ingestion with ``digest``."""
+        ...
+
+    async def remove_product(self, collection: str, product: str, keep_digest: str | None = None) -> None:
+        """Routing collections: remove a product's points (but those of the ingestion ``keep_digest``)."""
         ...
 
     async def count(self, collection: str) -> int:

@@ -19,11 +19,10 @@ from pydantic import ValidationError
 
 from datamesh.core.backoff import backoff_delay
 from datamesh.core.conditions import Check, ConditionType, Transition, apply_checks, phase_of, utcnow
-from datamesh.core.plan import CollectionPlan, collection_alias, collection_plan
+from datamesh.core.plan import collection_alias, collection_plan, product_ref, routing_plan
 from datamesh.core.ports import (
     EmbedderResolver,
     EmbeddingError,
-    EmbeddingProvider,
     EmbeddingServiceError,
     EndpointProbe,
     InferenceBackend,
@@ -39,9 +38,16 @@ from datamesh.core.ports import (
 from datamesh.core.rows import Refusals, RowValidator
 from datamesh.core.sla import sla_check
 from datamesh.engine.catalog_writer import CatalogWriter
-from datamesh.engine.ingest import scan, write_points
-from datamesh.resource.catalog import catalog_entry, entry_key
-from datamesh.resource.models import DataProductSpec, DataProductStatus, Phase, parse_status, spec_error_message
+from datamesh.engine.ingest import Target, scan, write_card, write_points
+from datamesh.resource.catalog import card_text, catalog_entry, entry_key
+from datamesh.resource.models import (
+    DataProductSpec,
+    DataProductStatus,
+    Phase,
+    ScoreCalibration,
+    parse_status,
+    spec_error_message,
+)
 from datamesh.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -118,6 +124,7 @@ class IngestResult:
     rejected: int | None = None
     digest: str | None = None
     ingested_at: datetime | None = None
+    calibration: ScoreCalibration | None = None
     events: tuple[Event, ...] = ()
 
 
@@ -130,6 +137,7 @@ class CollectionResult:
     alias: str | None = None
     index: str | None = None
     vector_size: int | None = None
+    routing: str | None = None
     events: tuple[Event, ...] = ()
     # Whether alias/index/vector_size replace the status's values (False: keep what it says).
     sets_collection: bool = False
@@ -264,6 +272,8 @@ class Reconciler:
             )
 
         plan = collection_plan(ref.namespace, ref.name, spec, dimension)
+        routing = routing_plan(plan, search.embedding_model, search.embedding_endpoint)
+        target = Target(ref.namespace, ref.name, plan, routing, provider, spec.primary_key)
         planned = CollectionResult(
             Check(ConditionType.collection_ready, None, "CollectionBuilding", ""),
             IngestResult(Check(ConditionType.ingested, None, "WaitingForCollection", "")),
@@ -279,7 +289,8 @@ class Reconciler:
                 events.append(
                     Event("Reindexing", f"embedding settings changed: building {plan.index} beside {current}")
                 )
-            ingest = await self._ingest(ref, spec, status, plan, provider, current, now, refresh)
+            await store.ensure_index(routing)
+            ingest = await self._ingest(ref, spec, status, target, current, now, refresh)
             switched = False
             if ingest.check.ok:
                 previous = await store.point_alias(plan.alias, plan.index)
@@ -288,6 +299,8 @@ class Reconciler:
                     events.append(
                         Event("Reindexed", f"alias {plan.alias} now points at {plan.index}; dropped {previous}")
                     )
+                if status.routing_collection not in (None, routing.index):
+                    await store.remove_product(status.routing_collection, target.product)
                 switched = True
         except (VectorStoreError, EmbeddingServiceError) as exc:
             reason = "QdrantUnavailable" if isinstance(exc, VectorStoreError) else "EmbeddingServiceUnavailable"
@@ -304,7 +317,13 @@ class Reconciler:
             detail = f"{plan.index} is being built; queries still use {current or 'nothing'}"
             collection = Check(ConditionType.collection_ready, False, "CollectionBuilding", detail)
         return replace(
-            planned, collection=collection, ingest=ingest, index=plan.index, sets_index=switched, events=tuple(events)
+            planned,
+            collection=collection,
+            ingest=ingest,
+            index=plan.index,
+            sets_index=switched,
+            routing=routing.index if switched else status.routing_collection,
+            events=tuple(events),
         )
 
     async def _ingest(
@@ -312,15 +331,16 @@ class Reconciler:
         ref: ProductRef,
         spec: DataProductSpec,
         status: DataProductStatus,
-        plan: CollectionPlan,
-        provider: EmbeddingProvider,
+        target: Target,
         current: str | None,
         now: datetime,
         refresh: bool,
     ) -> IngestResult:
         store = self.ports.store
+        plan = target.plan
         if spec.source is None:
             records = await store.count(plan.index)
+            await write_card(store, target, card_text(ref.namespace, ref.name, spec), "no-source")
             check = Check(ConditionType.ingested, True, "NoSource", "no source declared; the collection is empty")
             return IngestResult(check, records=records, rejected=0)
         # Nothing read when the last ingestion already matches this spec and the store still holds it.
@@ -338,7 +358,7 @@ class Reconciler:
             except SourceError as exc:
                 return IngestResult(_source_failed(exc))
             try:
-                return await self._write(ref, spec, status, plan, provider, rows, now)
+                return await self._write(ref, spec, status, target, rows, now)
             except SourceError as exc:
                 return IngestResult(_source_failed(exc))
             finally:
@@ -349,14 +369,13 @@ class Reconciler:
         ref: ProductRef,
         spec: DataProductSpec,
         status: DataProductStatus,
-        plan: CollectionPlan,
-        provider: EmbeddingProvider,
+        target: Target,
         rows: RowSource,
         now: datetime,
     ) -> IngestResult:
         store = self.ports.store
         batch = self.settings.ingest_batch_size
-        found = await scan(rows, ref.namespace, ref.name, spec, plan, batch)
+        found = await scan(rows, target, spec, batch)
         refused = found.refusals
         self.ports.observer.rows_rejected(refused.rows)
         if found.too_many_refused:
@@ -366,22 +385,25 @@ class Reconciler:
             check = Check(ConditionType.ingested, False, "TooManyRejectedRows", message, permanent=True)
             return IngestResult(check, events=(Event("TooManyRejectedRows", message, warning=True),))
         written = 0
-        if found.digest != status.ingested_digest or await store.count(plan.index) != found.accepted:
+        calibrated = status.score_calibration
+        if found.digest != status.ingested_digest or await store.count(target.plan.index) != found.accepted:
             validator = RowValidator(ref.namespace, ref.name, spec)
 
             async def on_batch(done: int) -> None:
                 await self.ports.progress(ref.namespace, ref.name, done, found.accepted)
 
-            written = await write_points(store, plan, provider, rows, validator, found.digest, batch, on_batch)
+            result = await write_points(store, target, rows, validator, found.digest, batch, on_batch)
+            written, calibrated = result.rows, result.calibration
             self.ports.observer.rows_ingested(written)
+        await write_card(store, target, card_text(ref.namespace, ref.name, spec), found.digest)
         events: list[Event] = []
         if refused.rows and (written or status.rejected_records != refused.rows):
             detail = f"{refused.rows} of {found.seen} rows rejected: {refused.summary()}"
             events.append(Event("RowsRejected", detail, warning=True))
-        records = await store.count(plan.index)
+        records = await store.count(target.plan.index)
         message = _ingest_message(records, refused)
         check = Check(ConditionType.ingested, True, _ingest_reason(refused.rows), message)
-        return IngestResult(check, written, records, refused.rows, found.digest, now, tuple(events))
+        return IngestResult(check, written, records, refused.rows, found.digest, now, calibrated, tuple(events))
 
     async def _inference(self, ref: ProductRef, spec: DataProductSpec) -> tuple[Check, str | None]:
         inference = spec.inference
@@ -410,6 +432,10 @@ class Reconciler:
         """Clean up what owner references cannot: the collection (unless Retain) and the catalog entry."""
         ref = ProductRef.of(body)
         async with self._lock(ref):
+            routing = parse_status(body).routing_collection
+            if routing is not None:
+                # Even a retained collection leaves the routing: the product is gone from the mesh.
+                await self.ports.store.remove_product(routing, product_ref(ref.namespace, ref.name))
             if (body.get("spec") or {}).get("deletionPolicy", "Delete") != "Retain":
                 await self.ports.store.drop_product(collection_alias(ref.namespace, ref.name))
             await self.ports.catalog.remove(entry_key(ref.namespace, ref.name))
@@ -427,12 +453,14 @@ def _apply_rows(status: DataProductStatus, rows: CollectionResult) -> DataProduc
             update["index_collection"] = None
     if rows.sets_index:
         update["index_collection"] = rows.index
+        update["routing_collection"] = rows.routing
     ingest = rows.ingest
     for name, value in (
         ("records", ingest.records),
         ("rejected_records", ingest.rejected),
         ("ingested_digest", ingest.digest),
         ("last_ingested_at", ingest.ingested_at),
+        ("score_calibration", ingest.calibration),
     ):
         if value is not None:
             update[name] = value

@@ -401,6 +401,15 @@ class Access(CRDModel):
         description="Identities or 'group:<name>' entries allowed to read the product; '*' means every caller.",
         json_schema_extra={"items": {"type": "string", "maxLength": 253}, "default": ["*"]},
     )
+    pii_readers: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        description=(
+            "Identities or 'group:<name>' entries that see the values of `pii: true` fields in answers; "
+            "everyone else gets them masked. Empty (the default) masks them for every caller."
+        ),
+        json_schema_extra={"items": {"type": "string", "maxLength": 253}, "default": []},
+    )
 
 
 class DeletionPolicy(str, Enum):
@@ -524,6 +533,13 @@ class SLAStatus(CRDModel):
     message: str | None = Field(None, max_length=4096, description="Which objective is breached, and by how much.")
 
 
+class ScoreCalibration(CRDModel):
+    """How similar a product's rows are to each other: turns its similarities into comparable scores."""
+
+    mean: float = Field(description="Mean cosine similarity between pairs of the product's rows.")
+    std: float = Field(ge=0, description="Standard deviation of those similarities.")
+
+
 class IngestionProgress(CRDModel):
     """How far a running ingestion got (only while one runs)."""
 
@@ -559,6 +575,12 @@ class DataProductStatus(CRDModel):
     )
     sla: SLAStatus | None = Field(None, description="Result of the last SLA check.")
     ingestion: IngestionProgress | None = Field(None, description="Progress of a running ingestion.")
+    routing_collection: str | None = Field(
+        None, description="The mesh's routing collection holding the product's rows and card (one per model)."
+    )
+    score_calibration: ScoreCalibration | None = Field(
+        None, description="Similarity statistics of the rows, for merging with products of other models."
+    )
 
     def wire_status(self) -> dict[str, Any]:
         """Every field as written to the API, None included, so a merge patch removes cleared values."""
