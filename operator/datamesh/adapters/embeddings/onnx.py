@@ -152,7 +152,7 @@ class OnnxSentenceEncoder:
         output_name: str | None = None,
         threads: int = 1,
         batch_size: int = 32,
-        token_budget: int = 4096,
+        token_budget: int = 512,
     ) -> None:
         if max_tokens < 2 or threads < 1 or batch_size < 1:
             raise ValueError("max_tokens >= 2, threads >= 1 and batch_size >= 1 are required")
