@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +17,10 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 console = Console()
+
+# onnxruntime (the default embedding model, and fastembed) writes a device id and a database under
+# ~/.cache at import unless this is set first; set here, before any command can import it.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 
 @app.command()
@@ -216,11 +221,18 @@ def crd(
 
 @app.command()
 def settings() -> None:
-    """Show the operator and store settings in effect (from DATAMESH_* environment variables)."""
-    from datamesh.settings import OperatorSettings, StoreSettings
+    """Show the operator, store and embedding settings in effect (from DATAMESH_* environment variables)."""
+    from pydantic_settings import BaseSettings
+
+    from datamesh.settings import EmbeddingSettings, OperatorSettings, StoreSettings
 
     table = Table("variable", "value", "meaning")
-    for model, prefix in ((OperatorSettings, "DATAMESH_"), (StoreSettings, "DATAMESH_QDRANT_")):
+    sections: tuple[tuple[type[BaseSettings], str], ...] = (
+        (OperatorSettings, "DATAMESH_"),
+        (StoreSettings, "DATAMESH_QDRANT_"),
+        (EmbeddingSettings, "DATAMESH_EMBEDDING_"),
+    )
+    for model, prefix in sections:
         current = model()
         for name, info in model.model_fields.items():
             table.add_row(f"{prefix}{name.upper()}", repr(getattr(current, name)), info.description or "")

@@ -35,6 +35,38 @@ class StoreSettings(BaseSettings):
     search_threads: int = Field(1, ge=1, description="Embedded store: search threads per open collection.")
 
 
+class EmbeddingSettings(BaseSettings):
+    """In-process embedding models (the default ONNX model): how much CPU and memory they may take.
+
+    Read by every process that embeds (operator, query service, inference runtime, local mode).
+    At most ``concurrency`` inferences run at once in the whole process, each on ``threads``
+    onnxruntime threads, so embedding never takes more than ``concurrency * threads`` cores.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="DATAMESH_EMBEDDING_", extra="ignore")
+
+    threads: int = Field(1, ge=1, le=64, description="onnxruntime intra-op threads per inference.")
+    concurrency: int = Field(
+        2, ge=1, le=64, description="Inferences running at once in the process (one worker thread each)."
+    )
+    batch_size: int = Field(32, ge=1, le=1024, description="Texts per inference batch.")
+    token_budget: int = Field(
+        512,
+        ge=256,
+        le=1_048_576,
+        description=(
+            "Padded tokens per inference batch (at least one text of 256 tokens), so that long texts cannot take "
+            "much memory; larger budgets were not faster on one thread."
+        ),
+    )
+
+
+@lru_cache(maxsize=1)
+def get_embedding_settings() -> EmbeddingSettings:
+    """The embedding settings of this process, read once from the environment."""
+    return EmbeddingSettings()
+
+
 class OperatorSettings(BaseSettings):
     """Settings of the operator process."""
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from datamesh.adapters.embeddings.builtin import BuiltinNgramProvider, cosine_scores
+from datamesh.adapters.embeddings.local_models import FastEmbedProvider
 from datamesh.adapters.embeddings.openai import OpenAICompatibleProvider
 from datamesh.adapters.embeddings.registry import resolve_provider
 from datamesh.core.ports import (
@@ -165,7 +167,8 @@ def test_unknown_scheme_lists_accepted_forms() -> None:
         resolve_provider("word2vec:google-news")
     message = str(info.value)
     assert "word2vec" in message
-    for form in ("builtin:ngram-<dim>", "fastembed:<model>", "sentence-transformers:<model>", "embeddingEndpoint"):
+    forms = ("onnx:all-MiniLM-L6-v2", "builtin:ngram-<dim>", "fastembed:<model>", "sentence-transformers:<model>")
+    for form in (*forms, "embeddingEndpoint"):
         assert form in message
 
 
@@ -210,6 +213,38 @@ async def test_bare_model_name() -> None:
             resolve_provider(name)
         assert "datamesh-operator[fastembed]" in str(info.value)
         assert "builtin:ngram-<dim>" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("failure", "expected"),
+    [
+        ("Could not load model BAAI/bge-small-en-v1.5 from any source.", EmbeddingServiceError),
+        ("Model BAAI/bge-small-en-v1.5 is not supported in TextEmbedding.", UnknownModelError),
+    ],
+)
+async def test_fastembed_failing_to_download_is_transient(
+    monkeypatch: pytest.MonkeyPatch, failure: str, expected: type[EmbeddingError]
+) -> None:
+    """Offline, fastembed says "Could not load model ... from any source" (a ValueError): that heals, so the
+    product is retried (Degraded), not Failed as for a model fastembed does not know."""
+
+    class TextEmbedding:
+        @staticmethod
+        def list_supported_models() -> list[dict[str, Any]]:
+            return [{"model": "BAAI/bge-small-en-v1.5", "dim": 384}]
+
+        def __init__(self, model_name: str, cache_dir: str | None = None) -> None:
+            raise ValueError(failure)
+
+    fake = types.ModuleType("fastembed")
+    fake.TextEmbedding = TextEmbedding  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fastembed", fake)
+    p = FastEmbedProvider("BAAI/bge-small-en-v1.5")
+    assert await p.dimension() == 384  # from the model list: nothing loaded yet
+    with pytest.raises(EmbeddingError) as info:
+        await p.embed(["text"])
+    assert type(info.value) is expected and info.value.transient is (expected is EmbeddingServiceError)
+    assert "BAAI/bge-small-en-v1.5" in str(info.value)
 
 
 # ==== OpenAI-compatible HTTP provider against a real server ====================================

@@ -38,7 +38,9 @@ SINGULAR = "dataproduct"
 SHORT_NAMES = ["dp"]
 CATEGORIES = ["datamesh"]
 
-DEFAULT_EMBEDDING_MODEL = "builtin:ngram-384"
+# all-MiniLM-L6-v2, run in-process by onnxruntime from files installed with the package
+# (adapters/embeddings/onnx.py); 'builtin:ngram-384' is the tiny lexical fallback.
+DEFAULT_EMBEDDING_MODEL = "onnx:all-MiniLM-L6-v2"
 
 # Go-style durations restricted to units CEL's duration() understands, so the API server
 # can both check the format and compare values.
@@ -285,7 +287,8 @@ class SemanticSearch(CRDModel):
         min_length=1,
         max_length=253,
         description=(
-            "Embedding model. 'builtin:ngram-<dim>' is offline and deterministic; 'fastembed:<model>' and "
+            "Embedding model. The default 'onnx:all-MiniLM-L6-v2' is semantic, offline and shipped with the "
+            "platform; 'builtin:ngram-<dim>' is a tiny lexical fallback (hashed n-grams); 'fastembed:<model>' and "
             "'sentence-transformers:<model>' run locally; with embeddingEndpoint set, the name is sent to that "
             "OpenAI-compatible /v1/embeddings server."
         ),

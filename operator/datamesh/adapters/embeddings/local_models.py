@@ -110,7 +110,15 @@ class FastEmbedProvider(_LocalModelProvider):
         try:
             return TextEmbedding(model_name=self.name, cache_dir=self._cache_dir)
         except ValueError as e:
-            raise UnknownModelError(f"fastembed cannot load {self.name!r}: {e}") from e
+            # The name was checked against fastembed's list in __init__, so a ValueError here is almost
+            # always "Could not load model ... from any source": the download failed (offline, hub
+            # down), which may heal. Only an unsupported model is permanent.
+            if "not supported" in str(e).lower():
+                raise UnknownModelError(f"fastembed cannot load {self.name!r}: {e}") from e
+            raise EmbeddingServiceError(
+                f"fastembed could not fetch or load {self.name!r} (offline, or the model hub is unreachable; "
+                f"retried later): {e}"
+            ) from e
         except Exception as e:
             raise EmbeddingServiceError(
                 f"fastembed could not fetch or load {self.name!r}: {type(e).__name__}: {e}"

@@ -2,7 +2,10 @@
 
 Model strings:
 
-- ``builtin:ngram-<dim>`` (or ``builtin``): offline, deterministic hashed word/char n-grams.
+- ``onnx:all-MiniLM-L6-v2`` (the default): a semantic model run in this process by onnxruntime,
+  its files installed with the package (nothing is downloaded).
+- ``builtin:ngram-<dim>`` (or ``builtin``): offline, deterministic hashed word/char n-grams; tiny,
+  lexical only, for tests that need no model.
 - ``fastembed:<model>`` and ``sentence-transformers:<model>`` (``st:<model>``): local models,
   from the optional extras of the same names.
 - any string with an ``endpoint``: sent as ``model`` to that OpenAI-compatible
@@ -25,16 +28,17 @@ from datamesh.adapters.embeddings.local_models import (
     fastembed_models,
     installed,
 )
+from datamesh.adapters.embeddings.onnx import ONNX_FORM, bundled_provider
 from datamesh.adapters.embeddings.openai import OpenAICompatibleProvider
 from datamesh.adapters.http import api_url
 from datamesh.core.ports import EmbeddingProvider, ProviderUnavailableError, UnknownModelError
 from datamesh.resource.models import DEFAULT_EMBEDDING_MODEL
 
 ACCEPTED_FORMS = (
-    f"accepted forms: {BUILTIN_FORM} (default '{DEFAULT_EMBEDDING_MODEL}'), "
+    f"accepted forms: {ONNX_FORM}, {BUILTIN_FORM}, "
     "'fastembed:<model>', 'sentence-transformers:<model>' (or 'st:<model>'), a bare model name "
     "(fastembed, then sentence-transformers), or any model name together with an OpenAI-compatible "
-    "embeddingEndpoint"
+    f"embeddingEndpoint; unset means '{DEFAULT_EMBEDDING_MODEL}'"
 )
 
 
@@ -81,6 +85,10 @@ def _create(model: str, endpoint: str | None) -> EmbeddingProvider:
     scheme, rest = m.group(1).lower(), m.group(2).strip()
     if scheme == "builtin":
         return _builtin(rest)
+    if scheme == "onnx":
+        if not rest:
+            raise UnknownModelError(f"'onnx:' needs a model name; {ACCEPTED_FORMS}")
+        return bundled_provider(rest)
     if scheme == "fastembed":
         if not installed("fastembed"):
             raise extra_missing("fastembed", "fastembed")
