@@ -58,6 +58,7 @@ SOURCES = ("examples", "bench", "mixed")
 
 # What is asked of the service, and the cut-offs of the figures.
 QUERY_LIMIT = 10
+BENCH_TOKEN = "quality-bench-token"
 PER_PRODUCT = 10
 ROUTING_K = 3
 RECALL_K = 5
@@ -335,6 +336,11 @@ def project_ranking(
 # ----------------------------------------------------------------------------- the systems
 
 
+def consumers_of(body: Mapping[str, Any]) -> list[str]:
+    """Who may read a product (its access.consumers, '*' by default)."""
+    return list(((body.get("spec") or {}).get("access") or {}).get("consumers") or ["*"])
+
+
 class System(Protocol):
     name: str
 
@@ -365,7 +371,8 @@ class ProjectSystem:
         from rich.console import Console
 
         from datamesh.local import LocalRun
-        from datamesh.query.app import authenticator_of, create_app
+        from datamesh.query.access import Authenticator
+        from datamesh.query.app import create_app
         from datamesh.query.catalog_sources import FileCatalogSource
         from datamesh.query.settings import QuerySettings
         from datamesh.resource.models import DEFAULT_EMBEDDING_MODEL
@@ -382,10 +389,18 @@ class ProjectSystem:
             search = body["spec"].get("semanticSearch") or {}
             model = search.get("embeddingModel") or DEFAULT_EMBEDDING_MODEL
             self.models[model] = self.models.get(model, 0) + 1
-        settings = QuerySettings(allow_anonymous=True, catalog_file=str(run.catalog_path))
-        app = create_app(FileCatalogSource(run.catalog_path), run.store, settings, authenticator_of(settings))
+        # The benchmark asks as a caller who may read every product (the mesh has restricted ones):
+        # a group for every group any product admits.
+        groups = sorted(
+            {c.removeprefix("group:") for _, body in self.bodies for c in consumers_of(body) if c.startswith("group:")}
+        )
+        tokens = {BENCH_TOKEN: {"identity": "quality-bench", "groups": groups}}
+        settings = QuerySettings(catalog_file=str(run.catalog_path))
+        app = create_app(FileCatalogSource(run.catalog_path), run.store, settings, Authenticator(tokens))
         url = await self._stack.enter_async_context(serve_app(app))
-        self.client = await self._stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=120.0))
+        self.client = await self._stack.enter_async_context(
+            httpx.AsyncClient(base_url=url, timeout=120.0, headers={"Authorization": f"Bearer {BENCH_TOKEN}"})
+        )
         for _ in range(100):
             if (await self.client.get("/readyz")).status_code == 200:
                 break

@@ -85,7 +85,7 @@ def test_examples_answer_questions_about_their_subject(
         ("why do customers churn after price increases?", "sales/customer-churn"),
     ):
         answer = wait_for(
-            lambda q=question: (a := ask(service, q, limit=3))["results"] and a, 10, what=f"answer to {question!r}"
+            lambda q=question: (a := ask(service, q, perProduct=3))["results"] and a, 10, what=f"answer to {question!r}"
         )
         assert answer["routedTo"][0]["product"] == expected
         assert answer["results"][0]["product"] == expected and len(answer["results"][0]["hits"]) == 3

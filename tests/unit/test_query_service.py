@@ -28,6 +28,8 @@ from fastapi import FastAPI, Request
 from datamesh.adapters.embeddings.registry import resolve_provider
 from datamesh.adapters.files import FileCatalogBackend
 from datamesh.adapters.stores import open_store as real_open_store
+from datamesh.core.merge import MERGE
+from datamesh.core.plan import FUSION
 from datamesh.core.ports import VectorStore
 from datamesh.engine.catalog_writer import CatalogWriter
 from datamesh.engine.reconciler import Reconciler
@@ -161,6 +163,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
             namesake = copy.deepcopy(next(b for b in bodies if b["metadata"]["name"] == "customer-churn"))
             namesake["metadata"].update(namespace="other", uid="uid-namesake")
             namesake["spec"]["source"]["inline"] = namesake["spec"]["source"]["inline"][:2]
+            namesake["spec"].update(description="Placeholder accounts for a migration dry run.", tags=["migration"])
             for row in namesake["spec"]["source"]["inline"]:
                 row["churn_reason"] = "Placeholder account kept for a migration test."
             phases = {}
@@ -255,9 +258,13 @@ async def test_merged_ranking_is_on_scores_not_ranks(mesh: Mesh) -> None:
     similarity = {(h["product"], json.dumps(h["key"])): h["similarity"] for r in answer["results"] for h in r["hits"]}
     scores = {r["product"]: r["score"] for r in answer["routedTo"]}
     best = max(scores.values())
-    for m in merged:  # one model: the merged score is the hit's cosine, weighed by its product's routing share
-        weight = 0.7 + 0.3 * scores[m["product"]] / best
-        assert m["score"] == pytest.approx(similarity[(m["product"], json.dumps(m["key"]))] * weight, abs=1e-5)
+    fused = {(h["product"], json.dumps(h["key"])): h["score"] for r in answer["results"] for h in r["hits"]}
+    best_fused = (FUSION.dense_weight + FUSION.sparse_weight) / (FUSION.k + 1)
+    for m in merged:  # one model: the hit's cosine (and its words), weighed by its product's routing share
+        key = (m["product"], json.dumps(m["key"]))
+        weight = 1 - MERGE.route_weight + MERGE.route_weight * scores[m["product"]] / best
+        expected = (similarity[key] + MERGE.fused_weight * min(fused[key] / best_fused, 1.0)) * weight
+        assert m["score"] == pytest.approx(expected, abs=1e-5)
     # Not interleaving: a product's second hit may outrank another product's first.
     firsts = {r["product"]: r["hits"][0]["key"] for r in answer["results"]}
     assert [m["key"] for m in merged[:2]] != list(firsts.values()) or len({m["product"] for m in merged[:2]}) == 2
@@ -324,10 +331,7 @@ async def test_product_list_filters_and_show(mesh: Mesh) -> None:
     finance = (await mesh.client.get(f"{mesh.url}/v1/products", params={"domain": "finance"}, headers=ALICE)).json()
     assert {p["name"] for p in finance["products"]} == {"expense-exceptions", "invoice-disputes"}
     churn = (await mesh.client.get(f"{mesh.url}/v1/products", params={"tag": "churn"}, headers=ALICE)).json()
-    assert [f"{p['namespace']}/{p['name']}" for p in churn["products"]] == [
-        "other/customer-churn",
-        "sales/customer-churn",
-    ]
+    assert [f"{p['namespace']}/{p['name']}" for p in churn["products"]] == ["sales/customer-churn"]
     degraded = (await mesh.client.get(f"{mesh.url}/v1/products", params={"phase": "degraded"}, headers=ALICE)).json()
     assert [p["name"] for p in degraded["products"]] == ["feature-requests"]
 

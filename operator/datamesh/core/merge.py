@@ -1,11 +1,10 @@
 """One ranking of the hits of several products, on their scores.
 
-Hits of products embedded with the same model are merged on their cosine similarity to the
-question, which means the same thing in every product. When the asked products use different
-models, each similarity is first calibrated against its own product (how far above the product's
-typical row-to-row similarity it lies, in standard deviations) so no model's scale wins by
-itself. Either way the product's routing score weighs in, so a strong hit of a product the
-question is clearly about ranks above an equally similar hit of a product it barely matched.
+Hits are merged on their cosine similarity to the question, which means the same thing in every
+product embedded with the same model; a product embedded with another model has its similarities
+mapped onto the mesh's reference scale first (``datamesh.core.calibration``). The product's own
+hybrid ranking adds its words' evidence, and its routing score weighs in, so a strong hit of a
+product the question is clearly about ranks above an equally similar hit of one it barely matched.
 """
 
 from __future__ import annotations
@@ -13,13 +12,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from datamesh.core.calibration import IDENTITY, Scale
+
 
 @dataclass(frozen=True)
 class MergePolicy:
     """The constants of merging; set by the quality benchmark, not per question."""
 
-    route_weight: float = 0.3  # how much the product's routing score (relative to the best) counts
-    calibrated_scale: float = 0.1  # maps a z-score onto the scale of a cosine (about 0.1 per deviation)
+    route_weight: float = 0.5  # how much the product's routing score (relative to the best) counts
+    fused_weight: float = 0.2  # how much the product's own hybrid ranking (its words, too) counts
 
 
 MERGE = MergePolicy()
@@ -33,6 +34,7 @@ class Candidate:
     key: object
     rank: int
     similarity: float | None
+    fused: float = 0.0  # the product's own ranking score, as a share of its best possible (0..1)
 
 
 @dataclass(frozen=True)
@@ -44,26 +46,17 @@ class Merged:
     score: float
 
 
-def relevance(
-    candidate: Candidate,
-    calibration: tuple[float, float] | None,
-    calibrate: bool,
-    policy: MergePolicy = MERGE,
-) -> float:
-    """A hit's similarity on the merged scale (calibrated when the products' models differ)."""
-    similarity = candidate.similarity if candidate.similarity is not None else 0.0
-    if not calibrate or calibration is None:
-        return similarity
-    mean, std = calibration
-    return (similarity - mean) / max(std, 1e-6) * policy.calibrated_scale
+def relevance(candidate: Candidate, scale: Scale = IDENTITY, policy: MergePolicy = MERGE) -> float:
+    """A hit's similarity on the mesh's reference scale, plus its words' evidence."""
+    similarity = scale(candidate.similarity) if candidate.similarity is not None else 0.0
+    return similarity + policy.fused_weight * candidate.fused
 
 
 def merge(
     results: Mapping[str, Sequence[Candidate]],
     route_scores: Mapping[str, float],
-    calibrations: Mapping[str, tuple[float, float] | None],
+    scales: Mapping[str, Scale],
     *,
-    calibrate: bool,
     limit: int,
     policy: MergePolicy = MERGE,
 ) -> list[Merged]:
@@ -73,8 +66,9 @@ def merge(
     for product, hits in results.items():
         share = route_scores.get(product, 0.0) / best_route if best_route > 0 else 1.0
         weight = 1.0 - policy.route_weight + policy.route_weight * share
+        scale = scales.get(product, IDENTITY)
         for hit in hits:
-            value = relevance(hit, calibrations.get(product), calibrate, policy) * weight
+            value = relevance(hit, scale, policy) * weight
             scored.append((-value, hit.rank, product, Merged(product, hit.key, round(value, 6))))
     scored.sort(key=lambda item: item[:3])
     return [item[3] for item in scored[:limit]]

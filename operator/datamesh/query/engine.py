@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from datamesh.adapters.embeddings.registry import resolve_provider
+from datamesh.core.calibration import Scale, model_scales
 from datamesh.core.merge import Candidate, merge
-from datamesh.core.plan import KIND_KEY, PRODUCT_KEY, ROW_KEY, TEXT_KEY, row_key
+from datamesh.core.plan import FUSION, KIND_KEY, PRODUCT_KEY, ROW_KEY, TEXT_KEY, row_key
 from datamesh.core.ports import (
     EmbedderResolver,
     EmbeddingError,
@@ -222,28 +223,17 @@ class QueryEngine:
         max_products: int,
     ) -> Selection:
         """The products to ask, from the evidence of their rows and cards in the routing collections."""
+        scales = scales_of(candidates)
         evidence = {
-            e.product: Evidence(
-                e.product, calibration=(e.calibration.mean, e.calibration.std) if e.calibration else None
-            )
-            for e in candidates
+            e.product: Evidence(e.product, calibration=calibration_of(e), scale=scales[e.product]) for e in candidates
         }
         groups: dict[tuple[str, ModelKey], list[CatalogEntry]] = {}
         for entry in candidates:
             if entry.routing_collection:
                 groups.setdefault((entry.routing_collection, model_of(entry)), []).append(entry)
         found = await asyncio.gather(*(self._gather(c, m, g, vectors, evidence) for (c, m), g in groups.items()))
-        rows = [hit for group in found for hit in group]
-        if len(found) > 1:
-            # Ranks of different collections do not compare: one ranking on similarity instead.
-            rows.sort(key=lambda hit: (-(hit.similarity or 0.0), str(hit.payload[PRODUCT_KEY])))
-        else:
-            rows = found[0] if found else []
-        for rank, hit in enumerate(rows):
-            add_row_hit(evidence[str(hit.payload[PRODUCT_KEY])], rank, hit.similarity, hit.payload.get(ROW_KEY))
-        for (_, _), group in groups.items():
-            for entry in group:
-                evidence[entry.product].share = len(group) / len(candidates)
+        for hit in (hit for group in found for hit in group):
+            add_row_hit(evidence[str(hit.payload[PRODUCT_KEY])], hit.similarity, hit.payload.get(ROW_KEY))
         return select(list(evidence.values()), max_products=max_products, named=named)
 
     async def _gather(
@@ -323,16 +313,14 @@ class QueryEngine:
             await vectors.close()
         scores = {r.product: r.score for r in selection.routes}
         answered = {a.entry.product: a for a in asked if a.error is None}
-        models = {model_of(a.entry) for a in answered.values()}
         candidates_by_product = {
-            product: [Candidate(product, h["key"], rank, h["similarity"]) for rank, h in enumerate(a.hits)]
+            product: [
+                Candidate(product, h["key"], rank, h["similarity"], fused_share(a.entry, h["score"]))
+                for rank, h in enumerate(a.hits)
+            ]
             for product, a in answered.items()
         }
-        calibrations = {
-            product: (a.entry.calibration.mean, a.entry.calibration.std) if a.entry.calibration else None
-            for product, a in answered.items()
-        }
-        merged = merge(candidates_by_product, scores, calibrations, calibrate=len(models) > 1, limit=limit)
+        merged = merge(candidates_by_product, scores, scales_of(candidates), limit=limit)
         return {
             "routedTo": [
                 {
@@ -359,6 +347,25 @@ class QueryEngine:
             ],
             "latencyMs": _ms(started),
         }
+
+
+def calibration_of(entry: CatalogEntry) -> tuple[float, float] | None:
+    """A product's row-to-row similarity (mean, spread), when its ingestion measured it."""
+    return (entry.calibration.mean, entry.calibration.std) if entry.calibration else None
+
+
+def scales_of(entries: Sequence[CatalogEntry]) -> dict[str, Scale]:
+    """Each product's map onto the mesh's reference similarity scale (identity for the main model)."""
+    by_model = model_scales({e.product: (model_of(e), calibration_of(e)) for e in entries})
+    return {e.product: by_model[model_of(e)] for e in entries}
+
+
+def fused_share(entry: CatalogEntry, score: float) -> float:
+    """A hit's score in its product's hybrid ranking, as a share of the best a fused score can be."""
+    if SearchMode(entry.search_mode or SearchMode.hybrid) is not SearchMode.hybrid:
+        return 0.0
+    best = (FUSION.dense_weight + FUSION.sparse_weight) / (FUSION.k + 1)
+    return min(max(score / best, 0.0), 1.0)
 
 
 def _why(evidence: str, named: bool, degraded: bool) -> str:
