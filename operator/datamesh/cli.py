@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -91,46 +91,80 @@ def ask(
     ] = "http://127.0.0.1:8080",
     token: Annotated[str | None, typer.Option(envvar="DATAMESH_TOKEN", help="Bearer token.")] = None,
     domain: Annotated[list[str] | None, typer.Option("--domain", "-d", help="Only these domains (repeatable).")] = None,
-    limit: Annotated[int, typer.Option(help="Hits per product.")] = 5,
+    product: Annotated[
+        list[str] | None,
+        typer.Option("--product", "-p", help="Ask exactly these products: namespace/name or a bare name (repeatable)."),
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Rows in the merged ranking.")] = 10,
+    per_product: Annotated[int, typer.Option("--per-product", help="Hits per product.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON answer.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 30.0,
 ) -> None:
-    """Ask a running query service a question; prints per-product hits and the merged ranking."""
+    """Ask a running query service a question; prints the routing, the merged ranking with row keys, and each
+    product's hits. Exits 1 when nothing could be answered."""
     import json
 
     import httpx
 
-    body: dict[str, object] = {"question": question, "limit": limit}
+    body: dict[str, object] = {"question": question, "limit": limit, "perProduct": per_product}
     if domain:
         body["domains"] = domain
+    if product:
+        body["products"] = product
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         response = httpx.post(f"{url.rstrip('/')}/v1/query", json=body, headers=headers, timeout=timeout)
     except httpx.HTTPError as exc:
         console.print(f"[red]cannot reach the query service at {url}[/]: {exc}\nIs `datamesh local examples/` running?")
         raise typer.Exit(2) from exc
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = {"detail": response.text[:500]}
+    answered = response.is_success and bool(answer.get("merged"))
     if as_json:
-        typer.echo(json.dumps(response.json(), indent=2))
-        raise typer.Exit(0 if response.is_success else 1)
-    answer = response.json()
+        typer.echo(json.dumps(answer, indent=2))
+        raise typer.Exit(0 if answered else 1)
     if not response.is_success:
-        console.print(f"[red]HTTP {response.status_code}[/]: {answer.get('detail', answer)}")
+        console.print(f"[red]HTTP {response.status_code}[/]: {answer.get('detail', answer)}", highlight=False)
+        for err in answer.get("errors", []):
+            console.print(f"[yellow]{err['product']}[/]: {err['error']}", highlight=False)
         raise typer.Exit(1)
+    _print_answer(answer)
+    if not answered:
+        raise typer.Exit(1)
+
+
+def _print_answer(answer: dict[str, Any]) -> None:
+    """Routing, the merged ranking with row keys, each product's hits, notes and errors."""
     routed = Table("product", "score", "why", title="Routed to")
     for r in answer.get("routedTo", []):
         routed.add_row(r["product"], f"{r['score']:.3f}", r.get("why", ""))
     console.print(routed)
-    for result in answer.get("results", []):
-        table = Table("score", "text", title=f"{result['product']} ({result.get('latencyMs', 0):.0f} ms)")
-        for hit in result.get("hits", []):
-            table.add_row(f"{hit['score']:.3f}", str(hit.get("text", ""))[:100])
-        console.print(table)
-    merged = Table("#", "product", "rrf", "text", title="Merged ranking")
-    for i, hit in enumerate(answer.get("merged", []), 1):
-        merged.add_row(str(i), hit["product"], f"{hit['score']:.4f}", str(hit.get("text", ""))[:90])
+    if answer.get("lowConfidence"):
+        console.print(
+            f"[yellow]low confidence[/]: {answer.get('confidenceNote') or 'no product clearly holds the answer'}"
+        )
+    texts = {(h["product"], json_key(h["key"])): h for res in answer.get("results", []) for h in res["hits"]}
+    merged = Table("#", "product", "key", "score", "text", title="Answer (merged ranking)")
+    for i, m in enumerate(answer.get("merged", []), 1):
+        hit = texts.get((m["product"], json_key(m["key"])), {})
+        merged.add_row(str(i), m["product"], json_key(m["key"]), f"{m['score']:.3f}", str(hit.get("text", ""))[:90])
     console.print(merged)
+    for result in answer.get("results", []):
+        table = Table("key", "score", "text", title=f"{result['product']} ({result.get('latencyMs', 0):.0f} ms)")
+        for hit in result.get("hits", []):
+            table.add_row(json_key(hit["key"]), f"{hit['score']:.3f}", str(hit.get("text", ""))[:100])
+        console.print(table)
+    if answer.get("message"):
+        console.print(str(answer["message"]), highlight=False)
     for err in answer.get("errors", []):
-        console.print(f"[yellow]{err['product']}[/]: {err['error']}")
+        console.print(f"[yellow]{err['product']}[/]: {err['error']}", highlight=False)
+
+
+def json_key(key: object) -> str:
+    """A row key as a person reads it (a composite key's values joined by '/')."""
+    return "/".join(map(str, key)) if isinstance(key, list) else str(key)
 
 
 @app.command("query-service")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,10 @@ from datamesh.adapters.files import FileCatalogBackend
 from datamesh.adapters.http import EndpointProbe
 from datamesh.adapters.sources import SourceLoader
 from datamesh.adapters.stores import open_store
+from datamesh.core import ports
 from datamesh.core.conditions import Check, ConditionType
-from datamesh.core.ports import InferenceBackend, VectorStore
 from datamesh.engine.catalog_writer import CatalogWriter
-from datamesh.engine.reconciler import Outcome, Ports, ProductRef, Reconciler
+from datamesh.engine.reconciler import Outcome, Ports, ProductRef, Reconciler, no_progress
 from datamesh.resource.catalog import entry_of_object
 from datamesh.resource.models import KIND, DataProductSpec, Inference, spec_error_message
 from datamesh.settings import OperatorSettings, StoreSettings
@@ -99,22 +99,23 @@ def load_manifests(directory: Path) -> LoadedManifests:
 
 def standalone_reconciler(
     settings: OperatorSettings,
-    store: VectorStore,
+    store: ports.VectorStore,
     catalog: CatalogWriter,
     http: httpx.AsyncClient,
-    inference: InferenceBackend | None = None,
-    on_rows: Callable[[ProductRef, int], None] | None = None,
+    inference: ports.InferenceBackend | None = None,
+    progress: ports.Progress = no_progress,
 ) -> Reconciler:
     """A reconciler without a cluster: the built-in embedders, inline and url sources, HTTP probes."""
-    ports = Ports(
+    wiring = Ports(
         store=store,
         catalog=catalog,
         embedders=resolve_provider,
         load_rows=SourceLoader(http, None, settings.url_timeout),
         probe=EndpointProbe(http, settings.url_timeout),
         inference=inference,
+        progress=progress,
     )
-    return Reconciler(settings, ports, on_rows=on_rows)
+    return Reconciler(settings, wiring)
 
 
 class LocalInferenceBackend:
@@ -186,8 +187,8 @@ class LocalRun:
                 rows = len(((body.get("spec") or {}).get("source") or {}).get("inline") or []) or None
                 tasks[(ref.namespace, ref.name)] = progress.add_task(f"{ref.namespace}/{ref.name}", total=rows)
 
-            def on_rows(ref: ProductRef, n: int) -> None:
-                progress.advance(tasks[(ref.namespace, ref.name)], n)
+            async def on_rows(namespace: str, name: str, done: int, total: int) -> None:
+                progress.update(tasks[(namespace, name)], total=total, completed=done)
 
             reconciler = standalone_reconciler(
                 self.settings, self.store, self.catalog, self.http, self.inference, on_rows

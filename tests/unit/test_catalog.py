@@ -8,7 +8,8 @@ from pathlib import Path
 
 from datamesh.adapters.files import FileCatalogBackend, read_catalog_file
 from datamesh.engine.catalog_writer import CatalogWriter
-from datamesh.resource.catalog import CatalogEntry
+from datamesh.resource.catalog import CatalogEntry, card_text, decode_entries
+from datamesh.resource.models import DataProductSpec
 
 
 def entry(i: int, description: str = "A product used by the catalog tests.") -> CatalogEntry:
@@ -47,21 +48,32 @@ async def test_replace_all_drops_entries_of_products_that_are_gone(tmp_path: Pat
     assert sorted(read_catalog_file(path)) == ["ns.p0001", "ns.p0002"]
 
 
-async def test_entry_card_carries_what_routing_needs() -> None:
-    e = CatalogEntry.model_validate(
+def test_card_carries_what_routing_needs() -> None:
+    spec = DataProductSpec.model_validate(
         {
-            "namespace": "sales",
-            "name": "customer-churn",
             "domain": "sales",
             "description": "Why B2B customers cancel.",
             "tags": ["churn"],
-            "fields": [{"name": "churn_reason", "type": "string", "description": "Reason given at cancellation"}],
+            "schema": {"fields": [{"name": "churn_reason", "description": "Reason given at cancellation"}]},
         }
     )
-    card = e.card()
-    assert (
-        "customer churn" in card
-        and "Why B2B customers cancel." in card
-        and "Reason given at cancellation" in card
-        and "churn" in card
-    )
+    card = card_text("sales", "customer-churn", spec)
+    assert "customer churn" in card and "Why B2B customers cancel." in card
+    assert "churn reason Reason given at cancellation" in card and "churn" in card
+
+
+def test_an_entry_from_a_newer_operator_is_read_not_dropped() -> None:
+    """The wire format is versioned and tolerant: unknown keys (at any level) are ignored."""
+    newer = {
+        "format": 2,
+        "namespace": "sales",
+        "name": "customer-churn",
+        "domain": "sales",
+        "description": "Why B2B customers cancel.",
+        "sla": {"freshness": "24h", "errorBudget": "0.1%"},
+        "fields": [{"name": "id", "type": "uuid", "primaryKey": True, "masking": "hash"}],
+        "lineage": {"upstream": ["crm.accounts"]},
+    }
+    (entry,) = decode_entries({"sales.customer-churn": json.dumps(newer)}).values()
+    assert entry.product == "sales/customer-churn" and entry.primary_key == ["id"]
+    assert entry.sla is not None and entry.sla.freshness == "24h"

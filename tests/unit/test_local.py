@@ -83,7 +83,8 @@ def test_local_then_ask_from_a_second_shell(tmp_path: Path) -> None:
         asked = _run("ask", "why do enterprise customers churn after a price increase?", "--url", url, cwd=tmp_path)
         assert asked.returncode == 0, asked.stdout + asked.stderr
         out = asked.stdout
-        assert "Routed to" in out and "Merged ranking" in out
+        assert "Routed to" in out and "Answer (merged ranking)" in out
+        assert "ACC-" in out, "the answer names rows by their primary key"
         assert (
             out.index("sales/customer-churn") < min(out.index(p) for p in ("logistics/", "hr/") if p in out)
             if ("logistics/" in out or "hr/" in out)

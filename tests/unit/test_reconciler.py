@@ -16,6 +16,7 @@ import pytest
 
 from datamesh.adapters.embeddings.registry import resolve_provider
 from datamesh.adapters.files import FileCatalogBackend, read_catalog_file
+from datamesh.adapters.sources import RowsInMemory
 from datamesh.adapters.stores import open_store
 from datamesh.core.conditions import Check, ConditionType
 from datamesh.core.ports import SearchRequest, SourceError, VectorStore
@@ -41,11 +42,11 @@ class FakeRows:
     error: SourceError | None = None
     reads: int = 0
 
-    async def __call__(self, source: Source, namespace: str) -> list[Row]:
+    async def __call__(self, source: Source, namespace: str) -> RowsInMemory:
         self.reads += 1
         if self.error is not None:
             raise self.error
-        return [dict(r) for r in self.rows]
+        return RowsInMemory([dict(r) for r in self.rows])
 
 
 @dataclass
@@ -79,6 +80,7 @@ class World:
     rows: FakeRows
     probe: FakeProbe
     inference: FakeInference
+    progress: list[tuple[int, int]]
 
     async def reconcile(self, body: Mapping[str, Any], **kwargs: Any) -> Outcome:
         outcome = await self.reconciler.reconcile(body, **kwargs)
@@ -94,8 +96,13 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     store = open_store(StoreSettings(url=None, path=":memory:"))
     catalog = CatalogWriter(FileCatalogBackend(tmp_path / "catalog.json"), "catalog", 100_000, 0.0)
     rows, probe, inference = FakeRows(), FakeProbe(), FakeInference()
-    ports = Ports(store, catalog, resolve_provider, rows, probe, inference)
-    yield World(Reconciler(settings, ports), store, tmp_path / "catalog.json", rows, probe, inference)
+    reports: list[tuple[int, int]] = []
+
+    async def progress(namespace: str, name: str, done: int, total: int) -> None:
+        reports.append((done, total))
+
+    ports = Ports(store, catalog, resolve_provider, rows, probe, inference, progress=progress)
+    yield World(Reconciler(settings, ports), store, tmp_path / "catalog.json", rows, probe, inference, reports)
     await catalog.close()
     await store.close()
 
@@ -203,7 +210,7 @@ async def test_a_permanently_bad_source_fails_without_retry(world: World) -> Non
 
 async def test_rejected_rows_are_counted_and_announced(world: World) -> None:
     world.rows.rows = [*ROWS, {"id": "a", "reason": "a duplicate of the first row"}, {"reason": "no id at all"}]
-    outcome = await world.reconcile(product())
+    outcome = await world.reconcile(product(source={"inline": [], "maxRejectedPercent": 50}))
     assert outcome.status.records == 3 and outcome.status.rejected_records == 2
     assert conditions(outcome)["Ingested"][1] == "IngestedWithRejects"
     (event,) = [e for e in outcome.events if e.reason == "RowsRejected"]
@@ -275,3 +282,29 @@ async def test_finalize_drops_the_collection_and_the_entry_unless_retained(world
     assert "sales.gone" not in read_catalog_file(world.catalog_path)
     assert "sales.kept" not in read_catalog_file(world.catalog_path)
     assert world.reconciler.known_products == 0
+
+
+async def test_a_source_whose_rows_are_all_refused_is_never_ready(world: World) -> None:
+    world.rows.rows = [{"ID": r["id"], "reason": r["reason"]} for r in ROWS]  # the key column's case is wrong
+    outcome = await world.reconcile(product())
+    assert outcome.status.phase == "Failed" and outcome.retry_after is None
+    status, reason, message = conditions(outcome)["Ingested"]
+    assert (status, reason) == ("False", "TooManyRejectedRows")
+    assert "3 of 3 rows rejected" in message and "'ID' is 'id' except for case" in message
+    assert not await world.store.exists("sales.churn"), "nothing was written or switched"
+
+
+async def test_the_rejection_policy_is_the_products_to_choose(world: World) -> None:
+    world.rows.rows = [*ROWS, {"id": "d"}]  # one row of four has no text to embed
+    strict = await world.reconcile(product(source={"inline": [], "maxRejectedPercent": 10}))
+    assert conditions(strict)["Ingested"][1] == "TooManyRejectedRows"
+    lenient = await world.reconcile(product(generation=2, source={"inline": [], "maxRejectedPercent": 50}))
+    assert lenient.status.phase == "Ready" and lenient.status.records == 3 and lenient.status.rejected_records == 1
+
+
+async def test_a_long_ingestion_reports_its_progress(world: World) -> None:
+    world.rows.rows = [{"id": f"r{i}", "reason": f"reason number {i}"} for i in range(600)]
+    world.reconciler.settings.ingest_batch_size = 256
+    outcome = await world.reconcile(product())
+    assert outcome.status.records == 600
+    assert world.progress == [(256, 600), (512, 600), (600, 600)]

@@ -71,9 +71,14 @@ def _source(url: str, fmt: str, **extra: object) -> Source:
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "json", "parquet"])
 async def test_url_formats(server: str, fmt: str) -> None:
     async with httpx.AsyncClient() as http:
-        rows = await SourceLoader(http, None)(_source(f"{server}/rows.{fmt}", fmt), "ns")
-    assert [r["id"] for r in rows] == ["a", "b"]
-    assert str(rows[0]["text"]) == "late parcel"
+        source = await SourceLoader(http, None)(_source(f"{server}/rows.{fmt}", fmt), "ns")
+    try:
+        for size in (1, 2, 10):  # read as often as needed, in batches of any size
+            rows = [r for batch in source.batches(size) for r in batch]
+            assert [r["id"] for r in rows] == ["a", "b"]
+            assert str(rows[0]["text"]) == "late parcel"
+    finally:
+        source.close()
 
 
 async def test_size_cap_timeout_and_errors(server: str) -> None:
@@ -85,8 +90,10 @@ async def test_size_cap_timeout_and_errors(server: str) -> None:
         with pytest.raises(SourceError, match="cannot fetch") as slow:
             await SourceLoader(http, None, timeout=0.3)(_source(f"{server}/slow.csv", "csv"), "ns")
         assert slow.value.transient and time.monotonic() - started < 4
+        broken = await SourceLoader(http, None)(_source(f"{server}/broken.json", "json"), "ns")
         with pytest.raises(SourceError, match="cannot parse the source as json"):
-            await SourceLoader(http, None)(_source(f"{server}/broken.json", "json"), "ns")
+            list(broken.batches(10))
+        broken.close()
         with pytest.raises(SourceError, match="HTTP 404"):
             await SourceLoader(http, None)(_source(f"{server}/missing.csv", "csv"), "ns")
 
@@ -132,15 +139,43 @@ def test_validation_counts_and_explains_bad_rows() -> None:
         {"id": 1, "text": "duplicate"},
         {"id": "4", "text": "   "},
     ]
-    result = validate_rows("ns", "p", spec, rows)
+    result, refused = validate_rows("ns", "p", spec, rows)
     assert len(result.rows) == 1 and result.rows[0] == {
         "id": 1,
         "text": "fine",
         "when": "2026-10-03T14:12:00+00:00",
         "ok": True,
     }
-    assert result.rejected == 5
-    assert result.reasons[0].startswith("row 2: when") and "duplicate primary key" in result.reasons[3]
-    assert result.ignored_columns == {"extra"}
-    again = validate_rows("ns", "p", spec, rows)
+    assert refused.rows == 5
+    assert refused.reasons[0].startswith("row 2: when") and "duplicate primary key" in refused.reasons[3]
+    assert refused.ignored_columns == {"extra"}
+    again, _ = validate_rows("ns", "p", spec, rows)
     assert again.ids == result.ids, "point ids are derived from the primary key"
+
+
+def test_numbers_keep_their_type_and_case_mismatches_are_named() -> None:
+    spec = DataProductSpec.model_validate(
+        {
+            "domain": "t",
+            "description": "validation test product",
+            "schema": {
+                "fields": [
+                    {"name": "id", "primaryKey": True},
+                    {"name": "amount", "type": "number"},
+                    {"name": "reason", "required": True},
+                ]
+            },
+            "source": {"inline": []},
+            "semanticSearch": {"keyFields": ["reason"]},
+        }
+    )
+    good, _ = validate_rows(
+        "ns", "p", spec, [{"id": "a", "amount": 20000, "reason": "x"}, {"id": "b", "amount": "7", "reason": "y"}]
+    )
+    assert [r["amount"] for r in good.rows] == [20000, 7] and isinstance(good.rows[0]["amount"], int)
+    half, _ = validate_rows("ns", "p", spec, [{"id": "c", "amount": "2.5", "reason": "z"}])
+    assert half.rows[0]["amount"] == 2.5
+    none, refused = validate_rows("ns", "p", spec, [{"id": "a", "Reason": "price"}, {"id": "b", "Reason": "sso"}])
+    assert none.rows == [] and refused.rows == 2
+    assert "the source has 'Reason': column names are case-sensitive" in refused.reasons[0]
+    assert "'Reason' is 'reason' except for case" in refused.summary()

@@ -40,7 +40,15 @@ import qdrant_edge as qe
 from datamesh.adapters import bm25
 from datamesh.adapters.files import atomic_write
 from datamesh.adapters.similarity import cosine, dense_of
-from datamesh.core.plan import DENSE_VECTOR, DIGEST_KEY, FUSION, SPARSE_VECTOR, CollectionPlan
+from datamesh.core.plan import (
+    DENSE_VECTOR,
+    DIGEST_KEY,
+    FUSION,
+    KIND_KEY,
+    PRODUCT_KEY,
+    SPARSE_VECTOR,
+    CollectionPlan,
+)
 from datamesh.core.ports import (
     CollectionMissing,
     ScoredRow,
@@ -392,6 +400,17 @@ class EdgeStore:
         async with self._use(collection) as shard, shard.writing:
             await self._engine(collection, shard.engine.update, qe.UpdateOperation.delete_points_by_filter(keep))
 
+    async def remove_product(self, collection: str, product: str, keep_digest: str | None = None) -> None:
+        """Routing collections: remove a product's points (but those of the ingestion ``keep_digest``)."""
+        if not await self.exists(collection):
+            return
+        keep: list[Any] | None = None
+        if keep_digest is not None:
+            keep = [qe.FieldCondition(key=DIGEST_KEY, match=qe.MatchValue(keep_digest))]
+        doomed = qe.Filter(must=[qe.FieldCondition(key=PRODUCT_KEY, match=qe.MatchValue(product))], must_not=keep)
+        async with self._use(collection) as shard, shard.writing:
+            await self._engine(collection, shard.engine.update, qe.UpdateOperation.delete_points_by_filter(doomed))
+
     async def search(self, collection: str, request: SearchRequest) -> list[ScoredRow]:
         """The best rows for a question: one query, with dense and BM25 prefetches fused in hybrid mode."""
         name = self._resolve(collection)
@@ -410,6 +429,13 @@ class EdgeStore:
     @staticmethod
     def _query(request: SearchRequest, dense: list[float], words: qe.SparseVector | None) -> qe.QueryRequest:
         common: dict[str, Any] = {"limit": request.limit, "with_payload": True, "with_vector": [DENSE_VECTOR]}
+        conditions: list[Any] = []
+        if request.products is not None:
+            conditions.append(qe.FieldCondition(key=PRODUCT_KEY, match=qe.MatchAny(list(request.products))))
+        if request.kind is not None:
+            conditions.append(qe.FieldCondition(key=KIND_KEY, match=qe.MatchValue(request.kind)))
+        if conditions:
+            common["filter"] = qe.Filter(must=conditions)
         if request.mode is SearchMode.sparse and words is not None:
             return qe.QueryRequest(query=qe.Query.Nearest(words, using=SPARSE_VECTOR), **common)
         if request.mode is SearchMode.hybrid and words is not None:

@@ -20,7 +20,15 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 
 from datamesh.adapters import bm25
 from datamesh.adapters.similarity import cosine, dense_of
-from datamesh.core.plan import DENSE_VECTOR, DIGEST_KEY, FUSION, SPARSE_VECTOR, CollectionPlan
+from datamesh.core.plan import (
+    DENSE_VECTOR,
+    DIGEST_KEY,
+    FUSION,
+    KIND_KEY,
+    PRODUCT_KEY,
+    SPARSE_VECTOR,
+    CollectionPlan,
+)
 from datamesh.core.ports import CollectionMissing, ScoredRow, SearchRequest, VectorStoreError
 from datamesh.resource.models import FieldType, SearchMode
 from datamesh.settings import StoreSettings
@@ -150,6 +158,17 @@ class QdrantStore:
         )
         await self._call("delete stale points", self.client.delete(collection, points_selector=selector, wait=True))
 
+    async def remove_product(self, collection: str, product: str, keep_digest: str | None = None) -> None:
+        """Routing collections: remove a product's points (but those of the ingestion ``keep_digest``)."""
+        if not await self.exists(collection):
+            return
+        keep: list[Any] | None = None
+        if keep_digest is not None:
+            keep = [qm.FieldCondition(key=DIGEST_KEY, match=qm.MatchValue(value=keep_digest))]
+        doomed = qm.Filter(must=[qm.FieldCondition(key=PRODUCT_KEY, match=qm.MatchValue(value=product))], must_not=keep)
+        selector = qm.FilterSelector(filter=doomed)
+        await self._call("remove product", self.client.delete(collection, points_selector=selector, wait=True))
+
     async def count(self, collection: str) -> int:
         """Exact number of points in a collection or alias."""
         result = await self._call("count", self.client.count(collection, exact=True))
@@ -202,6 +221,15 @@ class QdrantStore:
             query, using = sparse, SPARSE_VECTOR
         else:
             query, using = dense, DENSE_VECTOR
+        conditions: list[qm.Condition] = []
+        if request.products is not None:
+            conditions.append(qm.FieldCondition(key=PRODUCT_KEY, match=qm.MatchAny(any=list(request.products))))
+        if request.kind is not None:
+            conditions.append(qm.FieldCondition(key=KIND_KEY, match=qm.MatchValue(value=request.kind)))
+        query_filter = qm.Filter(must=conditions) if conditions else None
+        if prefetch is not None and query_filter is not None:
+            for stage in prefetch:
+                stage.filter = query_filter
         result = await self._call(
             "search",
             self.client.query_points(
@@ -209,6 +237,7 @@ class QdrantStore:
                 query=query,
                 using=using,
                 prefetch=prefetch,
+                query_filter=query_filter,
                 limit=request.limit,
                 with_payload=True,
                 with_vectors=[DENSE_VECTOR],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -15,7 +17,35 @@ from datamesh.controller.metrics import PrometheusObserver
 from datamesh.core.ports import VectorStore
 from datamesh.engine.catalog_writer import CatalogWriter
 from datamesh.engine.reconciler import Ports, Reconciler
+from datamesh.resource.models import GROUP, PLURAL, VERSION
 from datamesh.settings import OperatorSettings, StoreSettings
+
+log = logging.getLogger(__name__)
+
+
+class StatusProgress:
+    """Writes a long ingestion's progress into the product's status, at most every ``interval`` seconds."""
+
+    def __init__(self, kube: Kube, interval: float = 2.0) -> None:
+        self.kube = kube
+        self.interval = interval
+        self._last: dict[tuple[str, str], float] = {}
+
+    async def __call__(self, namespace: str, name: str, done: int, total: int) -> None:
+        key = (namespace, name)
+        now = time.monotonic()
+        if done >= total:
+            self._last.pop(key, None)  # the reconcile's own status write clears the progress
+            return
+        if now - self._last.setdefault(key, now) < self.interval:
+            return
+        self._last[key] = now
+        product = {"metadata": {"namespace": namespace, "name": name}}
+        progress = {"ingestion": {"rowsDone": done, "rowsTotal": total}}
+        try:
+            await self.kube.patch_product_status(GROUP, VERSION, PLURAL, product, progress)
+        except Exception as exc:  # progress is a courtesy: never fail an ingestion over it
+            log.debug("progress of %s/%s not written: %s", namespace, name, exc)
 
 
 @dataclass
@@ -59,5 +89,6 @@ async def build_runtime(settings: OperatorSettings, store: VectorStore | None = 
         probe=EndpointProbe(http, settings.url_timeout),
         inference=KubeInferenceBackend(kube, settings.runtime_defaults()),
         observer=observer,
+        progress=StatusProgress(kube),
     )
     return Runtime(settings, kube, store, catalog, http, Reconciler(settings, ports), owns_store)

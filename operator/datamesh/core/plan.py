@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,12 @@ from datamesh.resource.models import DataProductSpec, Distance, FieldType, Searc
 # Payload keys the operator owns; schema field names cannot start with "_", so they never clash.
 TEXT_KEY = "_text"
 DIGEST_KEY = "_ingest"
+# Payload keys of the mesh's routing collections (one per embedding model): every row of every
+# product using that model, and one card per product, so routing sees the rows themselves.
+PRODUCT_KEY = "_product"
+ROW_KEY = "_key"
+KIND_KEY = "_kind"  # "card" or "row": keywords, since the embedded engine matches booleans as 1
+ROUTING_PREFIX = "_routing--"  # "_" never starts a namespace, so no product alias can collide
 # Vector names of every collection: the key fields' embedding, and BM25 over their words.
 DENSE_VECTOR = "dense"
 SPARSE_VECTOR = "bm25"
@@ -86,6 +92,31 @@ def collection_plan(namespace: str, name: str, spec: DataProductSpec, vector_siz
     alias = collection_alias(namespace, name)
     indexes = {f.name: FieldType(f.type) for f in spec.data_schema.fields if f.filterable}
     return CollectionPlan(alias, f"{alias}--{suffix}", vector_size, Distance(search.distance), indexes, mode)
+
+
+def routing_plan(plan: CollectionPlan, model: str, endpoint: str | None) -> CollectionPlan:
+    """The routing collection shared by every product embedded like ``plan`` (same model and vectors)."""
+    settings = f"{LAYOUT}|{model}|{endpoint or ''}|{plan.vector_size}|{Distance(plan.distance).value}"
+    name = f"{ROUTING_PREFIX}{hashlib.sha256(settings.encode()).hexdigest()[:16]}"
+    return CollectionPlan(
+        name, name, plan.vector_size, plan.distance, {PRODUCT_KEY: FieldType.string}, SearchMode.hybrid
+    )
+
+
+def product_ref(namespace: str, name: str) -> str:
+    """How the API and the routing collections name a product: ``namespace/name``."""
+    return f"{namespace}/{name}"
+
+
+def card_point_id(namespace: str, name: str) -> str:
+    """The routing collection's point holding a product's card."""
+    return str(uuid.uuid5(_POINT_NAMESPACE, f"card:{namespace}/{name}"))
+
+
+def row_key(row: Mapping[str, Any], primary_key: Sequence[str]) -> Any:
+    """A row's key as the API shows it: the primary key's value, or the list of values of a composite key."""
+    values = [row.get(k) for k in primary_key]
+    return values[0] if len(values) == 1 else values
 
 
 def point_id(namespace: str, name: str, key: Sequence[Any]) -> str:

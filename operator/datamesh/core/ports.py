@@ -7,7 +7,7 @@ adapter translates its library's exceptions into these by kind.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -98,6 +98,9 @@ class SearchRequest:
     text: str
     limit: int
     mode: SearchMode = SearchMode.hybrid
+    # Routing collections only: the products whose points may answer, and which kind ("card", "row").
+    products: Sequence[str] | None = None
+    kind: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,10 @@ class VectorStore(Protocol):
         """Remove points not written by the ingestion with ``digest``."""
         ...
 
+    async def remove_product(self, collection: str, product: str, keep_digest: str | None = None) -> None:
+        """Routing collections: remove a product's points (but those of the ingestion ``keep_digest``)."""
+        ...
+
     async def count(self, collection: str) -> int:
         """Exact number of points in a collection or alias."""
         ...
@@ -172,10 +179,28 @@ class VectorStore(Protocol):
 # ==== rows, endpoints, inference ==============================================================
 
 
-class RowLoader(Protocol):
-    """Reads every row of a product's source."""
+class RowSource(Protocol):
+    """A product's rows, read in batches, as many times as the ingestion passes over them."""
 
-    async def __call__(self, source: Source, namespace: str) -> list[Row]: ...
+    def batches(self, size: int) -> Iterator[list[Row]]:
+        """The rows, ``size`` at a time (raises SourceError when the data cannot be parsed)."""
+        ...
+
+    def close(self) -> None:
+        """Release what holds the rows (a downloaded file)."""
+        ...
+
+
+class RowLoader(Protocol):
+    """Opens a product's source for reading."""
+
+    async def __call__(self, source: Source, namespace: str) -> RowSource: ...
+
+
+class Progress(Protocol):
+    """Where a long ingestion reports how far it got."""
+
+    async def __call__(self, namespace: str, name: str, done: int, total: int) -> None: ...
 
 
 class EndpointProbe(Protocol):

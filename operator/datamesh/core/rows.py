@@ -1,10 +1,16 @@
-"""A product's rows: validated against its schema, their embedded text and the ingestion digest."""
+"""A product's rows: validated against its schema, their embedded text and the ingestion digest.
+
+Rows arrive in batches (a large source is streamed, never held whole); a :class:`RowValidator`
+keeps what must be known across batches (primary keys seen, refusals and their first reasons)
+and an :class:`IngestDigest` fingerprints exactly what would be written.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
@@ -15,22 +21,40 @@ from datamesh.resource.models import DataProductSpec, FieldType, SchemaField
 Row = dict[str, Any]
 
 MAX_REASONS = 5
+_INTEGER_TEXT = re.compile(r"^[+-]?\d+$")
 
 
 @dataclass
-class ValidatedRows:
-    """Rows that passed the schema, with their point ids, and what was refused."""
+class ValidatedBatch:
+    """The rows of one batch that passed, with their point ids, in source order."""
 
     ids: list[str] = field(default_factory=list)
     rows: list[Row] = field(default_factory=list)
-    rejected: int = 0
+
+
+@dataclass
+class Refusals:
+    """What validation refused so far: how many rows, the first reasons, and columns nobody declared."""
+
+    rows: int = 0
     reasons: list[str] = field(default_factory=list)
     ignored_columns: set[str] = field(default_factory=set)
+    case_mismatches: dict[str, str] = field(default_factory=dict)  # source column -> schema field
 
-    def reject(self, index: int, reason: str) -> None:
-        self.rejected += 1
+    def add(self, index: int, reason: str) -> None:
+        self.rows += 1
         if len(self.reasons) < MAX_REASONS:
             self.reasons.append(f"row {index + 1}: {reason}")
+
+    def summary(self) -> str:
+        """The refusals in a sentence: count, first reasons, and why columns did not match."""
+        parts = [f"{self.rows} rows rejected" + (f" ({'; '.join(self.reasons)})" if self.reasons else "")]
+        if self.case_mismatches:
+            pairs = ", ".join(
+                f"{src!r} is {dst!r} except for case" for src, dst in sorted(self.case_mismatches.items())
+            )
+            parts.append(f"column names differ from the schema only in case: {pairs}")
+        return "; ".join(parts)
 
 
 def _coerce(value: Any, kind: FieldType) -> Any:
@@ -46,7 +70,14 @@ def _coerce(value: Any, kind: FieldType) -> Any:
     if kind is FieldType.number:
         if isinstance(value, bool):
             raise ValueError(f"expected a number, got {value!r}")
-        return float(value)
+        if isinstance(value, int):
+            return value  # 20000 stays 20000: a number keeps its type
+        if isinstance(value, str) and _INTEGER_TEXT.match(value.strip()):
+            return int(value)
+        number = float(value)
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        return number
     if kind is FieldType.boolean:
         if isinstance(value, bool):
             return value
@@ -65,42 +96,82 @@ def _coerce(value: Any, kind: FieldType) -> Any:
     return date.fromisoformat(str(value)).isoformat()
 
 
-def validate_rows(namespace: str, name: str, spec: DataProductSpec, rows: Sequence[Row]) -> ValidatedRows:
-    """Check every row against the schema; refused rows are counted with their first reasons."""
-    fields: dict[str, SchemaField] = {f.name: f for f in spec.data_schema.fields}
-    primary_key = spec.primary_key
-    out = ValidatedRows()
-    seen: dict[str, int] = {}
-    for index, raw in enumerate(rows):
+class RowValidator:
+    """Checks a product's rows against its schema, batch after batch, remembering keys seen."""
+
+    def __init__(self, namespace: str, name: str, spec: DataProductSpec) -> None:
+        self.namespace = namespace
+        self.name = name
+        self.fields: dict[str, SchemaField] = {f.name: f for f in spec.data_schema.fields}
+        self._by_folded = {f.casefold(): f for f in self.fields}
+        self.primary_key = spec.primary_key
+        self.key_fields = spec.key_fields
+        self.refusals = Refusals()
+        self.seen = 0  # rows looked at, refused or not
+        self.accepted = 0
+        self._first: dict[str, int] = {}  # point id -> source row of its first occurrence
+
+    def validate(self, rows: Iterable[Row]) -> ValidatedBatch:
+        """The rows of this batch that pass; the others are counted with their first reasons."""
+        out = ValidatedBatch()
+        for raw in rows:
+            index = self.seen
+            self.seen += 1
+            clean, problem = self._row(raw)
+            if problem is not None:
+                self.refusals.add(index, problem)
+                continue
+            pid = point_id(self.namespace, self.name, [clean[k] for k in self.primary_key])
+            first = self._first.setdefault(pid, index)
+            if first != index:
+                key = [clean[k] for k in self.primary_key]
+                self.refusals.add(index, f"duplicate primary key {key} (first in row {first + 1})")
+                continue
+            self._note_columns(raw)
+            out.ids.append(pid)
+            out.rows.append(clean)
+            self.accepted += 1
+        return out
+
+    def _row(self, raw: Row) -> tuple[Row, str | None]:
         clean: Row = {}
-        problem = None
-        for fname, fdef in fields.items():
+        for fname, fdef in self.fields.items():
             value = raw.get(fname)
             if value is None or value == "":
                 if fdef.required or fdef.primary_key:
-                    problem = f"{fname} is missing"
-                    break
+                    return clean, f"{fname} is missing" + self._case_hint(raw, fname)
                 continue
             try:
                 clean[fname] = _coerce(value, FieldType(fdef.type))
             except (ValueError, TypeError) as exc:
-                problem = f"{fname}: {exc}"
-                break
-        if problem is None and spec.key_fields and not key_text(clean, spec.key_fields).strip():
+                return clean, f"{fname}: {exc}"
+        if self.key_fields and not key_text(clean, self.key_fields).strip():
             # A row with no text to embed could never be found by a question.
-            problem = f"no text in key fields {', '.join(spec.key_fields)}"
-        if problem is None and primary_key:
-            pid = point_id(namespace, name, [clean[k] for k in primary_key])
-            if pid in seen:
-                problem = f"duplicate primary key {[clean[k] for k in primary_key]} (first in row {seen[pid] + 1})"
-        if problem is not None:
-            out.reject(index, problem)
-            continue
-        out.ignored_columns.update(k for k in raw if k not in fields)
-        seen[pid] = index
-        out.ids.append(pid)
-        out.rows.append(clean)
-    return out
+            return clean, f"no text in key fields {', '.join(self.key_fields)}"
+        return clean, None
+
+    def _case_hint(self, raw: Row, fname: str) -> str:
+        for column in raw:
+            if column != fname and column.casefold() == fname.casefold():
+                self.refusals.case_mismatches[column] = fname
+                return f" (the source has {column!r}: column names are case-sensitive)"
+        return ""
+
+    def _note_columns(self, raw: Row) -> None:
+        for column in raw:
+            if column not in self.fields:
+                self.refusals.ignored_columns.add(column)
+                match = self._by_folded.get(column.casefold())
+                if match is not None:
+                    self.refusals.case_mismatches[column] = match
+
+    def too_many_refused(self, max_percent: float) -> bool:
+        """Whether the refused share exceeds the policy (a source with rows, all refused, always does)."""
+        if self.seen == 0:
+            return False
+        if self.accepted == 0:
+            return True
+        return self.refusals.rows * 100 > max_percent * self.seen
 
 
 def key_text(row: Row, key_fields: Sequence[str]) -> str:
@@ -108,11 +179,26 @@ def key_text(row: Row, key_fields: Sequence[str]) -> str:
     return "\n".join(str(row[k]) for k in key_fields if row.get(k) not in (None, ""))
 
 
-def ingest_digest(plan: CollectionPlan, key_fields: Sequence[str], validated: ValidatedRows) -> str:
+class IngestDigest:
     """Fingerprint of what an ingestion writes: same digest, nothing to write."""
-    h = hashlib.sha256()
-    h.update(json.dumps([plan.index, list(key_fields)]).encode())
-    for pid, row in zip(validated.ids, validated.rows, strict=True):
-        h.update(pid.encode())
-        h.update(json.dumps(row, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:32]
+
+    def __init__(self, plan: CollectionPlan, key_fields: Sequence[str]) -> None:
+        self._hash = hashlib.sha256(json.dumps([plan.index, list(key_fields)]).encode())
+
+    def update(self, batch: ValidatedBatch) -> None:
+        """Add a batch of validated rows, in source order."""
+        for pid, row in zip(batch.ids, batch.rows, strict=True):
+            self._hash.update(pid.encode())
+            self._hash.update(json.dumps(row, sort_keys=True, default=str).encode())
+
+    def hexdigest(self) -> str:
+        """The fingerprint so far."""
+        return self._hash.hexdigest()[:32]
+
+
+def validate_rows(
+    namespace: str, name: str, spec: DataProductSpec, rows: Sequence[Row]
+) -> tuple[ValidatedBatch, Refusals]:
+    """All rows of a small source at once: what passed, and what was refused."""
+    validator = RowValidator(namespace, name, spec)
+    return validator.validate(rows), validator.refusals

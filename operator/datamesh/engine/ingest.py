@@ -1,32 +1,172 @@
-"""Writing validated rows, embedded, into a product's collection."""
+"""Writing a product's rows, validated and embedded, into its collection and the mesh's routing collection.
+
+Two passes over the source: the first validates every row and fingerprints what would be
+written (nothing is written when the fingerprint is unchanged, or when too many rows are
+refused); the second validates again and writes, batch by batch. Reading and parsing run in a
+worker thread, and each batch is embedded once and upserted into both collections before the
+next is read, so memory is bounded by a batch whatever the source's size.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 
-from datamesh.core.plan import DIGEST_KEY, TEXT_KEY
-from datamesh.core.ports import EmbeddingProvider, VectorStore
-from datamesh.core.rows import ValidatedRows, key_text
+import numpy as np
+
+from datamesh.core.plan import (
+    DIGEST_KEY,
+    KIND_KEY,
+    PRODUCT_KEY,
+    ROW_KEY,
+    TEXT_KEY,
+    CollectionPlan,
+    card_point_id,
+    row_key,
+)
+from datamesh.core.ports import EmbeddingProvider, RowSource, VectorStore
+from datamesh.core.rows import IngestDigest, Refusals, Row, RowValidator, ValidatedBatch, key_text
+from datamesh.resource.models import DataProductSpec, ScoreCalibration
+
+_DONE = object()
+CALIBRATION_SAMPLE = 128  # rows whose pairwise similarities calibrate the product's scores
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one product's rows go: its own collection, and the routing collection of its model."""
+
+    namespace: str
+    name: str
+    plan: CollectionPlan
+    routing: CollectionPlan
+    provider: EmbeddingProvider
+    primary_key: Sequence[str]
+
+    @property
+    def product(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+async def _batches(rows: RowSource, size: int) -> Iterator[list[Row]]:
+    # Opened in a worker thread: a parquet reader or a large file starts with real work.
+    return await asyncio.to_thread(rows.batches, size)
+
+
+async def _next(batches: Iterator[list[Row]]) -> list[Row] | None:
+    batch = await asyncio.to_thread(next, batches, _DONE)
+    return None if batch is _DONE else batch  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What the first pass found: rows that would be written, their fingerprint, what was refused."""
+
+    accepted: int
+    seen: int
+    digest: str
+    refusals: Refusals
+    too_many_refused: bool
+
+
+async def scan(rows: RowSource, target: Target, spec: DataProductSpec, batch_size: int) -> Scan:
+    """Validate every row and fingerprint what an ingestion would write (nothing is written)."""
+    validator = RowValidator(target.namespace, target.name, spec)
+    digest = IngestDigest(target.plan, spec.key_fields)
+    batches = await _batches(rows, batch_size)
+    while (batch := await _next(batches)) is not None:
+        digest.update(validator.validate(batch))
+    max_percent = spec.source.max_rejected_percent if spec.source else 100.0
+    return Scan(
+        validator.accepted,
+        validator.seen,
+        digest.hexdigest(),
+        validator.refusals,
+        validator.too_many_refused(max_percent),
+    )
+
+
+@dataclass(frozen=True)
+class Written:
+    """What the second pass wrote."""
+
+    rows: int
+    calibration: ScoreCalibration | None
 
 
 async def write_points(
     store: VectorStore,
-    collection: str,
-    provider: EmbeddingProvider,
-    key_fields: Sequence[str],
-    validated: ValidatedRows,
+    target: Target,
+    rows: RowSource,
+    validator: RowValidator,
     digest: str,
     batch_size: int,
-    on_batch: Callable[[int], None] | None = None,
-) -> None:
-    """Embed the key fields in batches, upsert them, then remove points of earlier ingestions."""
-    for start in range(0, len(validated.rows), batch_size):
-        rows = validated.rows[start : start + batch_size]
-        texts = [key_text(r, key_fields) for r in rows]
-        vectors = await provider.embed(texts)
-        payloads = [{**r, TEXT_KEY: t, DIGEST_KEY: digest} for r, t in zip(rows, texts, strict=True)]
-        await store.upsert(collection, validated.ids[start : start + batch_size], vectors, texts, payloads)
+    on_batch: Callable[[int], Awaitable[None]] | None = None,
+) -> Written:
+    """Embed and upsert every valid row in batches, then remove points of earlier ingestions."""
+    written = 0
+    sample = _Reservoir(CALIBRATION_SAMPLE)
+    batches = await _batches(rows, batch_size)
+    while (batch := await _next(batches)) is not None:
+        valid: ValidatedBatch = validator.validate(batch)
+        if not valid.rows:
+            continue
+        texts = [key_text(r, validator.key_fields) for r in valid.rows]
+        vectors = await target.provider.embed(texts)
+        payloads = [{**r, TEXT_KEY: t, DIGEST_KEY: digest} for r, t in zip(valid.rows, texts, strict=True)]
+        await store.upsert(target.plan.index, valid.ids, vectors, texts, payloads)
+        routing = [
+            {PRODUCT_KEY: target.product, ROW_KEY: row_key(r, target.primary_key), KIND_KEY: "row", DIGEST_KEY: digest}
+            for r in valid.rows
+        ]
+        await store.upsert(target.routing.index, valid.ids, vectors, texts, routing)
+        sample.extend(vectors)
+        written += len(valid.rows)
         if on_batch is not None:
-            on_batch(len(rows))
+            await on_batch(written)
     # Only after every batch landed: a crash mid-way leaves the old rows in place, never fewer.
-    await store.delete_other_ingests(collection, digest)
+    await store.delete_other_ingests(target.plan.index, digest)
+    return Written(written, calibration(sample.items))
+
+
+async def write_card(store: VectorStore, target: Target, card: str, digest: str) -> None:
+    """The product's card in the routing collection; then everything of its older ingestions goes."""
+    (vector,) = await target.provider.embed([card])
+    payload = {PRODUCT_KEY: target.product, KIND_KEY: "card", DIGEST_KEY: digest, TEXT_KEY: card}
+    await store.upsert(
+        target.routing.index, [card_point_id(target.namespace, target.name)], [vector], [card], [payload]
+    )
+    await store.remove_product(target.routing.index, target.product, keep_digest=digest)
+
+
+def calibration(vectors: Sequence[Sequence[float]]) -> ScoreCalibration | None:
+    """Mean and spread of the cosine between pairs of a product's rows (None below three rows)."""
+    if len(vectors) < 3:
+        return None
+    matrix = np.asarray(vectors, dtype=np.float64)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    matrix = np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
+    cosines = (matrix @ matrix.T)[np.triu_indices(len(matrix), k=1)]
+    return ScoreCalibration(mean=round(float(cosines.mean()), 6), std=round(float(cosines.std()), 6))
+
+
+class _Reservoir:
+    """A uniform sample of at most ``size`` vectors from a stream, reproducible run to run."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: list[Sequence[float]] = []
+        self._seen = 0
+        self._random = random.Random(0)
+
+    def extend(self, vectors: Sequence[Sequence[float]]) -> None:
+        for vector in vectors:
+            self._seen += 1
+            if len(self.items) < self.size:
+                self.items.append(vector)
+            else:
+                slot = self._random.randrange(self._seen)
+                if slot < self.size:
+                    self.items[slot] = vector

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -19,27 +19,35 @@ from pydantic import ValidationError
 
 from datamesh.core.backoff import backoff_delay
 from datamesh.core.conditions import Check, ConditionType, Transition, apply_checks, phase_of, utcnow
-from datamesh.core.plan import CollectionPlan, collection_alias, collection_plan
+from datamesh.core.plan import collection_alias, collection_plan, product_ref, routing_plan
 from datamesh.core.ports import (
     EmbedderResolver,
     EmbeddingError,
-    EmbeddingProvider,
     EmbeddingServiceError,
     EndpointProbe,
     InferenceBackend,
     NullObserver,
     Observer,
+    Progress,
     RowLoader,
+    RowSource,
     SourceError,
     VectorStore,
     VectorStoreError,
 )
-from datamesh.core.rows import ingest_digest, validate_rows
+from datamesh.core.rows import Refusals, RowValidator
 from datamesh.core.sla import sla_check
 from datamesh.engine.catalog_writer import CatalogWriter
-from datamesh.engine.ingest import write_points
-from datamesh.resource.catalog import catalog_entry, entry_key
-from datamesh.resource.models import DataProductSpec, DataProductStatus, Phase, parse_status, spec_error_message
+from datamesh.engine.ingest import Target, scan, write_card, write_points
+from datamesh.resource.catalog import card_text, catalog_entry, entry_key
+from datamesh.resource.models import (
+    DataProductSpec,
+    DataProductStatus,
+    Phase,
+    ScoreCalibration,
+    parse_status,
+    spec_error_message,
+)
 from datamesh.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -88,6 +96,10 @@ class ProductRef:
         )
 
 
+async def no_progress(namespace: str, name: str, done: int, total: int) -> None:
+    """Reports nothing."""
+
+
 @dataclass(frozen=True)
 class Ports:
     """Everything the reconciler reaches outside itself."""
@@ -99,6 +111,7 @@ class Ports:
     probe: EndpointProbe
     inference: InferenceBackend | None = None
     observer: Observer = field(default_factory=NullObserver)
+    progress: Progress = field(default_factory=lambda: no_progress)
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,7 @@ class IngestResult:
     rejected: int | None = None
     digest: str | None = None
     ingested_at: datetime | None = None
+    calibration: ScoreCalibration | None = None
     events: tuple[Event, ...] = ()
 
 
@@ -123,6 +137,7 @@ class CollectionResult:
     alias: str | None = None
     index: str | None = None
     vector_size: int | None = None
+    routing: str | None = None
     events: tuple[Event, ...] = ()
     # Whether alias/index/vector_size replace the status's values (False: keep what it says).
     sets_collection: bool = False
@@ -139,12 +154,9 @@ def _waiting(collection: Check) -> CollectionResult:
 class Reconciler:
     """Reconciles DataProducts through its ports."""
 
-    def __init__(
-        self, settings: OperatorSettings, ports: Ports, on_rows: Callable[[ProductRef, int], None] | None = None
-    ) -> None:
+    def __init__(self, settings: OperatorSettings, ports: Ports) -> None:
         self.settings = settings
         self.ports = ports
-        self.on_rows = on_rows  # progress hook: rows embedded and written so far, per batch
         self._ingest_slots = asyncio.Semaphore(settings.ingest_concurrency)
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._phases: dict[tuple[str, str], str] = {}
@@ -206,7 +218,9 @@ class Reconciler:
         rows = await self._collection_and_rows(ref, spec, status, now, refresh)
         inference_check, endpoint = await self._inference(ref, spec)
         sla, sla_status = sla_check(spec, rows.ingest.ingested_at or status.last_ingested_at, inference_check, now)
-        status = _apply_rows(status, rows).model_copy(update={"inference_endpoint": endpoint, "sla": sla_status})
+        status = _apply_rows(status, rows).model_copy(
+            update={"inference_endpoint": endpoint, "sla": sla_status, "ingestion": None}
+        )
         checks = [rows.collection, rows.ingest.check, inference_check, sla]
 
         # The catalog entry carries the phase the product will have if the write succeeds.
@@ -258,6 +272,8 @@ class Reconciler:
             )
 
         plan = collection_plan(ref.namespace, ref.name, spec, dimension)
+        routing = routing_plan(plan, search.embedding_model, search.embedding_endpoint)
+        target = Target(ref.namespace, ref.name, plan, routing, provider, spec.primary_key)
         planned = CollectionResult(
             Check(ConditionType.collection_ready, None, "CollectionBuilding", ""),
             IngestResult(Check(ConditionType.ingested, None, "WaitingForCollection", "")),
@@ -273,7 +289,8 @@ class Reconciler:
                 events.append(
                     Event("Reindexing", f"embedding settings changed: building {plan.index} beside {current}")
                 )
-            ingest = await self._ingest(ref, spec, status, plan, provider, current, now, refresh)
+            await store.ensure_index(routing)
+            ingest = await self._ingest(ref, spec, status, target, current, now, refresh)
             switched = False
             if ingest.check.ok:
                 previous = await store.point_alias(plan.alias, plan.index)
@@ -282,6 +299,8 @@ class Reconciler:
                     events.append(
                         Event("Reindexed", f"alias {plan.alias} now points at {plan.index}; dropped {previous}")
                     )
+                if status.routing_collection not in (None, routing.index):
+                    await store.remove_product(status.routing_collection, target.product)
                 switched = True
         except (VectorStoreError, EmbeddingServiceError) as exc:
             reason = "QdrantUnavailable" if isinstance(exc, VectorStoreError) else "EmbeddingServiceUnavailable"
@@ -298,7 +317,13 @@ class Reconciler:
             detail = f"{plan.index} is being built; queries still use {current or 'nothing'}"
             collection = Check(ConditionType.collection_ready, False, "CollectionBuilding", detail)
         return replace(
-            planned, collection=collection, ingest=ingest, index=plan.index, sets_index=switched, events=tuple(events)
+            planned,
+            collection=collection,
+            ingest=ingest,
+            index=plan.index,
+            sets_index=switched,
+            routing=routing.index if switched else status.routing_collection,
+            events=tuple(events),
         )
 
     async def _ingest(
@@ -306,58 +331,79 @@ class Reconciler:
         ref: ProductRef,
         spec: DataProductSpec,
         status: DataProductStatus,
-        plan: CollectionPlan,
-        provider: EmbeddingProvider,
+        target: Target,
         current: str | None,
         now: datetime,
         refresh: bool,
     ) -> IngestResult:
         store = self.ports.store
+        plan = target.plan
         if spec.source is None:
             records = await store.count(plan.index)
+            await write_card(store, target, card_text(ref.namespace, ref.name, spec), "no-source")
             check = Check(ConditionType.ingested, True, "NoSource", "no source declared; the collection is empty")
             return IngestResult(check, records=records, rejected=0)
-        # Nothing read when the last ingestion already matches this spec and Qdrant still holds it.
+        # Nothing read when the last ingestion already matches this spec and the store still holds it.
         unchanged_spec = status.observed_generation == ref.generation and status.ingested_digest is not None
         if unchanged_spec and not refresh and current == plan.index and await store.count(plan.index) == status.records:
-            message = _ingest_message(status.records or 0, status.rejected_records or 0, [])
+            previous = next((c for c in status.conditions if c.type == ConditionType.ingested.value), None)
+            if previous is not None and previous.status == "True":
+                return IngestResult(Check(ConditionType.ingested, True, previous.reason, previous.message))
+            message = _ingest_message(status.records or 0, None)
             return IngestResult(Check(ConditionType.ingested, True, _ingest_reason(status.rejected_records), message))
 
         async with self._ingest_slots:
             try:
                 rows = await self.ports.load_rows(spec.source, ref.namespace)
             except SourceError as exc:
-                reason = "SourceUnavailable" if exc.transient else "SourceInvalid"
-                check = Check(
-                    ConditionType.ingested,
-                    False,
-                    reason,
-                    str(exc),
-                    transient=exc.transient,
-                    permanent=not exc.transient,
-                )
-                return IngestResult(check)
-            validated = validate_rows(ref.namespace, ref.name, spec, rows)
-            digest = ingest_digest(plan, spec.key_fields, validated)
-            written = 0
-            if digest != status.ingested_digest or await store.count(plan.index) != len(validated.ids):
-                progress = self.on_rows
-                on_batch = (lambda n: progress(ref, n)) if progress is not None else None
-                batch = self.settings.ingest_batch_size
-                await write_points(store, plan.index, provider, spec.key_fields, validated, digest, batch, on_batch)
-                written = len(validated.ids)
-                self.ports.observer.rows_ingested(written)
-        self.ports.observer.rows_rejected(validated.rejected)
+                return IngestResult(_source_failed(exc))
+            try:
+                return await self._write(ref, spec, status, target, rows, now)
+            except SourceError as exc:
+                return IngestResult(_source_failed(exc))
+            finally:
+                rows.close()
+
+    async def _write(
+        self,
+        ref: ProductRef,
+        spec: DataProductSpec,
+        status: DataProductStatus,
+        target: Target,
+        rows: RowSource,
+        now: datetime,
+    ) -> IngestResult:
+        store = self.ports.store
+        batch = self.settings.ingest_batch_size
+        found = await scan(rows, target, spec, batch)
+        refused = found.refusals
+        self.ports.observer.rows_rejected(refused.rows)
+        if found.too_many_refused:
+            assert spec.source is not None
+            limit = f"more than the {spec.source.max_rejected_percent:g}% source.maxRejectedPercent allows"
+            message = f"{refused.rows} of {found.seen} rows rejected, {limit}; nothing was written: {refused.summary()}"
+            check = Check(ConditionType.ingested, False, "TooManyRejectedRows", message, permanent=True)
+            return IngestResult(check, events=(Event("TooManyRejectedRows", message, warning=True),))
+        written = 0
+        calibrated = status.score_calibration
+        if found.digest != status.ingested_digest or await store.count(target.plan.index) != found.accepted:
+            validator = RowValidator(ref.namespace, ref.name, spec)
+
+            async def on_batch(done: int) -> None:
+                await self.ports.progress(ref.namespace, ref.name, done, found.accepted)
+
+            result = await write_points(store, target, rows, validator, found.digest, batch, on_batch)
+            written, calibrated = result.rows, result.calibration
+            self.ports.observer.rows_ingested(written)
+        await write_card(store, target, card_text(ref.namespace, ref.name, spec), found.digest)
         events: list[Event] = []
-        if validated.rejected and (written or status.rejected_records != validated.rejected):
-            detail = f"{validated.rejected} of {len(rows)} rows rejected: " + "; ".join(validated.reasons)
+        if refused.rows and (written or status.rejected_records != refused.rows):
+            detail = f"{refused.rows} of {found.seen} rows rejected: {refused.summary()}"
             events.append(Event("RowsRejected", detail, warning=True))
-        records = await store.count(plan.index)
-        message = _ingest_message(records, validated.rejected, validated.reasons)
-        if validated.ignored_columns:
-            message += f"; columns not in the schema were not stored: {', '.join(sorted(validated.ignored_columns))}"
-        check = Check(ConditionType.ingested, True, _ingest_reason(validated.rejected), message)
-        return IngestResult(check, written, records, validated.rejected, digest, now, tuple(events))
+        records = await store.count(target.plan.index)
+        message = _ingest_message(records, refused)
+        check = Check(ConditionType.ingested, True, _ingest_reason(refused.rows), message)
+        return IngestResult(check, written, records, refused.rows, found.digest, now, calibrated, tuple(events))
 
     async def _inference(self, ref: ProductRef, spec: DataProductSpec) -> tuple[Check, str | None]:
         inference = spec.inference
@@ -386,6 +432,10 @@ class Reconciler:
         """Clean up what owner references cannot: the collection (unless Retain) and the catalog entry."""
         ref = ProductRef.of(body)
         async with self._lock(ref):
+            routing = parse_status(body).routing_collection
+            if routing is not None:
+                # Even a retained collection leaves the routing: the product is gone from the mesh.
+                await self.ports.store.remove_product(routing, product_ref(ref.namespace, ref.name))
             if (body.get("spec") or {}).get("deletionPolicy", "Delete") != "Retain":
                 await self.ports.store.drop_product(collection_alias(ref.namespace, ref.name))
             await self.ports.catalog.remove(entry_key(ref.namespace, ref.name))
@@ -403,12 +453,14 @@ def _apply_rows(status: DataProductStatus, rows: CollectionResult) -> DataProduc
             update["index_collection"] = None
     if rows.sets_index:
         update["index_collection"] = rows.index
+        update["routing_collection"] = rows.routing
     ingest = rows.ingest
     for name, value in (
         ("records", ingest.records),
         ("rejected_records", ingest.rejected),
         ("ingested_digest", ingest.digest),
         ("last_ingested_at", ingest.ingested_at),
+        ("score_calibration", ingest.calibration),
     ):
         if value is not None:
             update[name] = value
@@ -419,11 +471,18 @@ def _ingest_reason(rejected: int | None) -> str:
     return "IngestedWithRejects" if rejected else "Ingested"
 
 
-def _ingest_message(records: int, rejected: int, reasons: list[str]) -> str:
+def _ingest_message(records: int, refused: Refusals | None) -> str:
     message = f"{records} records in the collection"
-    if rejected:
-        message += f"; {rejected} rows rejected" + (f" ({'; '.join(reasons)})" if reasons else "")
+    if refused is not None and refused.rows:
+        message += f"; {refused.summary()}"
+    if refused is not None and refused.ignored_columns:
+        message += f"; columns not in the schema were not stored: {', '.join(sorted(refused.ignored_columns))}"
     return message
+
+
+def _source_failed(exc: SourceError) -> Check:
+    reason = "SourceUnavailable" if exc.transient else "SourceInvalid"
+    return Check(ConditionType.ingested, False, reason, str(exc), transient=exc.transient, permanent=not exc.transient)
 
 
 def _events(transitions: list[Transition]) -> list[Event]:

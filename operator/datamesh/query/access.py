@@ -50,17 +50,26 @@ class Identity:
 ANONYMOUS_IDENTITY = Identity(ANONYMOUS)
 
 
-def can_read(identity: Identity, entry: CatalogEntry) -> bool:
-    """Whether ``identity`` may discover and query the product of ``entry``."""
-    for consumer in entry.consumers:
-        if consumer == EVERYONE:
+def _admitted(identity: Identity, grants: list[str]) -> bool:
+    for grant in grants:
+        if grant == EVERYONE:
             return True
-        if consumer.startswith(GROUP_PREFIX):
-            if consumer[len(GROUP_PREFIX) :] in identity.groups:
+        if grant.startswith(GROUP_PREFIX):
+            if grant[len(GROUP_PREFIX) :] in identity.groups:
                 return True
-        elif not identity.anonymous and consumer == identity.name:
+        elif not identity.anonymous and grant == identity.name:
             return True
     return False
+
+
+def can_read(identity: Identity, entry: CatalogEntry) -> bool:
+    """Whether ``identity`` may discover and query the product of ``entry``."""
+    return _admitted(identity, entry.consumers)
+
+
+def can_read_pii(identity: Identity, entry: CatalogEntry) -> bool:
+    """Whether ``identity`` sees the values of the product's PII fields (else they are masked)."""
+    return _admitted(identity, entry.pii_readers)
 
 
 def _digest(token: str) -> str:

@@ -30,9 +30,9 @@ from datamesh.adapters.stores import open_store
 from datamesh.core.ports import EmbedderResolver, VectorStore
 from datamesh.query.access import Authenticator, Identity, Unauthenticated, can_read
 from datamesh.query.catalog_sources import CatalogSource, FileCatalogSource, KubeCatalogSource
-from datamesh.query.engine import ProductFailure, QueryEngine, elapsed_ms, reciprocal_rank_fusion
+from datamesh.query.engine import QueryEngine, elapsed_ms
 from datamesh.query.metrics import Metrics, RequestMetrics
-from datamesh.query.routing import Route, Router, product_ref
+from datamesh.query.routing import ProductNameError, candidates, product_ref
 from datamesh.query.schemas import (
     ERRORS,
     INFERENCE_KEY,
@@ -48,7 +48,6 @@ from datamesh.query.schemas import (
     QueryFailure,
     QueryRequest,
     QueryResponse,
-    RoutedProduct,
     TransformRequest,
     TransformResponse,
 )
@@ -84,10 +83,6 @@ async def _caller(request: Request, _: Annotated[HTTPAuthorizationCredentials | 
 Caller = Annotated[Identity, Depends(_caller)]
 
 
-def _routed(route: Route) -> RoutedProduct:
-    return RoutedProduct(product=route.product, score=route.score, why=route.why, degraded=route.degraded)
-
-
 def create_app(
     source: CatalogSource,
     store: VectorStore,
@@ -98,7 +93,6 @@ def create_app(
     """The query service over a catalog source and a vector store; starts and stops the source with the app."""
     metrics = Metrics(source)
     engine = QueryEngine(store, settings, metrics, embedders)
-    router = Router()
     state: dict[str, httpx.AsyncClient] = {}
 
     def http() -> httpx.AsyncClient:
@@ -170,7 +164,7 @@ def create_app(
         """Readiness: the catalog has been loaded."""
         if not source.loaded:
             return PlainTextResponse("catalog not loaded yet", status_code=503)
-        return PlainTextResponse(f"ok: {len(source.entries())} products")
+        return PlainTextResponse("ok")  # no count: readiness is unauthenticated
 
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
     async def prometheus_metrics() -> PlainTextResponse:
@@ -196,49 +190,34 @@ def create_app(
         started = time.perf_counter()
         if not source.loaded:
             raise ApiError(503, "the catalog is not loaded yet")
-        t0 = time.perf_counter()
-        routes = await router.route(
+        try:
+            chosen = candidates(visible(identity).values(), domains=body.domains, products=body.products)
+        except ProductNameError as exc:
+            raise ApiError(exc.status, str(exc)) from None
+        if not chosen.entries:
+            empty = {"routedTo": [], "lowConfidence": True, "confidenceNote": chosen.note, "results": [], "merged": []}
+            return SafeJSONResponse({**empty, "errors": [], "message": chosen.note, "latencyMs": elapsed_ms(started)})
+        answer = await engine.answer(
             body.question,
-            visible(identity),
-            domains=body.domains,
-            products=body.products,
-            threshold=settings.route_threshold,
-            max_products=body.max_products or settings.max_products,
+            chosen.entries,
+            identity,
+            named=chosen.named,
+            limit=body.limit,
+            per_product=body.per_product,
+            max_products=body.max_products,
         )
-        metrics.routing_seconds.observe(time.perf_counter() - t0)
-        metrics.routed.observe(len(routes))
-        routed = [_routed(r) for r in routes]
-        if not routes:
-            filters = " matching the domains/products filters" if body.domains or body.products else ""
-            nothing = (
-                f"no product you may read{filters} is relevant enough to this question (routing threshold "
-                f"{settings.route_threshold:g}); try naming domains or products"
-            )
-            return QueryResponse(
-                routed_to=[], results=[], merged=[], errors=[], message=nothing, latency_ms=elapsed_ms(started)
-            )
-        results, errors = await engine.fan_out(routes, body.question, body.limit)
-        if not results:
-            status = 503 if all(e.kind == "timeout" for e in errors) else 502
-            failure = QueryFailure(
-                detail=f"all {len(routes)} routed products failed: "
-                + "; ".join(f"{e.product}: {e.error}" for e in errors),
-                routed_to=routed,
-                errors=errors,
-            )
-            return SafeJSONResponse(failure.model_dump(by_alias=True, mode="json"), status_code=status)
-        merged = reciprocal_rank_fusion(results, body.limit)
-        message = f"{len(errors)} of {len(routes)} products failed; results are partial" if errors else None
-        answer = QueryResponse(
-            routed_to=routed,
-            results=results,
-            merged=merged,
-            errors=errors,
-            message=message,
-            latency_ms=elapsed_ms(started),
+        errors = answer["errors"]
+        if errors and not answer["results"]:
+            status = 503 if all(e["kind"] == "timeout" for e in errors) else 502
+            causes = "; ".join(f"{e['product']}: {e['error']}" for e in errors)
+            detail = f"all {len(errors)} routed products failed: {causes}"
+            failure = {"detail": detail, "routedTo": answer["routedTo"], "errors": errors}
+            return SafeJSONResponse(failure, status_code=status)
+        answer["message"] = (
+            f"{len(errors)} of {len(answer['routedTo'])} products failed; results are partial" if errors else None
         )
-        # Built from validated parts: returning a response skips FastAPI's second validation of the hot path.
-        return SafeJSONResponse(answer.model_dump(by_alias=True, mode="json"))
+        # Built from plain values on the hot path: no per-hit validation round trip.
+        return SafeJSONResponse(answer)
 
     @app.get(
         "/v1/products",
@@ -306,13 +285,13 @@ def create_app(
             )
         vectors = engine.question(body.question)
         try:
-            return await engine.ask(entry, vectors, body.limit)
-        except ProductFailure as failure:
-            raise ApiError(
-                504 if failure.kind == "timeout" else 502, f"product {namespace}/{name}: {failure}", kind=failure.kind
-            ) from None
+            asked = await engine.ask(entry, vectors, body.limit, identity)
         finally:
             await vectors.close()
+        if asked.error is not None:
+            status = 504 if asked.error.kind == "timeout" else 502
+            raise ApiError(status, f"product {namespace}/{name}: {asked.error}", kind=asked.error.kind)
+        return SafeJSONResponse({"product": entry.product, "hits": asked.hits, "latencyMs": asked.latency_ms})
 
     @app.post(
         "/v1/products/{namespace}/{name}/transform",

@@ -1,14 +1,22 @@
-"""Asking products: the question embedded once per model, concurrent fan-out with per-product
-timeouts, and one merged ranking."""
+"""Answering a question: embed it once per model, route it on evidence, ask the products, merge.
+
+The hot path builds plain dicts (the response is validated once by construction, not per hit);
+every store call runs in the engine's own threads, and a product's timeout starts when its
+search starts, so a busy event loop cannot turn a finished search into a timeout.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from datamesh.adapters.embeddings.registry import resolve_provider
-from datamesh.core.plan import TEXT_KEY
+from datamesh.core.merge import Candidate, merge
+from datamesh.core.plan import KIND_KEY, PRODUCT_KEY, ROW_KEY, TEXT_KEY, row_key
 from datamesh.core.ports import (
     EmbedderResolver,
     EmbeddingError,
@@ -18,94 +26,128 @@ from datamesh.core.ports import (
     VectorStore,
     VectorStoreError,
 )
+from datamesh.core.routing import POLICY, Evidence, Selection, add_row_hit, select
+from datamesh.query.access import Identity, can_read_pii
 from datamesh.query.metrics import Metrics
-from datamesh.query.routing import Route, product_ref
-from datamesh.query.schemas import RRF_K, Hit, MergedHit, ProductError, ProductResult
 from datamesh.query.settings import QuerySettings
 from datamesh.resource.catalog import CatalogEntry
 from datamesh.resource.models import DEFAULT_EMBEDDING_MODEL, SearchMode, parse_duration
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+ModelKey = tuple[str, str | None]
 
 
 class ProductFailure(Exception):
-    """One product could not answer; ``kind`` classifies why."""
+    """One product could not answer; ``kind`` classifies why (timeout, embedding, vector_store)."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
 
 
-class QuestionVectors:
-    """The question embedded once per distinct (model, endpoint) within one request."""
+def model_of(entry: CatalogEntry) -> ModelKey:
+    """The embedding model (and endpoint) a product's vectors come from."""
+    return entry.embedding_model or DEFAULT_EMBEDDING_MODEL, entry.embedding_endpoint
 
-    def __init__(self, question: str, embedders: EmbedderResolver = resolve_provider) -> None:
+
+class QuestionVectors:
+    """The question embedded once per distinct model within one request, each with a deadline."""
+
+    def __init__(self, question: str, embedders: EmbedderResolver, timeout: float) -> None:
         self.question = question
         self.embedders = embedders
-        self._tasks: dict[tuple[str, str | None], asyncio.Task[list[float]]] = {}
+        self.timeout = timeout  # the default; a model's products may set their own
+        self.timeouts: dict[ModelKey, float] = {}
+        self._tasks: dict[ModelKey, asyncio.Task[list[float]]] = {}
+        self._failures: dict[ModelKey, ProductFailure] = {}
 
-    async def vector(self, entry: CatalogEntry) -> list[float]:
-        key = (entry.embedding_model or DEFAULT_EMBEDDING_MODEL, entry.embedding_endpoint)
-        task = self._tasks.get(key)
-        if task is None:
-            task = self._tasks[key] = asyncio.create_task(self._embed(*key))
-        # Shielded: one product timing out must not cancel the embedding other products await.
-        return await asyncio.shield(task)
+    def start(self, models: Iterable[ModelKey]) -> None:
+        """Begin embedding for every model at once (a product never waits on another's model)."""
+        for key in models:
+            if key not in self._tasks:
+                self._tasks[key] = asyncio.create_task(self._embed(*key))
+
+    async def vector(self, key: ModelKey) -> list[float]:
+        """The question's vector in one model; raises ProductFailure(embedding or timeout)."""
+        self.start([key])
+        task = self._tasks[key]
+        # asyncio.wait never cancels: one waiter giving up leaves the embedding to the others.
+        timeout = self.timeouts.get(key, self.timeout)
+        await asyncio.wait({task}, timeout=timeout)
+        failure: ProductFailure
+        if not task.done():
+            failure = ProductFailure("timeout", f"embedding the question took over {timeout * 1000:.0f} ms")
+        else:
+            try:
+                return task.result()
+            except EmbeddingServiceError as exc:
+                failure = ProductFailure("embedding", f"the product's embedding service is unavailable: {exc}")
+            except EmbeddingError as exc:
+                failure = ProductFailure("embedding", f"cannot embed the question with the product's model: {exc}")
+        self._failures[key] = failure
+        raise failure
+
+    def failure(self, key: ModelKey) -> ProductFailure | None:
+        """Why the question has no vector in a model (after it was asked for), if it has none."""
+        return self._failures.get(key)
 
     async def _embed(self, model: str, endpoint: str | None) -> list[float]:
         (vector,) = await self.embedders(model, endpoint).embed([self.question])
         return vector
 
     async def close(self) -> None:
-        """Cancel embeddings nobody waits for any more (their products timed out)."""
+        """Cancel embeddings nobody waits for any more."""
         for task in self._tasks.values():
             if not task.done():
                 task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
 
-def _hit(point: ScoredRow) -> Hit:
-    text = point.payload.get(TEXT_KEY)
-    # Keys with a leading underscore are the platform's bookkeeping, never row fields.
-    fields = {k: v for k, v in point.payload.items() if not k.startswith("_")}
-    return Hit(id=point.id, score=point.score, text=text, payload=fields)
+async def within(call: Awaitable[T], timeout: float) -> T | None:
+    """The call's result, or None when it has not finished after ``timeout`` seconds of its own."""
+    task = asyncio.ensure_future(call)
+    await asyncio.wait({task}, timeout=timeout)
+    if task.done():
+        return task.result()  # finished in time, even if the loop noticed late
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return None
 
 
-def reciprocal_rank_fusion(results: list[ProductResult], limit: int, k: int = RRF_K) -> list[MergedHit]:
-    """One ranking from per-product rankings: score = 1/(k + rank); ties keep the routing order."""
-    fused: list[tuple[float, int, int, MergedHit]] = []
-    for order, result in enumerate(results):
-        for rank, hit in enumerate(result.hits, start=1):
-            score = 1.0 / (k + rank)
-            fused.append(
-                (
-                    -score,
-                    order,
-                    rank,
-                    MergedHit(
-                        product=result.product, id=hit.id, score=round(score, 6), text=hit.text, payload=hit.payload
-                    ),
-                )
-            )
-    fused.sort(key=lambda t: t[:3])
-    return [t[3] for t in fused[:limit]]
+def hit_of(entry: CatalogEntry, row: ScoredRow, unmask: bool) -> dict[str, Any]:
+    """A search hit as the API shows it: key, scores, text, fields (PII masked unless granted)."""
+    fields = {k: v for k, v in row.payload.items() if not k.startswith("_")}
+    masked: list[str] = []
+    if not unmask:
+        for field in entry.fields:
+            if field.pii and field.name in fields:
+                fields[field.name] = None
+                masked.append(field.name)
+    similarity = None if row.similarity is None else round(row.similarity, 6)
+    return {
+        "product": entry.product,
+        "key": row_key(row.payload, entry.primary_key),
+        "score": round(row.score, 6),
+        "similarity": similarity,
+        "text": row.payload.get(TEXT_KEY),
+        "fields": fields,
+        "masked": masked,
+    }
 
 
-def _failure_message(stage: str, exc: Exception) -> str:
-    if isinstance(exc, EmbeddingServiceError):
-        return f"the product's embedding service is unavailable: {exc}"
-    if isinstance(exc, EmbeddingError):
-        return f"cannot embed the question with the product's model: {exc}"
-    if isinstance(exc, VectorStoreError):
-        return str(exc)
-    # Anything else from the client libraries.
-    log.warning("%s step of a product query failed", stage, exc_info=exc)
-    what = "embedding the question" if stage == "embedding" else "searching the collection"
-    return f"{what} failed: {type(exc).__name__}: {exc}"
+@dataclass
+class Asked:
+    """One product's answer (or failure) within a question."""
+
+    entry: CatalogEntry
+    hits: list[dict[str, Any]]
+    latency_ms: float
+    error: ProductFailure | None = None
 
 
 class QueryEngine:
-    """Asks products concurrently with per-product timeouts; shared by the HTTP handlers."""
+    """Routes and asks products; shared by the HTTP handlers."""
 
     def __init__(
         self,
@@ -120,8 +162,8 @@ class QueryEngine:
         self.embedders = embedders
 
     def question(self, text: str) -> QuestionVectors:
-        """The question, to be embedded lazily once per model."""
-        return QuestionVectors(text, self.embedders)
+        """The question, to be embedded once per model."""
+        return QuestionVectors(text, self.embedders, self.settings.timeout_cap_seconds)
 
     def timeout_for(self, entry: CatalogEntry) -> float:
         """The product's sla.queryLatencyP99 (or the default), never above the service cap."""
@@ -129,69 +171,208 @@ class QueryEngine:
         wanted = parse_duration(p99) if p99 else self.settings.default_timeout_seconds
         return min(wanted, self.settings.timeout_cap_seconds)
 
-    async def ask(self, entry: CatalogEntry, vectors: QuestionVectors, limit: int) -> ProductResult:
-        """One product's hits within its timeout; raises ProductFailure (kind timeout, embedding or vector_store)."""
-        timeout = self.timeout_for(entry)
+    # ---- one product --------------------------------------------------------------------------
+
+    async def ask(self, entry: CatalogEntry, vectors: QuestionVectors, limit: int, caller: Identity) -> Asked:
+        """One product's hits within its timeout, counted from when its search starts."""
         started = time.perf_counter()
         outcome = "ok"
-        stage = "embedding"
         try:
-            async with asyncio.timeout(timeout):
-                vector = await vectors.vector(entry)
-                stage = "vector_store"
-                if not entry.collection:
-                    raise VectorStoreError("the product has no collection")
-                mode = SearchMode(entry.search_mode or SearchMode.hybrid)
-                request = SearchRequest(vector, vectors.question, limit, mode)
-                points = await self.store.search(entry.collection, request)
-            return ProductResult(
-                product=product_ref(entry), hits=[_hit(p) for p in points], latency_ms=elapsed_ms(started)
-            )
-        except TimeoutError:
-            outcome = "timeout"
-            p99 = entry.sla.query_latency_p99 if entry.sla else None
-            basis = f"sla.queryLatencyP99 {p99}" if p99 else "the default timeout"
-            stalled = "embedding the question" if stage == "embedding" else "searching the collection"
-            raise ProductFailure(
-                "timeout",
-                f"no answer within {timeout * 1000:.0f} ms ({basis}, service cap "
-                f"{self.settings.timeout_cap_seconds:g} s) while {stalled}",
-            ) from None
+            vectors.timeouts.setdefault(model_of(entry), self.timeout_for(entry))
+            vector = await vectors.vector(model_of(entry))
+            if not entry.collection:
+                raise ProductFailure("vector_store", "the product has no collection")
+            mode = SearchMode(entry.search_mode or SearchMode.hybrid)
+            request = SearchRequest(vector, vectors.question, limit, mode)
+            timeout = self.timeout_for(entry)
+            try:
+                rows = await within(self.store.search(entry.collection, request), timeout)
+            except VectorStoreError as exc:
+                raise ProductFailure("vector_store", str(exc)) from None
+            if rows is None:
+                p99 = entry.sla.query_latency_p99 if entry.sla else None
+                basis = f"sla.queryLatencyP99 {p99}" if p99 else "the default timeout"
+                cap = self.settings.timeout_cap_seconds
+                raise ProductFailure("timeout", f"no answer within {timeout * 1000:.0f} ms ({basis}, cap {cap:g} s)")
+            unmask = can_read_pii(caller, entry)
+            return Asked(entry, [hit_of(entry, r, unmask) for r in rows], _ms(started))
+        except ProductFailure as failure:
+            outcome = failure.kind
+            return Asked(entry, [], _ms(started), failure)
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
-        except Exception as exc:
-            outcome = stage
-            raise ProductFailure(stage, _failure_message(stage, exc)) from exc
+        except Exception as exc:  # whatever one product raises must not fail the others
+            outcome = "vector_store"
+            log.warning("a product query failed", exc_info=exc)
+            return Asked(entry, [], _ms(started), ProductFailure("vector_store", f"{type(exc).__name__}: {exc}"))
         finally:
             self.metrics.product_seconds.labels(outcome).observe(time.perf_counter() - started)
             if outcome not in ("ok", "cancelled"):
                 self.metrics.product_errors.labels(outcome).inc()
 
-    async def fan_out(
-        self, routes: list[Route], question: str, limit: int
-    ) -> tuple[list[ProductResult], list[ProductError]]:
-        """Every routed product asked concurrently (bounded); results and errors in routing order."""
-        vectors = self.question(question)
-        # Each product's timeout starts once it has a slot: a long queue must not time out products never asked.
-        slots = asyncio.Semaphore(self.settings.fanout_concurrency)
+    # ---- routing ------------------------------------------------------------------------------
 
-        async def one(route: Route) -> ProductResult | ProductError:
-            async with slots:
-                try:
-                    return await self.ask(route.entry, vectors, limit)
-                except ProductFailure as failure:
-                    return ProductError(product=route.product, error=str(failure), kind=failure.kind)
+    async def route(
+        self,
+        vectors: QuestionVectors,
+        candidates: Sequence[CatalogEntry],
+        *,
+        named: Sequence[str],
+        max_products: int,
+    ) -> Selection:
+        """The products to ask, from the evidence of their rows and cards in the routing collections."""
+        evidence = {
+            e.product: Evidence(
+                e.product, calibration=(e.calibration.mean, e.calibration.std) if e.calibration else None
+            )
+            for e in candidates
+        }
+        groups: dict[tuple[str, ModelKey], list[CatalogEntry]] = {}
+        for entry in candidates:
+            if entry.routing_collection:
+                groups.setdefault((entry.routing_collection, model_of(entry)), []).append(entry)
+        found = await asyncio.gather(*(self._gather(c, m, g, vectors, evidence) for (c, m), g in groups.items()))
+        rows = [hit for group in found for hit in group]
+        if len(found) > 1:
+            # Ranks of different collections do not compare: one ranking on similarity instead.
+            rows.sort(key=lambda hit: (-(hit.similarity or 0.0), str(hit.payload[PRODUCT_KEY])))
+        else:
+            rows = found[0] if found else []
+        for rank, hit in enumerate(rows):
+            add_row_hit(evidence[str(hit.payload[PRODUCT_KEY])], rank, hit.similarity, hit.payload.get(ROW_KEY))
+        for (_, _), group in groups.items():
+            for entry in group:
+                evidence[entry.product].share = len(group) / len(candidates)
+        return select(list(evidence.values()), max_products=max_products, named=named)
 
+    async def _gather(
+        self,
+        collection: str,
+        model: ModelKey,
+        group: Sequence[CatalogEntry],
+        vectors: QuestionVectors,
+        evidence: Mapping[str, Evidence],
+    ) -> list[ScoredRow]:
+        """One routing collection's row hits (fused ranking) for the group; its cards' similarity noted."""
         try:
-            answers = await asyncio.gather(*(one(r) for r in routes))
+            vector = await vectors.vector(model)
+        except ProductFailure:
+            return []  # the products of this model fail with the reason when asked
+        products = [e.product for e in group]
+        rows = SearchRequest(vector, vectors.question, POLICY.fetch, SearchMode.hybrid, products, "row")
+        cards = SearchRequest(vector, vectors.question, len(products), SearchMode.dense, products, "card")
+        try:
+            found_rows, found_cards = await asyncio.gather(
+                self.store.search(collection, rows), self.store.search(collection, cards)
+            )
+        except VectorStoreError as exc:
+            log.warning("routing collection %s cannot be searched: %s", collection, exc)
+            return []  # routing falls back on what the other collections say; the products are still asked
+        for hit in found_cards:
+            product = str(hit.payload.get(PRODUCT_KEY))
+            if product in evidence:
+                evidence[product].card = hit.similarity
+        return [h for h in found_rows if h.payload.get(KIND_KEY) == "row" and h.payload.get(PRODUCT_KEY) in evidence]
+
+    # ---- the whole question -------------------------------------------------------------------
+
+    async def answer(
+        self,
+        question: str,
+        candidates: Sequence[CatalogEntry],
+        caller: Identity,
+        *,
+        named: Sequence[str] = (),
+        limit: int = 10,
+        per_product: int = 5,
+        max_products: int | None = None,
+    ) -> dict[str, Any]:
+        """Route, ask concurrently (bounded), merge: the answer as the API returns it."""
+        started = time.perf_counter()
+        vectors = self.question(question)
+        for entry in candidates:  # a model's embedding may take as long as its slowest product allows
+            key = model_of(entry)
+            vectors.timeouts[key] = max(vectors.timeouts.get(key, 0.0), self.timeout_for(entry))
+        vectors.start(vectors.timeouts)
+        try:
+            routing_started = time.perf_counter()
+            selection = await self.route(
+                vectors, candidates, named=named, max_products=max_products or self.settings.max_products
+            )
+            self.metrics.routing_seconds.observe(time.perf_counter() - routing_started)
+            self.metrics.routed.observe(len(selection.routes))
+            entries = {e.product: e for e in candidates}
+            slots = asyncio.Semaphore(self.settings.fanout_concurrency)
+
+            async def one(product: str) -> Asked:
+                async with slots:
+                    return await self.ask(entries[product], vectors, per_product, caller)
+
+            asked = await asyncio.gather(*(one(r.product) for r in selection.routes))
+            # A product whose model could not embed the question was never weighed: say so.
+            routed = {r.product for r in selection.routes}
+            unweighed = []
+            for entry in candidates:
+                if entry.product in routed:
+                    continue
+                failure = vectors.failure(model_of(entry))
+                if failure is not None:
+                    unweighed.append(Asked(entry, [], 0.0, ProductFailure(failure.kind, f"not routed: {failure}")))
         finally:
             await vectors.close()
-        results = [a for a in answers if isinstance(a, ProductResult)]
-        errors = [a for a in answers if isinstance(a, ProductError)]
-        return results, errors
+        scores = {r.product: r.score for r in selection.routes}
+        answered = {a.entry.product: a for a in asked if a.error is None}
+        models = {model_of(a.entry) for a in answered.values()}
+        candidates_by_product = {
+            product: [Candidate(product, h["key"], rank, h["similarity"]) for rank, h in enumerate(a.hits)]
+            for product, a in answered.items()
+        }
+        calibrations = {
+            product: (a.entry.calibration.mean, a.entry.calibration.std) if a.entry.calibration else None
+            for product, a in answered.items()
+        }
+        merged = merge(candidates_by_product, scores, calibrations, calibrate=len(models) > 1, limit=limit)
+        return {
+            "routedTo": [
+                {
+                    "product": r.product,
+                    "score": r.score,
+                    "why": _why(r.why, r.named, entries[r.product].phase == "Degraded"),
+                    "degraded": entries[r.product].phase == "Degraded",
+                    "requested": r.named,
+                }
+                for r in selection.routes
+            ],
+            "lowConfidence": selection.low_confidence,
+            "confidenceNote": selection.reason,
+            "results": [
+                {"product": a.entry.product, "hits": a.hits, "latencyMs": a.latency_ms}
+                for a in asked
+                if a.error is None
+            ],
+            "merged": [{"product": m.product, "key": m.key, "score": m.score} for m in merged],
+            "errors": [
+                {"product": a.entry.product, "error": str(a.error), "kind": a.error.kind}
+                for a in [*asked, *unweighed]
+                if a.error is not None
+            ],
+            "latencyMs": _ms(started),
+        }
+
+
+def _why(evidence: str, named: bool, degraded: bool) -> str:
+    parts = ["requested by name"] if named else []
+    parts.append(evidence)
+    if degraded:
+        parts.append("DEGRADED: results may be missing or stale")
+    return "; ".join(parts)
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)
 
 
 def elapsed_ms(started: float) -> float:
     """Milliseconds since ``started`` (a perf_counter value), rounded for the wire."""
-    return round((time.perf_counter() - started) * 1000, 2)
+    return _ms(started)

@@ -43,9 +43,7 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
             registry=r,
         )
-        Gauge(
-            "datamesh_query_catalog_products", "Products in the catalog as the service sees it.", registry=r
-        ).set_function(lambda: len(source.entries()))
+        # No product count: /metrics is unauthenticated, and the count would reveal hidden products.
         Gauge("datamesh_query_catalog_loaded", "1 once the catalog has been read.", registry=r).set_function(
             lambda: float(source.loaded)
         )

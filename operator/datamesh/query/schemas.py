@@ -13,10 +13,9 @@ from datamesh.resource.models import DNS_LABEL_PATTERN
 from datamesh.web.errors import DetailBody
 
 INFERENCE_KEY = "_inference"  # where /transform puts the model's output in each record
-RRF_K = 60
 MAX_RECORDS = 1000
 _NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"  # a DataProduct name (DNS subdomain)
-_PRODUCT_PATTERN = DNS_LABEL_PATTERN[:-1] + "/" + _NAME_PATTERN[1:]
+_PRODUCT_PATTERN = "^(" + DNS_LABEL_PATTERN[1:-1] + "/)?" + _NAME_PATTERN[1:]  # namespace/name or name
 
 
 class ApiModel(BaseModel):
@@ -38,7 +37,7 @@ Question = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000), AfterValidator(_encodable)
 ]
 Limit = Annotated[int, Field(ge=1, le=100, description="Hits per product.")]
-ProductName = Annotated[str, StringConstraints(max_length=317, pattern=_PRODUCT_PATTERN)]
+ProductRef = Annotated[str, StringConstraints(min_length=1, max_length=317, pattern=_PRODUCT_PATTERN)]
 DomainName = Annotated[str, StringConstraints(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)]
 NamespaceParam = Annotated[str, Path(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN, examples=["sales"])]
 NameParam = Annotated[str, Path(min_length=1, max_length=253, pattern=_NAME_PATTERN, examples=["customer-churn"])]
@@ -48,13 +47,16 @@ class QueryRequest(ApiModel):
     """A question for the whole mesh."""
 
     question: Question = Field(description="The question, in plain words (1..2000 characters).")
-    domains: list[DomainName] | None = Field(None, max_length=50, description="Only products of these domains.")
-    products: list[ProductName] | None = Field(
+    domains: list[DomainName] | None = Field(
+        None, max_length=50, description="Only products of these domains (routing chooses among them)."
+    )
+    products: list[ProductRef] | None = Field(
         None,
         max_length=50,
-        description="Only these products ('namespace/name'); they are asked whatever their routing score.",
+        description="Only these products, all of them asked: 'namespace/name', or a bare name when it is unambiguous.",
     )
-    limit: Limit = 5
+    limit: Annotated[int, Field(ge=1, le=100, description="Hits in the merged ranking.")] = 10
+    per_product: Annotated[int, Field(ge=1, le=100, description="Hits per product.")] = 5
     max_products: int | None = Field(
         None, ge=1, le=50, description="Ask at most this many products (default from the service settings)."
     )
@@ -85,10 +87,15 @@ class TransformRequest(BaseModel):
 
 
 class Hit(ApiModel):
-    id: str
-    score: float = Field(description="Similarity from the product's own collection (comparable within a product only).")
+    """A row that answers, as its product holds it."""
+
+    product: str = Field(description="The product, 'namespace/name'.")
+    key: Any = Field(description="The row's primary key value (a list of values for a composite key).")
+    score: float = Field(description="The product's own ranking score (fused in hybrid mode).")
+    similarity: float | None = Field(None, description="Cosine of the question and the row's key-field text.")
     text: str | None = Field(None, description="The key-field text that was embedded.")
-    payload: dict[str, Any] = Field(default_factory=dict, description="The row's fields.")
+    fields: dict[str, Any] = Field(default_factory=dict, description="The row's fields (PII masked unless granted).")
+    masked: list[str] = Field(default_factory=list, description="Fields whose values were masked as personal data.")
 
 
 class ProductResult(ApiModel):
@@ -98,18 +105,21 @@ class ProductResult(ApiModel):
 
 
 class MergedHit(ApiModel):
+    """A place in the merged ranking: which hit of which product, and its merged score."""
+
     product: str
-    id: str
-    score: float = Field(description=f"Reciprocal rank fusion score, sum of 1/({RRF_K} + rank).")
-    text: str | None = None
-    payload: dict[str, Any] = Field(default_factory=dict)
+    key: Any
+    score: float = Field(
+        description="Similarity to the question on a scale shared by every product, weighed by its routing score."
+    )
 
 
 class RoutedProduct(ApiModel):
     product: str
-    score: float = Field(description="Routing score in [0, 1].")
+    score: float = Field(description="Routing evidence: the best row's or the description's similarity, and more.")
     why: str
     degraded: bool = False
+    requested: bool = Field(False, description="Named in the request's products.")
 
 
 class ProductError(ApiModel):
@@ -121,7 +131,11 @@ class ProductError(ApiModel):
 
 
 class QueryResponse(ApiModel):
+    """The answer: where the question went, each product's hits, one merged ranking, and what failed."""
+
     routed_to: list[RoutedProduct]
+    low_confidence: bool = Field(False, description="No product clearly holds the answer: read it with care.")
+    confidence_note: str | None = Field(None, description="Why the answer is low-confidence.")
     results: list[ProductResult]
     merged: list[MergedHit]
     errors: list[ProductError]

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from datamesh.query.routing import DEFAULT_THRESHOLD
-
 
 class QuerySettings(BaseSettings):
     """Settings of the query service, from ``DATAMESH_QUERY_*`` (Qdrant comes from ``DATAMESH_QDRANT_*``)."""
@@ -28,9 +26,6 @@ class QuerySettings(BaseSettings):
     )
     default_timeout_seconds: float = Field(
         2.0, gt=0, description="Per-product timeout of products without sla.queryLatencyP99."
-    )
-    route_threshold: float = Field(
-        DEFAULT_THRESHOLD, ge=0, le=1, description="Minimum routing score (0..1) for a product to be asked."
     )
     max_products: int = Field(
         10, ge=1, le=50, description="Products asked per question unless the request's maxProducts says otherwise."

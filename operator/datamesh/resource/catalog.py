@@ -37,6 +37,13 @@ class SLASummary(WireModel):
     query_latency_p99: str | None = None
 
 
+class Calibration(WireModel):
+    """Similarity statistics of a product's rows (mean and spread of row-to-row cosines)."""
+
+    mean: float
+    std: float
+
+
 class FieldSummary(WireModel):
     """One schema column, as the catalog shows it."""
 
@@ -67,18 +74,32 @@ class CatalogEntry(WireModel):
     phase: str | None = None
     records: int | None = None
     sla: SLASummary | None = None
+    routing_collection: str | None = None
+    calibration: Calibration | None = None
     consumers: list[str] = Field(default_factory=lambda: ["*"])
+    pii_readers: list[str] = Field(default_factory=list)
     generation: int | None = None
 
     @property
     def key(self) -> str:
         return entry_key(self.namespace, self.name)
 
-    def card(self) -> str:
-        """The text a question is matched against when routing."""
-        columns = "; ".join(f"{f.name} {f.description or ''}".strip() for f in self.fields)
-        name = self.name.replace("-", " ")
-        return f"{self.domain}. {name}. {self.description} Tags: {', '.join(self.tags)}. Fields: {columns}"
+    @property
+    def product(self) -> str:
+        """How the API names the product: ``namespace/name``."""
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def primary_key(self) -> list[str]:
+        """Names of the primary-key fields, in schema order."""
+        return [f.name for f in self.fields if f.primary_key]
+
+
+def card_text(namespace: str, name: str, spec: DataProductSpec) -> str:
+    """What a product is about, as one text: routed to when a question matches it as well as rows do."""
+    columns = "; ".join(f"{f.name.replace('_', ' ')} {f.description or ''}".strip() for f in spec.data_schema.fields)
+    title = name.replace("-", " ")
+    return f"{spec.domain}. {title}. {spec.description} Tags: {', '.join(spec.tags)}. Fields: {columns}"
 
 
 def entry_key(namespace: str, name: str) -> str:
@@ -112,6 +133,9 @@ def catalog_entry(
         records=status.records,
         sla=SLASummary.model_validate(spec.sla.wire()) if spec.sla else None,
         consumers=spec.access.consumers,
+        pii_readers=spec.access.pii_readers,
+        routing_collection=status.routing_collection if search else None,
+        calibration=Calibration.model_validate(status.score_calibration.wire()) if status.score_calibration else None,
         generation=generation,
     )
 

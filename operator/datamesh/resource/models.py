@@ -238,6 +238,15 @@ class Source(CRDModel):
     refresh_interval: Duration | None = Field(
         None, description="Re-ingest the source this often, e.g. 1h; unset means only on change."
     )
+    max_rejected_percent: float = Field(
+        10.0,
+        ge=0,
+        le=100,
+        description=(
+            "Share of the source's rows that may be refused by the schema before the ingestion fails "
+            "(the previous rows then stay in place); 0 accepts no refused row, 100 any number."
+        ),
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -395,6 +404,15 @@ class Access(CRDModel):
         description="Identities or 'group:<name>' entries allowed to read the product; '*' means every caller.",
         json_schema_extra={"items": {"type": "string", "maxLength": 253}, "default": ["*"]},
     )
+    pii_readers: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        description=(
+            "Identities or 'group:<name>' entries that see the values of `pii: true` fields in answers; "
+            "everyone else gets them masked. Empty (the default) masks them for every caller."
+        ),
+        json_schema_extra={"items": {"type": "string", "maxLength": 253}, "default": []},
+    )
 
 
 class DeletionPolicy(str, Enum):
@@ -518,6 +536,20 @@ class SLAStatus(CRDModel):
     message: str | None = Field(None, max_length=4096, description="Which objective is breached, and by how much.")
 
 
+class ScoreCalibration(CRDModel):
+    """How similar a product's rows are to each other: turns its similarities into comparable scores."""
+
+    mean: float = Field(description="Mean cosine similarity between pairs of the product's rows.")
+    std: float = Field(ge=0, description="Standard deviation of those similarities.")
+
+
+class IngestionProgress(CRDModel):
+    """How far a running ingestion got (only while one runs)."""
+
+    rows_done: int = Field(ge=0, description="Rows embedded and written so far.")
+    rows_total: int = Field(ge=0, description="Rows of the source that passed validation.")
+
+
 class DataProductStatus(CRDModel):
     """What the operator reports about one product."""
 
@@ -545,6 +577,13 @@ class DataProductStatus(CRDModel):
         None, description="Digest of source rows and embedding settings of the last ingestion."
     )
     sla: SLAStatus | None = Field(None, description="Result of the last SLA check.")
+    ingestion: IngestionProgress | None = Field(None, description="Progress of a running ingestion.")
+    routing_collection: str | None = Field(
+        None, description="The mesh's routing collection holding the product's rows and card (one per model)."
+    )
+    score_calibration: ScoreCalibration | None = Field(
+        None, description="Similarity statistics of the rows, for merging with products of other models."
+    )
 
     def wire_status(self) -> dict[str, Any]:
         """Every field as written to the API, None included, so a merge patch removes cleared values."""

@@ -1,0 +1,177 @@
+"""The quality benchmark's figures and its reading of /v1/query answers (bench/quality.py): no model, no server."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "quality.py"
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+q = _load()
+
+RANKED = ["a/x/1", "a/x/2", "b/y/1", "a/x/2", "c/z/9", "b/y/2", "a/x/3"]
+
+
+def test_recall_counts_the_labelled_rows_in_the_first_k_distinct_ones() -> None:
+    assert q.recall_at(RANKED, ["a/x/1", "b/y/2"], 5) == 1.0  # the repeated a/x/2 does not push b/y/2 out
+    assert q.recall_at(RANKED, ["a/x/1", "b/y/2"], 4) == 0.5
+    assert q.recall_at(RANKED, ["a/x/3", "d/w/1", "c/z/9", "a/x/2"], 5) == 0.5
+    assert q.recall_at([], ["a/x/1"], 5) == 0.0
+    with pytest.raises(ValueError):
+        q.recall_at(RANKED, [], 5)
+
+
+def test_mrr_is_the_reciprocal_rank_of_the_first_labelled_row() -> None:
+    assert q.mrr_at(RANKED, ["a/x/1"], 10) == 1.0
+    assert q.mrr_at(RANKED, ["c/z/9", "a/x/3"], 10) == 0.25  # rank 4 once the duplicate is gone
+    assert q.mrr_at(RANKED, ["a/x/3"], 10) == pytest.approx(1 / 6)
+    assert q.mrr_at(RANKED, ["a/x/3"], 5) == 0.0
+    assert q.mrr_at([], ["a/x/3"], 10) == 0.0
+
+
+def test_accuracy_at_1_accepts_either_product_of_a_multi_question() -> None:
+    assert q.accuracy_at_1(["b/y", "a/x"], ["a/x", "b/y"]) == 1.0
+    assert q.accuracy_at_1(["c/z", "a/x"], ["a/x", "b/y"]) == 0.0
+    assert q.accuracy_at_1([], ["a/x"]) == 0.0
+
+
+def test_a_pooled_ranking_orders_products_by_their_best_row() -> None:
+    assert q.products_by_best_row(RANKED) == ["a/x", "b/y", "c/z"]
+    assert q.product_of("python/stdlib-text-processing/asyncio.Queue.join") == "python/stdlib-text-processing"
+    assert q.product_of("ns/name/a/b") == "ns/name"
+
+
+def _question(kind: str, products: tuple[str, ...], rows: tuple[str, ...]) -> object:
+    return q.Question("q1", "text", kind, products, rows, "bench")
+
+
+def test_score_and_summary_of_hand_made_answers() -> None:
+    rows_q = _question("rows", ("a/x",), ("a/x/2", "a/x/3"))
+    routing_q = _question("routing", ("c/z",), ())
+    multi_q = _question("multi", ("a/x", "b/y"), ("b/y/1", "a/x/9"))
+    scores = [
+        q.score(rows_q, q.Answer(["a/x", "b/y"], RANKED)),
+        q.score(routing_q, q.Answer(["a/x", "b/y", "c/z"], [])),
+        q.score(multi_q, q.Answer(["b/y"], ["b/y/1"])),
+    ]
+    first, routing, multi = scores
+    assert (first.accuracy_at_1, first.product_recall_at_3, first.row_recall_at_5, first.mrr_at_10) == (
+        1.0,
+        1.0,
+        0.5,
+        0.5,
+    )
+    assert (routing.accuracy_at_1, routing.product_recall_at_3, routing.row_recall_at_5, routing.mrr_at_10) == (
+        0.0,
+        1.0,
+        None,
+        None,
+    )
+    assert routing.empty and not first.empty
+    assert (multi.accuracy_at_1, multi.product_recall_at_3, multi.row_recall_at_5, multi.mrr_at_10) == (
+        1.0,
+        0.5,
+        0.5,
+        1.0,
+    )
+    overall = q.summarise(scores)
+    assert overall["questions"] == 3 and overall["with_rows"] == 2
+    assert overall["routing_accuracy_at_1"] == pytest.approx(2 / 3, abs=1e-4)
+    assert overall["product_recall_at_3"] == pytest.approx(2.5 / 3, abs=1e-4)
+    assert overall["row_recall_at_5"] == 0.5  # the routing question does not count
+    assert overall["mrr_at_10"] == 0.75
+    assert overall["empty_answers"] == 1
+    groups = q.groups_of(scores)
+    assert set(groups) == {"overall", "kind:rows", "kind:routing", "kind:multi", "source:bench"}
+    assert groups["kind:routing"]["row_recall_at_5"] is None
+
+
+def test_targets_need_the_project_to_beat_every_baseline_run() -> None:
+    def run(acc: float, recall: float, mrr: float, empty: int) -> dict[str, object]:
+        figures = {"routing_accuracy_at_1": acc, "row_recall_at_5": recall, "mrr_at_10": mrr, "empty_answers": empty}
+        return {"groups": {"overall": figures}}
+
+    good = q.targets({"project": run(0.9, 0.6, 0.5, 0), "bm25": run(0.6, 0.5, 0.5 - 1e-3, 0), "dense": run(0, 0, 0, 0)})
+    assert good["pass"] is True and len(good["checks"]) == 6
+    tied = q.targets({"project": run(0.9, 0.6, 0.5, 0), "bm25": run(0.6, 0.6, 0.4, 0)})
+    assert tied["pass"] is False
+    assert [c["target"] for c in tied["checks"] if not c["ok"]] == ["row recall@5 > bm25"]
+    assert q.targets({"project": run(0.84, 0.6, 0.5, 1)})["pass"] is False
+    assert q.targets({"bm25": run(0.6, 0.6, 0.4, 0)})["pass"] is None
+
+
+NEW_ANSWER = {
+    "routedTo": [
+        {"product": "python/stdlib-concurrency", "score": 0.8, "why": "..."},
+        {"product": "linux/syscall-manual", "score": 0.4},
+    ],
+    "merged": [
+        {"product": "python/stdlib-concurrency", "key": "asyncio.Queue.join", "score": 0.9},
+        {"product": "linux/syscall-manual", "key": "futex", "score": 0.8},
+        {"product": "sales/orders", "key": ["EU", 42], "score": 0.7},
+        {"product": "python/stdlib-concurrency", "key": 7, "score": 0.6},
+    ],
+    "lowConfidence": False,
+}
+
+
+def test_project_ranking_reads_the_new_answer_shape() -> None:
+    products, rows = q.project_ranking(NEW_ANSWER)
+    assert products == ["python/stdlib-concurrency", "linux/syscall-manual"]
+    assert rows == [
+        "python/stdlib-concurrency/asyncio.Queue.join",
+        "linux/syscall-manual/futex",
+        "sales/orders/EU/42",
+        "python/stdlib-concurrency/7",
+    ]
+
+
+def test_project_ranking_reads_the_old_answer_shape_with_the_manifests_primary_keys() -> None:
+    old = {
+        "routedTo": [{"product": "sales/customer-churn", "score": 0.5, "why": "", "degraded": False}],
+        "results": [],
+        "merged": [
+            {"product": "sales/customer-churn", "id": "0b5c", "score": 0.016, "payload": {"customer_id": "ACC-1"}},
+            {"product": "hr/exit-interviews", "id": "9f1e", "score": 0.016, "payload": {"interview_id": 12}},
+            {"product": "sales/customer-churn", "id": "77aa", "score": 0.015, "payload": {"customer_id": "ACC-1"}},
+            {"product": "finance/unknown", "id": "c0de", "score": 0.014, "payload": {"x": 1}},
+        ],
+        "errors": [],
+    }
+    keys = {"sales/customer-churn": ("customer_id",), "hr/exit-interviews": ["interview_id"]}
+    products, rows = q.project_ranking(old, keys)
+    assert products == ["sales/customer-churn"]
+    # A row met twice counts once; without a known primary key the point id stands in.
+    assert rows == ["sales/customer-churn/ACC-1", "hr/exit-interviews/12", "finance/unknown/c0de"]
+
+
+def test_project_ranking_of_empty_or_partial_answers() -> None:
+    assert q.project_ranking({}) == ([], [])
+    assert q.project_ranking({"routedTo": [], "merged": [], "message": "nothing relevant"}) == ([], [])
+    # No routedTo: the products come in the order of their best merged row.
+    products, rows = q.project_ranking({"merged": NEW_ANSWER["merged"]})
+    assert products == ["python/stdlib-concurrency", "linux/syscall-manual", "sales/orders"]
+    assert len(rows) == 4
+
+
+def test_row_ids_and_key_texts_match_the_labels() -> None:
+    product = q.Product("ns/p", "bench", ("qualname",), ("qualname", "summary", "details"))
+    row = {"qualname": "str.casefold", "summary": "Return a casefolded copy.", "details": "", "kind": "method"}
+    assert product.row_id(row) == "ns/p/str.casefold"
+    assert q.key_text(row, product.key_fields) == "str.casefold\nReturn a casefolded copy."
+    assert q.format_key(["a", 1]) == "a/1"
+    assert q.format_key(12) == "12"
