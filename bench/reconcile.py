@@ -114,7 +114,8 @@ def product(name: str, namespace: str, rows: int, seed: int) -> dict[str, Any]:
                     for i in range(rows)
                 ]
             },
-            "semanticSearch": {"enabled": True, "keyFields": ["text"]},
+            # The tiny lexical model: the benchmark measures reconciling, not embedding.
+            "semanticSearch": {"enabled": True, "keyFields": ["text"], "embeddingModel": "builtin:ngram-384"},
         },
     }
 

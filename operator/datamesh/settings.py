@@ -108,7 +108,9 @@ class OperatorSettings(BaseSettings):
         "ghcr.io/datamesh-io/datamesh:0.1.0", description="Image of operator-deployed inference runtimes."
     )
     inference_cpu_request: str = Field("100m", description="Default CPU request of an inference container.")
-    inference_memory_request: str = Field("256Mi", description="Default memory request of an inference container.")
+    inference_memory_request: str = Field(
+        "512Mi", description="Default memory request of an inference container (the default model takes about 350 MB)."
+    )
     inference_memory_limit: str = Field("1Gi", description="Default memory limit of an inference container.")
 
     liveness_port: int = Field(8081, description="Port of the operator's /healthz endpoint.")

@@ -16,6 +16,7 @@ from fastapi.responses import PlainTextResponse
 from datamesh.controller import metrics
 from datamesh.core.ports import SearchRequest
 from datamesh.resource.catalog import CATALOG_LABEL
+from datamesh.resource.models import DEFAULT_EMBEDDING_MODEL
 from datamesh.web.serving import free_port
 from tests.conftest import PLATFORM_NAMESPACE
 from tests.harness import Kubectl, OperatorThread, wait_for
@@ -68,7 +69,8 @@ def product(name: str, rows: list[dict[str, Any]] | None = None, **spec: Any) ->
                 if rows is not None
                 else [{"id": f"r{i}", "text": f"row number {i} about shipping", "amount": i} for i in range(5)]
             },
-            "semanticSearch": {"enabled": True, "keyFields": ["text"]},
+            # The tiny lexical model: these tests are about reconciling, not about what vectors mean.
+            "semanticSearch": {"enabled": True, "keyFields": ["text"], "embeddingModel": "builtin:ngram-384"},
         },
     }
     body["spec"].update(spec)
@@ -112,7 +114,7 @@ def test_every_example_becomes_ready_with_collection_and_catalog_entry(
         assert entry["description"] == doc["spec"]["description"]
         assert entry["collection"] == st["collection"]
         assert entry["keyFields"] == doc["spec"]["semanticSearch"]["keyFields"]
-        assert entry["embeddingModel"] == "builtin:ngram-384"
+        assert entry["embeddingModel"] == DEFAULT_EMBEDDING_MODEL  # the examples use the default model
         assert [f["name"] for f in entry["fields"]] == [f["name"] for f in doc["spec"]["schema"]["fields"]]
         assert entry["phase"] == "Ready" and entry["records"] == st["records"]
         assert entry["consumers"] == doc["spec"].get("access", {}).get("consumers", ["*"])

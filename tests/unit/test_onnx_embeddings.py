@@ -245,10 +245,11 @@ def test_batches_stay_under_the_token_budget() -> None:
     assert [len(g) for g in groups if 0 in g] == [2]  # the 256-token rows go together, two fit the budget
 
 
-# ==== process-level guarantees (in a child process, so that nothing is loaded yet) ==============
+# ==== process-level guarantees (in a child process, where nothing is loaded yet) ================
 
 
 def run_child(code: str, tmp_path: Path, **env: str) -> dict[str, Any]:
+    """Run ``code`` in a fresh interpreter with an empty HOME, offline, and without any of our settings."""
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
     child_env = {
@@ -271,91 +272,82 @@ def run_child(code: str, tmp_path: Path, **env: str) -> dict[str, Any]:
     return result
 
 
-def test_offline_nothing_downloaded_and_nothing_written_under_home(tmp_path: Path) -> None:
-    """ORT_DISABLE_TELEMETRY is not set by the environment here: the provider sets it itself."""
-    result = run_child(
-        """
-        import asyncio, json, socket, sys
+CHILD = """
+import asyncio, json, resource, socket, sys
 
-        def refuse(*args, **kwargs):
-            raise AssertionError(f"network access: {args}")
+def refuse(*args, **kwargs):
+    raise AssertionError(f"network access: {args}")
 
-        socket.socket.connect = refuse
-        socket.getaddrinfo = refuse
-        from datamesh.adapters.embeddings.registry import resolve_provider
-
-        async def main():
-            p = resolve_provider("onnx:all-MiniLM-L6-v2")
-            return await p.dimension(), await p.embed(["customer cancelled because the price went up", ""])
-
-        dim, v = asyncio.run(main())
-        heavy = [m for m in ("torch", "transformers", "sentence_transformers", "fastembed", "huggingface_hub")
-                 if m in sys.modules]
-        print(json.dumps({"dim": dim, "norm": sum(x * x for x in v[0]), "zero": not any(v[1]), "heavy": heavy}))
-        """,
-        tmp_path,
-    )
-    assert result["dim"] == 384 and abs(result["norm"] - 1) < 1e-5 and result["zero"]
-    assert result["heavy"] == []
-    home = tmp_path / "home"
-    assert [str(p.relative_to(home)) for p in home.rglob("*")] == []
-
-
-THREADS = """
-import asyncio, json
+socket.socket.connect = refuse
+socket.getaddrinfo = refuse
 
 def threads():
     with open("/proc/self/status") as f:
         return int(next(line.split()[1] for line in f if line.startswith("Threads:")))
 
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 from datamesh.adapters.embeddings.registry import resolve_provider
 
-async def main():
-    p = resolve_provider("onnx:all-MiniLM-L6-v2")
-    before = threads()
-    texts = [f"sentence {i} about shipment delays and invoices" for i in range(100)]
-    await asyncio.gather(*(p.embed(texts) for _ in range(6)))  # more callers than workers
-    return before, threads()
+LONG = %(long)r
+SHORT = [f"short sentence number {i} about a delayed parcel" for i in range(60)]
 
-before, after = asyncio.run(main())
-print(json.dumps({"before": before, "after": after}))
+async def main():
+    report = {}
+    p = resolve_provider("onnx:all-MiniLM-L6-v2")
+    report["threads_before"] = threads()
+    report["dim"] = await p.dimension()
+    v = await p.embed(["customer cancelled because the price went up", ""])
+    report["norm"], report["zero"] = sum(x * x for x in v[0]), not any(v[1])
+    texts = [f"sentence {i} about shipment delays and invoices" for i in range(40)]
+    await asyncio.gather(*(p.embed(texts) for _ in range(6)))  # more callers than worker threads
+    report["threads_after"] = threads()
+    if %(memory)r:
+        await p.embed(SHORT + [LONG])  # warm: the first long batch is done
+        before = peak_mb()
+        await p.embed([LONG] * 4 + SHORT + [LONG] * 4)
+        report["grown_mb"] = peak_mb() - before
+    return report
+
+report = asyncio.run(main())
+report["heavy"] = [m for m in ("torch", "transformers", "sentence_transformers", "fastembed", "huggingface_hub")
+                   if m in sys.modules]
+print(json.dumps(report))
 """
 
 
-@pytest.mark.parametrize(("threads", "concurrency"), [(1, 1), (1, 2), (2, 1)])
-def test_threads_are_bounded_by_the_settings(tmp_path: Path, threads: int, concurrency: int) -> None:
-    """Worker threads (one per concurrent inference) plus onnxruntime's pool (threads - 1 per session)."""
-    result = run_child(
-        THREADS,
+@pytest.fixture(scope="module")
+def child(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    """One fresh process with the default settings (1 onnxruntime thread, 2 concurrent inferences), offline,
+    with an empty HOME and without ORT_DISABLE_TELEMETRY in its environment (the provider sets it itself)."""
+    tmp = tmp_path_factory.mktemp("child")
+    return run_child(CHILD % {"long": LONG, "memory": True}, tmp), tmp / "home"
+
+
+def test_offline_nothing_downloaded_and_nothing_written_under_home(child: tuple[dict[str, Any], Path]) -> None:
+    report, home = child
+    assert report["dim"] == 384 and abs(report["norm"] - 1) < 1e-5 and report["zero"]
+    assert report["heavy"] == []
+    assert [str(p.relative_to(home)) for p in home.rglob("*")] == []
+
+
+def test_threads_are_bounded_by_the_settings(child: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
+    """One worker thread per concurrent inference, plus onnxruntime's pool (threads - 1, for the session)."""
+    report, _ = child
+    assert 1 <= report["threads_after"] - report["threads_before"] <= 2, report  # concurrency 2, threads 1
+    report = run_child(
+        CHILD % {"long": "", "memory": False},
         tmp_path,
-        DATAMESH_EMBEDDING_THREADS=str(threads),
-        DATAMESH_EMBEDDING_CONCURRENCY=str(concurrency),
+        DATAMESH_EMBEDDING_THREADS="2",
+        DATAMESH_EMBEDDING_CONCURRENCY="1",
     )
-    assert result["after"] - result["before"] <= concurrency + threads - 1, result
+    assert 1 <= report["threads_after"] - report["threads_before"] <= 2, report  # concurrency 1, threads 2
 
 
-def test_memory_stays_bounded_with_long_texts_in_a_batch(tmp_path: Path) -> None:
-    result = run_child(
-        f"""
-        import asyncio, json, resource
-        from datamesh.adapters.embeddings.registry import resolve_provider
-
-        LONG = {LONG!r}
-        short = [f"short sentence number {{i}} about a delayed parcel" for i in range(60)]
-
-        async def main():
-            p = resolve_provider("onnx:all-MiniLM-L6-v2")
-            await p.embed(short + [LONG])  # warm: model loaded, first long batch done
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            await p.embed([LONG] * 4 + short + [LONG] * 4)
-            return before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-        before, after = asyncio.run(main())
-        print(json.dumps({{"grown_mb": (after - before) / 1024, "peak_mb": after / 1024}}))
-        """,
-        tmp_path,
-    )
-    assert result["grown_mb"] < 120, result  # measured: about 60 MB with the default token budget
+def test_memory_stays_bounded_with_long_texts_in_a_batch(child: tuple[dict[str, Any], Path]) -> None:
+    report, _ = child
+    assert report["grown_mb"] < 120, report  # measured: about 60 MB with the default token budget
 
 
 def test_settings_defaults() -> None:

@@ -117,7 +117,8 @@ def product(
             "description": "Why customers cancel, in their own words.",
             "schema": {"fields": [{"name": "id", "primaryKey": True}, {"name": "reason"}]},
             "source": {"inline": ROWS},
-            "semanticSearch": {"keyFields": ["reason"]},
+            # The tiny lexical model: these tests are about reconciling, not about what vectors mean.
+            "semanticSearch": {"keyFields": ["reason"], "embeddingModel": "builtin:ngram-384"},
             **spec,
         },
     }
