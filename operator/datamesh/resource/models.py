@@ -378,7 +378,8 @@ class SemanticSearch(CRDModel):
     @model_validator(mode="after")
     def _key_fields_when_enabled(self) -> SemanticSearch:
         if self.enabled and not self.key_fields:
-            raise ValueError("semanticSearch needs at least one key field to embed")
+            # Named like the CEL rule's fieldPath, so both answers point at the same field.
+            raise ValueError("keyFields: semanticSearch needs at least one key field to embed")
         return self
 
 
@@ -512,9 +513,12 @@ class DataProductSpec(CRDModel):
     @model_validator(mode="after")
     def _cross_field_rules(self) -> DataProductSpec:
         names = [f.name for f in self.data_schema.fields]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        duplicates = [(i, n) for i, n in enumerate(names) if n in names[:i]]
         if duplicates:
-            raise ValueError(f"schema.fields: duplicate names {', '.join(duplicates)}")
+            # As the API server says it for a list-map keyed by name: the later entries, by index.
+            (first, name), more = duplicates[0], [f"[{i}] {n}" for i, n in duplicates[1:]]
+            also = f" (also {', '.join(more)})" if more else ""
+            raise ValueError(f'schema.fields[{first}]: Duplicate value: {{"name":"{name}"}}{also}')
         if self.semantic_search is not None:
             unknown = [k for k in self.semantic_search.key_fields if k not in names]
             if unknown:
@@ -609,6 +613,19 @@ class DataProductStatus(CRDModel):
         return self.model_dump(by_alias=True, mode="json")
 
 
+_NAMED_FIELD = re.compile(r"^[A-Za-z][A-Za-z0-9]*(\[[0-9]+\])?(\.[A-Za-z][A-Za-z0-9]*(\[[0-9]+\])?)*: ")
+
+
+def _apiserver_wording(err: Any) -> str | None:
+    """The API server's words for a size limit pydantic reports in its own."""
+    ctx = err.get("ctx") or {}
+    if err["type"] == "too_long" and "max_length" in ctx:
+        return f"Too many: {ctx.get('actual_length')}: must have at most {ctx['max_length']} items"
+    if err["type"] == "string_too_long" and "max_length" in ctx:
+        return f"Too long: may not be more than {ctx['max_length']} characters"
+    return None
+
+
 def spec_error_message(exc: ValidationError) -> str:
     """A validation error as one line per offending field, with kubectl-style paths (spec.a.b[1].c)."""
     parts = []
@@ -619,9 +636,13 @@ def spec_error_message(exc: ValidationError) -> str:
                 path += f"[{part}]"
             elif not str(part).startswith(("function-", "model-")):
                 path += f".{part}"
-        message = err["msg"].removeprefix("Value error, ")
-        # Cross-field rules of the spec name their field at the start of the message.
-        parts.append(f"spec.{message}" if path == "spec" and ":" in message else f"{path}: {message}")
+        message = _apiserver_wording(err) or err["msg"].removeprefix("Value error, ")
+        # Cross-field rules name their field at the start of the message, relative to their model.
+        named = _NAMED_FIELD.match(message) if err["type"] == "value_error" else None
+        if named:
+            parts.append(f"{path}.{message}" if path != "spec" else f"spec.{message}")
+        else:
+            parts.append(f"spec.{message}" if path == "spec" and ":" in message else f"{path}: {message}")
     if any(p.startswith("spec.source.inline") for p in parts):
         parts.append(INLINE_HINT)
     return "; ".join(parts)
