@@ -79,9 +79,14 @@ def load_manifests(directory: Path) -> LoadedManifests:
     """Every DataProduct in ``directory`` (not recursive, like ``kubectl apply -f DIR``), checked."""
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a folder of manifests")
+    return load_files(manifest_files(directory))
+
+
+def load_files(paths: list[Path]) -> LoadedManifests:
+    """The DataProducts of these manifest files, and every document refused, by file."""
     loaded = LoadedManifests()
     seen: set[tuple[str, str]] = set()
-    for path in manifest_files(directory):
+    for path in paths:
         checked = check_file(path)
         if checked.error is not None:
             loaded.errors.append(ManifestError(path, "-", checked.error))

@@ -264,7 +264,7 @@ def _row_keys_as_text(row: Any) -> Any:
 
 def _check_columns(row: dict[str, Any]) -> dict[str, Any]:
     if len(row) > INLINE_MAX_COLUMNS:
-        raise ValueError(f"Too many: {len(row)} columns: must have at most {INLINE_MAX_COLUMNS}")
+        raise ValueError(f"Too many: {len(row)}: must have at most {INLINE_MAX_COLUMNS} items (columns)")
     return row
 
 
