@@ -67,20 +67,29 @@ def local(
         ".datamesh"
     ),
 ) -> None:
-    """Run the product lifecycle on a folder of manifests with an embedded Qdrant, and serve the query API."""
-    from datamesh.local import run_local
+    """Run the product lifecycle on a folder of manifests with an embedded Qdrant, and serve the query API.
+
+    Exits 1 when a manifest was refused or a product is Failed, and 2 when it cannot start
+    (the port is taken, or another `datamesh local` uses the state folder).
+    """
+    from datamesh.local import LocalOutcome, PreflightError, run_local
 
     logging.basicConfig(level=logging.WARNING)
+    outcome = LocalOutcome()
     try:
-        refused = asyncio.run(
-            run_local(directory, host=host, port=port, serve=serve, state_dir=state_dir, console=console)
+        asyncio.run(
+            run_local(
+                directory, host=host, port=port, serve=serve, state_dir=state_dir, console=console, outcome=outcome
+            )
         )
     except FileNotFoundError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    except PreflightError as exc:
+        console.print(f"[red]cannot start[/]: {exc}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        refused = 0
-    if refused:
-        raise typer.Exit(1)
+        pass  # the outcome was known before serving started
+    raise typer.Exit(outcome.exit_code)
 
 
 @app.command()

@@ -1,24 +1,28 @@
 """Local mode: the operator's lifecycle on a folder of manifests, without any cluster.
 
-``datamesh local DIR`` validates the DataProduct manifests in DIR with the same models as
-the CRD, reconciles them with the same core into an embedded Qdrant under ``.datamesh/``,
-writes the catalog to a file, and serves the query API on 127.0.0.1. Operator and query
-service share one process and one Qdrant client, since local mode locks its folder.
+``datamesh local DIR`` checks the manifests in DIR as ``kubectl apply`` and the API server
+would (``datamesh.resource.manifest``: apiVersion, kind, name, namespace, and the spec with the
+models the CRD is generated from), reconciles the DataProducts with the same core into an
+embedded Qdrant under ``.datamesh/``, writes the catalog to a file, and serves the query API on
+127.0.0.1. Operator and query service share one process and one store, since the embedded
+store locks its folder. Before any work starts it makes sure the port is free and no other
+``datamesh local`` uses the state folder; it exits 1 when a manifest was refused or a product
+is Failed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
-from collections.abc import Iterator
+import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
-import yaml
-from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
@@ -30,14 +34,18 @@ from datamesh.adapters.sources import SourceLoader
 from datamesh.adapters.stores import open_store
 from datamesh.core import ports
 from datamesh.core.conditions import Check, ConditionType
+from datamesh.core.ports import VectorStoreError
 from datamesh.engine.catalog_writer import CatalogWriter
 from datamesh.engine.reconciler import Outcome, Ports, ProductRef, Reconciler, no_progress
 from datamesh.resource.catalog import entry_of_object
-from datamesh.resource.models import KIND, DataProductSpec, Inference, spec_error_message
+from datamesh.resource.manifest import Verdict, check_file
+from datamesh.resource.models import Inference
 from datamesh.settings import OperatorSettings, StoreSettings
-from datamesh.web.serving import ServerStartError, serve_app, serve_forever
+from datamesh.web.serving import ServerStartError, bind_socket, serve_app, serve_forever
 
 STATE_DIR = Path(".datamesh")
+LOCK_FILE = "datamesh-local.lock"
+EVERYONE = "*"
 
 
 @dataclass
@@ -48,53 +56,133 @@ class ManifestError:
     name: str
     message: str
 
+    def line(self) -> str:
+        """How local mode reports it: the file first, then the object and the reason."""
+        return f"refused {self.path} ({self.name}): {self.message}"
+
 
 @dataclass
 class LoadedManifests:
-    """The DataProducts found in a folder, and the documents that were refused."""
+    """The DataProducts found in a folder, the documents that were refused, and the other objects."""
 
     products: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)
     errors: list[ManifestError] = field(default_factory=list)
+    others: Counter[str] = field(default_factory=Counter)
 
 
-def _documents(path: Path) -> Iterator[Any]:
-    yield from yaml.safe_load_all(path.read_text())
+def manifest_files(directory: Path) -> list[Path]:
+    """The manifest files of a folder, as ``kubectl apply -f DIR`` picks them (not recursive)."""
+    return sorted([*directory.glob("*.yaml"), *directory.glob("*.yml"), *directory.glob("*.json")])
 
 
 def load_manifests(directory: Path) -> LoadedManifests:
-    """Every DataProduct in ``directory`` (not recursive, like ``kubectl apply -f DIR``), validated."""
+    """Every DataProduct in ``directory`` (not recursive, like ``kubectl apply -f DIR``), checked."""
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a folder of manifests")
+    return load_files(manifest_files(directory))
+
+
+def load_files(paths: list[Path]) -> LoadedManifests:
+    """The DataProducts of these manifest files, and every document refused, by file."""
     loaded = LoadedManifests()
     seen: set[tuple[str, str]] = set()
-    for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml"), *directory.glob("*.json")]):
-        try:
-            docs = [d for d in _documents(path) if d]
-        except yaml.YAMLError as exc:
-            loaded.errors.append(ManifestError(path, "-", f"not valid YAML: {exc}"))
+    for path in paths:
+        checked = check_file(path)
+        if checked.error is not None:
+            loaded.errors.append(ManifestError(path, "-", checked.error))
             continue
-        for doc in docs:
-            if not isinstance(doc, dict) or doc.get("kind") != KIND:
-                continue  # Namespaces and other objects mean nothing without a cluster
-            meta = doc.get("metadata") or {}
-            name = str(meta.get("name") or "")
-            namespace = str(meta.get("namespace") or "default")
-            if not name:
-                loaded.errors.append(ManifestError(path, "-", "metadata.name is missing"))
+        for doc in checked.documents:
+            if doc.verdict is Verdict.other:
+                loaded.others[str(doc.body.get("kind"))] += 1  # Namespaces and such mean nothing without a cluster
                 continue
-            try:
-                DataProductSpec.model_validate(doc.get("spec") or {})
-            except ValidationError as exc:
-                loaded.errors.append(ManifestError(path, f"{namespace}/{name}", spec_error_message(exc)))
+            if doc.verdict is Verdict.refused:
+                loaded.errors.append(ManifestError(path, doc.key, doc.message))
                 continue
-            if (namespace, name) in seen:
-                loaded.errors.append(ManifestError(path, f"{namespace}/{name}", "declared twice in this folder"))
+            if (doc.namespace, doc.name) in seen:
+                loaded.errors.append(ManifestError(path, doc.key, "declared twice in this folder"))
                 continue
-            seen.add((namespace, name))
-            uid = hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:32]
-            body = {**doc, "metadata": {**meta, "namespace": namespace, "generation": 1, "uid": uid}}
+            seen.add((doc.namespace, doc.name))
+            uid = hashlib.sha256(doc.key.encode()).hexdigest()[:32]
+            meta = doc.body.get("metadata") or {}
+            body = {**doc.body, "metadata": {**meta, "namespace": doc.namespace, "generation": 1, "uid": uid}}
             loaded.products.append((path, body))
     return loaded
+
+
+class PreflightError(Exception):
+    """Local mode cannot start: the port or the state folder is taken. The message names the option that helps."""
+
+
+def check_port_free(host: str, port: int) -> None:
+    """PreflightError unless the query API could listen on ``host:port`` now."""
+    try:
+        bind_socket(host, port).close()
+    except OSError as exc:
+        reason = "is already in use" if exc.errno in (98, 48, 10048) else f"cannot be used ({exc.strerror or exc})"
+        raise PreflightError(
+            f"port {port} on {host} {reason} (another `datamesh local`?): choose a free one with --port, "
+            "or pass --no-serve to reconcile without serving"
+        ) from None
+
+
+class StateLock:
+    """An exclusive lock on a state folder for one ``datamesh local`` at a time, holding its pid."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / LOCK_FILE
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or PreflightError naming the process that holds it and --state-dir."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = self.path.open("a+")
+        except OSError as exc:
+            raise PreflightError(
+                f"cannot use the state folder {self.path.parent}: {exc.strerror or exc}: "
+                "choose another with --state-dir"
+            ) from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            raise PreflightError(in_use_message(self.path.parent, f"pid {holder}" if holder else None)) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the lock
+            self._file = None
+
+
+def in_use_message(state_dir: Path, holder: str | None) -> str:
+    who = f"another `datamesh local` ({holder})" if holder else "another process (another `datamesh local`?)"
+    return f"the state folder {state_dir} is in use by {who}: stop it, or choose another folder with --state-dir"
+
+
+@dataclass
+class LocalOutcome:
+    """What a ``datamesh local`` run found: its exit code is 1 when anything was refused or Failed."""
+
+    refused: int = 0
+    failed: int = 0
+    products: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.refused or self.failed or not self.products else 0
+
+
+def readers_of(body: dict[str, Any]) -> list[str] | None:
+    """Who may read a product, or None when everyone may (``access.consumers`` holds "*")."""
+    consumers = ((body.get("spec") or {}).get("access") or {}).get("consumers", [EVERYONE])
+    return None if EVERYONE in consumers else [str(c) for c in consumers]
 
 
 def standalone_reconciler(
@@ -169,6 +257,27 @@ class LocalRun:
         # Status survives between runs, so a second run over unchanged manifests writes nothing.
         return json.loads(self._status_path.read_text()) if self._status_path.exists() else {}
 
+    async def probe_store(self) -> None:
+        """PreflightError if another process holds the embedded store's files (its WAL lock).
+
+        The state lock finds another ``datamesh local`` of this version; this finds any other
+        process that opened the store, by opening one collection of the last run.
+        """
+        try:
+            saved = self._saved_status()
+        except (OSError, ValueError):
+            return
+        for kept in saved.values():
+            collection = ((kept or {}).get("status") or {}).get("collection")
+            if not collection:
+                continue
+            try:
+                await self.store.count(collection)
+            except VectorStoreError as exc:
+                if "WAL" in str(exc) or "lock" in str(exc).lower():
+                    raise PreflightError(in_use_message(self.state_dir, None)) from exc
+            return
+
     async def reconcile_all(self, products: list[tuple[Path, dict[str, Any]]]) -> list[tuple[dict[str, Any], Outcome]]:
         """Reconcile every product with progress bars; returns each body with its outcome."""
         saved = self._saved_status()
@@ -219,25 +328,46 @@ class LocalRun:
         return results
 
     def print_table(self, results: list[tuple[dict[str, Any], Outcome]], errors: list[ManifestError]) -> None:
-        """The products and their phases, and the manifests that were refused."""
+        """The products, their phases and readers, and the manifests that were refused."""
         table = Table(
-            "product", "domain", "phase", "records", "collection", "message", title="Data products", expand=True
+            "product",
+            "domain",
+            "phase",
+            "records",
+            "readers",
+            "collection",
+            "message",
+            title="Data products",
+            expand=True,
         )
+        restricted = []
         for body, outcome in results:
             st = outcome.status
             colour = {"Ready": "green", "Failed": "red", "Degraded": "yellow"}.get(str(st.phase), "white")
+            key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
+            readers = readers_of(body)
+            if readers is not None:
+                restricted.append((key, readers))
             table.add_row(
-                f"{body['metadata']['namespace']}/{body['metadata']['name']}",
+                key,
                 body["spec"]["domain"],
                 f"[{colour}]{st.phase}[/]",
                 str(st.records if st.records is not None else "-"),
+                "everyone" if readers is None else f"[yellow]restricted:[/] {', '.join(readers) or 'nobody'}",
                 st.collection or "-",
                 "" if st.phase == "Ready" else (st.message or "")[:120],
             )
         self.console.print(table)
+        for key, readers in restricted:
+            self.console.print(
+                f"[yellow]{key}[/] is restricted to {', '.join(readers) or 'nobody'} (access.consumers): local mode "
+                'answers anonymous callers only, so `datamesh ask` cannot reach it (add "*" to ask it locally)',
+                soft_wrap=True,
+                highlight=False,
+            )
         for err in errors:
             self.console.print(
-                f"[red]refused[/] {err.path} ({err.name}): {err.message}", soft_wrap=True, markup=True, highlight=False
+                f"[red]refused[/] {err.line().removeprefix('refused ')}", soft_wrap=True, highlight=False
             )
 
     async def close(self) -> None:
@@ -255,20 +385,68 @@ async def run_local(
     serve: bool = True,
     state_dir: Path = STATE_DIR,
     console: Console | None = None,
-) -> int:
-    """Reconcile a folder of manifests and serve the query API; returns the number of refused manifests."""
+    outcome: LocalOutcome | None = None,
+) -> LocalOutcome:
+    """Check, reconcile and (unless ``serve`` is off) serve a folder of manifests.
+
+    The port and the state folder are checked before anything else (PreflightError); the
+    outcome is filled in before serving starts, so it is known even if serving is interrupted.
+    """
     console = console or Console()
-    loaded = load_manifests(directory)
-    run = LocalRun(state_dir, console)
+    outcome = outcome if outcome is not None else LocalOutcome()
+    lock = preflight(directory, state_dir, (host, port) if serve else None)
     try:
-        results = await run.reconcile_all(loaded.products)
-        run.print_table(results, loaded.errors)
-        console.print(f"catalog: {run.catalog_path} ({len(results)} products)")
-        if serve:
-            await serve_query_api(run, host, port, console)
+        loaded = load_manifests(directory)
+        run = LocalRun(state_dir, console)
+        try:
+            await run.probe_store()
+            results = await run.reconcile_all(loaded.products)
+            run.print_table(results, loaded.errors)
+            outcome.refused = len(loaded.errors)
+            outcome.failed = sum(1 for _, o in results if o.status.phase == "Failed")
+            outcome.products = len(results)
+            print_summary(console, directory, run.catalog_path, outcome, loaded.others)
+            if serve:
+                await serve_query_api(run, host, port, console)
+        finally:
+            await run.close()
     finally:
-        await run.close()
-    return len(loaded.errors)
+        lock.release()
+    return outcome
+
+
+def preflight(directory: Path, state_dir: Path, address: tuple[str, int] | None) -> StateLock:
+    """Everything that would stop a run, checked before any work: the folder, the state lock, the port."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a folder of manifests")
+    lock = StateLock(state_dir)
+    lock.acquire()
+    try:
+        if address is not None:
+            check_port_free(*address)
+    except PreflightError:
+        lock.release()
+        raise
+    return lock
+
+
+def print_summary(
+    console: Console, directory: Path, catalog: Path, outcome: LocalOutcome, others: Counter[str]
+) -> None:
+    """One line for the whole run, and why it will exit 1 if it will."""
+    console.print(f"catalog: {catalog} ({outcome.products} products)", highlight=False)
+    if others:
+        kinds = ", ".join(f"{kind} ×{n}" if n > 1 else kind for kind, n in sorted(others.items()))
+        console.print(f"[dim]skipped objects that mean nothing without a cluster: {kinds}[/]", highlight=False)
+    problems = []
+    if outcome.refused:
+        problems.append(f"{outcome.refused} manifest{'s' if outcome.refused > 1 else ''} refused")
+    if outcome.failed:
+        problems.append(f"{outcome.failed} product{'s' if outcome.failed > 1 else ''} Failed")
+    if not outcome.products and not outcome.refused:
+        problems.append(f"no DataProduct in {directory} (*.yaml, *.yml, *.json)")
+    if problems:
+        console.print(f"[red]{'; '.join(problems)}[/]: exit status 1", highlight=False)
 
 
 async def serve_query_api(run: LocalRun, host: str, port: int, console: Console) -> None:
@@ -280,4 +458,9 @@ async def serve_query_api(run: LocalRun, host: str, port: int, console: Console)
     settings = QuerySettings(allow_anonymous=True, catalog_file=str(run.catalog_path))
     app = create_app(FileCatalogSource(run.catalog_path), run.store, settings, authenticator_of(settings))
     console.print(f'query API on http://{host}:{port}  (try: datamesh ask "why do customers churn?")')
-    await serve_forever(app, host=host, port=port)
+    try:
+        await serve_forever(app, host=host, port=port)
+    except OSError as exc:  # taken since the check before reconciling
+        raise PreflightError(
+            f"port {port} on {host} cannot be used ({exc.strerror or exc}): choose a free one with --port"
+        ) from None

@@ -32,8 +32,12 @@ _KEEP = {
     "maxLength",
     "minItems",
     "maxItems",
+    "minProperties",
+    "maxProperties",
     "required",
     "nullable",
+    # Only value validations (such as `required`) inside: the structural schema allows them there.
+    "oneOf",
 }
 
 
@@ -81,7 +85,7 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         items = node.get("items", {})
         out["items"] = (
             _structural(items, defs)
-            if items.get("type") != "object" or "properties" in items or "$ref" in items
+            if items.get("type") != "object" or {"properties", "additionalProperties", "$ref"} & items.keys()
             else {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
         )
     if node.get("format") == "date-time":

@@ -11,17 +11,19 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import date, datetime
 from enum import Enum
 from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     JsonValue,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -224,14 +226,78 @@ class UrlSource(CRDModel):
     )
 
 
+# Inline rows live in the DataProduct object itself, so they share the object's limits: the
+# operator (kopf) keeps a copy of the spec in the last-handled-configuration annotation, and
+# `kubectl apply` another in last-applied-configuration, and all annotations of an object
+# together may hold at most 262,144 bytes. The API server cannot bound a serialized size, and
+# CEL cannot see into rows whose values may be text, numbers or booleans, so the bound is
+# three OpenAPI limits it enforces itself: rows (maxItems), columns per row (maxProperties)
+# and characters per value (maxLength; nested lists and objects refused by maxItems/
+# maxProperties 0). The largest inline spec allowed, 40 rows of 8 columns with 63-character
+# names and 256-character ASCII values, is about 104 kB of JSON: both copies fit in the
+# annotations with room to spare. Larger data belongs in configMapRef or url.
+INLINE_MAX_ROWS = 40
+INLINE_MAX_COLUMNS = 8
+INLINE_MAX_VALUE_LENGTH = 256
+INLINE_HINT = (
+    f"inline rows are for small products (at most {INLINE_MAX_ROWS} rows of {INLINE_MAX_COLUMNS} columns, "
+    f"{INLINE_MAX_VALUE_LENGTH} characters a value, so the object stays far below the 256 KiB the API server "
+    "allows its annotations): put larger data in a ConfigMap (spec.source.configMapRef) or a file served "
+    "over http(s) (spec.source.url)"
+)
+
+
+def _check_cell(value: Any) -> Any:
+    # Mirrors the API server's maxLength/maxItems/maxProperties on an untyped value: text is
+    # bounded, lists and objects must be empty, numbers, booleans and null pass. YAML dates
+    # and timestamps are text to kubectl, as they are here.
+    text = value.isoformat() if isinstance(value, (date, datetime)) else value
+    if isinstance(text, str) and len(text) > INLINE_MAX_VALUE_LENGTH:
+        raise ValueError(f"Too long: may not be more than {INLINE_MAX_VALUE_LENGTH} characters (has {len(text)})")
+    if isinstance(value, (list, dict)) and value:
+        raise ValueError("must be a single value (text, number, true/false or null), not a nested list or object")
+    return value
+
+
+def _row_keys_as_text(row: Any) -> Any:
+    # YAML allows keys such as 1 or true; kubectl turns every key into text.
+    return {str(k): v for k, v in row.items()} if isinstance(row, dict) else row
+
+
+def _check_columns(row: dict[str, Any]) -> dict[str, Any]:
+    if len(row) > INLINE_MAX_COLUMNS:
+        raise ValueError(f"Too many: {len(row)}: must have at most {INLINE_MAX_COLUMNS} items (columns)")
+    return row
+
+
+_INLINE_VALUE_SCHEMA: JsonDict = {
+    "x-kubernetes-preserve-unknown-fields": True,
+    "maxLength": INLINE_MAX_VALUE_LENGTH,
+    "maxItems": 0,
+    "maxProperties": 0,
+}
+InlineValue = Annotated[Any, AfterValidator(_check_cell), WithJsonSchema(_INLINE_VALUE_SCHEMA)]
+InlineRow = Annotated[
+    dict[str, InlineValue],
+    BeforeValidator(_row_keys_as_text),
+    AfterValidator(_check_columns),
+    WithJsonSchema(
+        {"type": "object", "maxProperties": INLINE_MAX_COLUMNS, "additionalProperties": _INLINE_VALUE_SCHEMA}
+    ),
+]
+
+
 class Source(CRDModel):
     """Where the rows come from: exactly one of inline, configMapRef or url."""
 
-    inline: list[dict[str, Any]] | None = Field(
+    inline: list[InlineRow] | None = Field(
         None,
-        max_length=5000,
-        description="Rows written into the manifest itself (small products and examples).",
-        json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+        max_length=INLINE_MAX_ROWS,
+        description=(
+            f"Rows written into the manifest itself, for small products and examples: at most {INLINE_MAX_ROWS} rows "
+            f"of at most {INLINE_MAX_COLUMNS} columns, each value text of at most {INLINE_MAX_VALUE_LENGTH} "
+            "characters, a number, true/false or null. Larger data goes in configMapRef or url."
+        ),
     )
     config_map_ref: ConfigMapSource | None = Field(None, description="Rows in a ConfigMap key.")
     url: UrlSource | None = Field(None, description="Rows in a file served over http(s).")
@@ -248,15 +314,10 @@ class Source(CRDModel):
         ),
     )
 
+    # Exactly one of the three, as OpenAPI oneOf: a CEL rule cannot say has(self.inline), since
+    # CEL does not see a list whose rows hold untyped values.
     model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "[has(self.inline), has(self.configMapRef), has(self.url)].filter(x, x).size() == 1",
-                    "source must set exactly one of inline, configMapRef or url",
-                )
-            ]
-        }
+        json_schema_extra={"oneOf": [{"required": ["inline"]}, {"required": ["configMapRef"]}, {"required": ["url"]}]}
     )
 
     @model_validator(mode="after")
@@ -329,7 +390,8 @@ class SemanticSearch(CRDModel):
     @model_validator(mode="after")
     def _key_fields_when_enabled(self) -> SemanticSearch:
         if self.enabled and not self.key_fields:
-            raise ValueError("semanticSearch needs at least one key field to embed")
+            # Named like the CEL rule's fieldPath, so both answers point at the same field.
+            raise ValueError("keyFields: semanticSearch needs at least one key field to embed")
         return self
 
 
@@ -472,9 +534,12 @@ class DataProductSpec(CRDModel):
     @model_validator(mode="after")
     def _cross_field_rules(self) -> DataProductSpec:
         names = [f.name for f in self.data_schema.fields]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        duplicates = [(i, n) for i, n in enumerate(names) if n in names[:i]]
         if duplicates:
-            raise ValueError(f"schema.fields: duplicate names {', '.join(duplicates)}")
+            # As the API server says it for a list-map keyed by name: the later entries, by index.
+            (first, name), more = duplicates[0], [f"[{i}] {n}" for i, n in duplicates[1:]]
+            also = f" (also {', '.join(more)})" if more else ""
+            raise ValueError(f'schema.fields[{first}]: Duplicate value: {{"name":"{name}"}}{also}')
         if self.semantic_search is not None:
             unknown = [k for k in self.semantic_search.key_fields if k not in names]
             if unknown:
@@ -590,6 +655,19 @@ class DataProductStatus(CRDModel):
         return self.model_dump(by_alias=True, mode="json")
 
 
+_NAMED_FIELD = re.compile(r"^[A-Za-z][A-Za-z0-9]*(\[[0-9]+\])?(\.[A-Za-z][A-Za-z0-9]*(\[[0-9]+\])?)*: ")
+
+
+def _apiserver_wording(err: Any) -> str | None:
+    """The API server's words for a size limit pydantic reports in its own."""
+    ctx = err.get("ctx") or {}
+    if err["type"] == "too_long" and "max_length" in ctx:
+        return f"Too many: {ctx.get('actual_length')}: must have at most {ctx['max_length']} items"
+    if err["type"] == "string_too_long" and "max_length" in ctx:
+        return f"Too long: may not be more than {ctx['max_length']} characters"
+    return None
+
+
 def spec_error_message(exc: ValidationError) -> str:
     """A validation error as one line per offending field, with kubectl-style paths (spec.a.b[1].c)."""
     parts = []
@@ -600,9 +678,15 @@ def spec_error_message(exc: ValidationError) -> str:
                 path += f"[{part}]"
             elif not str(part).startswith(("function-", "model-")):
                 path += f".{part}"
-        message = err["msg"].removeprefix("Value error, ")
-        # Cross-field rules of the spec name their field at the start of the message.
-        parts.append(f"spec.{message}" if path == "spec" and ":" in message else f"{path}: {message}")
+        message = _apiserver_wording(err) or err["msg"].removeprefix("Value error, ")
+        # Cross-field rules name their field at the start of the message, relative to their model.
+        named = _NAMED_FIELD.match(message) if err["type"] == "value_error" else None
+        if named:
+            parts.append(f"{path}.{message}" if path != "spec" else f"spec.{message}")
+        else:
+            parts.append(f"spec.{message}" if path == "spec" and ":" in message else f"{path}: {message}")
+    if any(p.startswith("spec.source.inline") for p in parts):
+        parts.append(INLINE_HINT)
     return "; ".join(parts)
 
 
