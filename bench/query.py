@@ -1,24 +1,26 @@
 #!/usr/bin/env python
-"""Benchmark: federated ``/v1/query`` over 1, 10 and 100 products against one direct search.
+"""Benchmark: the federated ``/v1/query`` against its floor, in one run.
 
-Not a test. In one run, with an embedded Qdrant (in this process) and built-in embeddings:
+Not a test. With the embedded store (Qdrant's engine, in this process) and one embedding model:
 
-1. 100 products are reconciled with the reconcile core: the first 10 are copies of the
-   logistics example (names and domains varied), the other 90 copies of the other examples;
-2. baseline: one direct qdrant-client search of one product in this process, as a client
-   of the mesh would do it without the service: embed the question + ``query_points``;
-3. the query service runs under uvicorn on 127.0.0.1 over a catalog of 1, 10, then 100 of
-   those products; a client in a separate process (so it does not share this process's GIL
-   with the server) sends the same shipping question: serial requests for p50/p95, then 16
-   concurrent clients for throughput. With 1 and 10 products every product is asked; with
-   100 the question is routed among all 100 and asks the 10 relevant ones (the cap).
+1. three meshes are reconciled with the reconcile core, each in a store of its own: 1 copy of the
+   logistics example; 10 copies (names and domains varied); and those 10 with 90 copies of the
+   other examples, 100 products;
+2. a query service runs under uvicorn on 127.0.0.1 for each mesh, its catalog the mesh's products
+   (in the largest, the question is routed among 100 and asks the 10 logistics copies);
+3. a client in another process (so it does not share this process's GIL with the server) asks the
+   same shipping question: serial requests for p50/p95, then 16 concurrent clients for throughput,
+   counting every answer that is not 2xx (a benchmark that crashes on a 503 hides it);
+4. the FLOOR of each case is measured in the same rounds: one trivial HTTP round trip to the same
+   server (``GET /healthz``) plus the direct engine work the query makes, called in this process one
+   after the other with the same embedder: embedding the question once, the two routing searches
+   (rows, descriptions) and one search per product the service asked.
 
-The table gives p50/p95 and their ratio to the direct search, and throughput. The HTTP floor
-(``GET /healthz`` from the same client) is printed too: it is the part of every federated
-request that a direct in-process search never pays.
+Every figure is printed as a ratio to its floor. Targets (issue 9): federated(10) p50 within 1.2x
+its floor; federated(100, 10 routed) within 1.1x federated(10); no non-2xx answer at 16 clients.
 
-    .venv/bin/python bench/query.py                  # about a minute
-    .venv/bin/python bench/query.py --serial 100 --concurrent 400
+    .venv/bin/python bench/query.py                       # a few minutes (embeds 2,600 rows first)
+    .venv/bin/python bench/query.py --model builtin:ngram-384 --rounds 4
 """
 
 from __future__ import annotations
@@ -41,31 +43,26 @@ import yaml
 from datamesh.adapters.embeddings.registry import resolve_provider
 from datamesh.adapters.files import FileCatalogBackend, read_catalog_file
 from datamesh.adapters.stores import open_store
-from datamesh.core.ports import VectorStore
+from datamesh.core.ports import SearchRequest, VectorStore
 from datamesh.engine.catalog_writer import CatalogWriter
 from datamesh.local import standalone_reconciler
 from datamesh.query.access import Authenticator
 from datamesh.query.app import create_app
 from datamesh.query.catalog_sources import StaticCatalogSource
+from datamesh.query.engine import routing_searches
 from datamesh.query.settings import QuerySettings
 from datamesh.resource.catalog import CatalogEntry
-from datamesh.settings import (
-    OperatorSettings,
-    StoreSettings,
-)
+from datamesh.resource.models import DEFAULT_EMBEDDING_MODEL
+from datamesh.settings import OperatorSettings, StoreSettings
 from datamesh.web.serving import serve_app
 
 REPO = Path(__file__).resolve().parents[1]
-
-QUESTION = "which shipments were delayed by weather?"
-# The tiny lexical model for every product: the benchmark measures the query path (routing, fan-out,
-# Qdrant), not the products' embedding model (routing still embeds each question with the default model).
-MODEL = "builtin:ngram-384"
-LIMIT = 5
+QUESTION = "which shipments were held up by snow storms?"
+PER_PRODUCT = 5
 CONCURRENCY = 16
 
 
-def product_bodies(count: int) -> list[dict[str, Any]]:
+def product_bodies(count: int, model: str) -> list[dict[str, Any]]:
     """``count`` products: 10 logistics copies first, then copies of the other examples."""
     examples = [
         yaml.safe_load(p.read_text())
@@ -86,18 +83,18 @@ def product_bodies(count: int) -> list[dict[str, Any]]:
         }
         body["spec"]["domain"] = f"{base['spec']['domain']}-{i // 10}"
         body["spec"]["access"] = {"consumers": ["*"]}
-        body["spec"]["semanticSearch"]["embeddingModel"] = MODEL
+        body["spec"]["semanticSearch"]["embeddingModel"] = model
         bodies.append(body)
     return bodies
 
 
-async def build(store: VectorStore, count: int, catalog_path: Path) -> list[CatalogEntry]:
+async def build(store: VectorStore, count: int, catalog_path: Path, model: str) -> list[CatalogEntry]:
     """Reconcile ``count`` products into ``store``; their catalog entries in creation order."""
     settings = OperatorSettings(catalog_flush_seconds=0.05, metrics_port=0)
     writer = CatalogWriter(
         FileCatalogBackend(catalog_path), "catalog", settings.catalog_shard_bytes, settings.catalog_flush_seconds
     )
-    bodies = product_bodies(count)
+    bodies = product_bodies(count, model)
     async with httpx.AsyncClient() as http:
         reconciler = standalone_reconciler(settings, store, writer, http)
         outcomes = await asyncio.gather(*(reconciler.reconcile(b) for b in bodies))
@@ -111,17 +108,22 @@ async def build(store: VectorStore, count: int, catalog_path: Path) -> list[Cata
     return [entries[f"{b['metadata']['namespace']}.{b['metadata']['name']}"] for b in bodies]
 
 
-async def direct_search(store: VectorStore, collection: str, repeats: int) -> list[float]:
-    """Latencies (s) of embed + qdrant-client query_points on one collection, in process."""
-    provider = resolve_provider(MODEL)
-    latencies = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        (vector,) = await provider.embed([QUESTION])
-        result = await store.client.query_points(collection, query=vector, limit=LIMIT, with_payload=True)
-        latencies.append(time.perf_counter() - started)
-        assert result.points
-    return latencies
+async def engine_floor(
+    store: VectorStore, model: str, candidates: Sequence[CatalogEntry], asked: Sequence[str]
+) -> float:
+    """Seconds of the engine work one query makes, called directly one after the other."""
+    provider = resolve_provider(model)
+    by_product = {e.product: e for e in candidates}
+    started = time.perf_counter()
+    (vector,) = await provider.embed([QUESTION])
+    routing = candidates[0].routing_collection or ""
+    products = [e.product for e in candidates]
+    for search in routing_searches(vector, QUESTION, products, set(products)):
+        await store.search(routing, search)
+    for product in asked:
+        entry = by_product[product]
+        await store.search(entry.collection or "", SearchRequest(vector, QUESTION, PER_PRODUCT))
+    return time.perf_counter() - started
 
 
 # ==== the client (runs in a child process) ===================================================
@@ -129,35 +131,39 @@ async def direct_search(store: VectorStore, collection: str, repeats: int) -> li
 
 async def _batch(url: str, body: dict[str, Any] | None, serial: int, concurrent: int) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
+    statuses: dict[int, int] = {}
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
 
         async def once() -> tuple[float, dict[str, Any] | None]:
             started = time.perf_counter()
             response = await (http.get("/healthz") if body is None else http.post("/v1/query", json=body))
             elapsed = time.perf_counter() - started
-            response.raise_for_status()
-            return elapsed, response.json() if body is not None else None
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            return elapsed, response.json() if body is not None and response.is_success else None
 
+        answer = None
         for _ in range(3):  # a warm connection, like a client that keeps one
             _, answer = await once()
         latencies = [(await once())[0] for _ in range(serial)]
         remaining = concurrent
+        loaded: list[float] = []
 
         async def worker() -> None:
             nonlocal remaining
             while remaining > 0:
                 remaining -= 1
-                await once()
+                loaded.append((await once())[0])
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
         wall = time.perf_counter() - started
     return {
         "latencies": latencies,
+        "loaded": loaded,
         "wall": wall,
         "requests": concurrent,
-        "asked": len(answer["results"]) + len(answer["errors"]) if answer else 0,
-        "errors": len(answer["errors"]) if answer else 0,
+        "statuses": statuses,
+        "asked": [r["product"] for r in answer["routedTo"]] if answer else [],
     }
 
 
@@ -171,109 +177,113 @@ def client_batch(url: str, body: dict[str, Any] | None, serial: int, concurrent:
 
 def pct(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))] if ordered else float("nan")
 
 
 class Case:
-    """One line of the table: latencies and throughput gathered over the rounds."""
+    """One line of the table: the federated query over one catalog, and its floor."""
 
-    def __init__(self, label: str, catalog: int | str, url: str = "", body: dict[str, Any] | None = None) -> None:
-        self.label, self.catalog, self.url, self.body = label, catalog, url, body
+    def __init__(
+        self, label: str, store: VectorStore, entries: list[CatalogEntry], url: str, body: dict[str, Any]
+    ) -> None:
+        self.label, self.store, self.entries, self.url, self.body = label, store, entries, url, body
         self.latencies: list[float] = []
+        self.loaded: list[float] = []
+        self.floor: list[float] = []
         self.wall = 0.0
         self.requests = 0
-        self.asked = 0
-        self.errors = 0
+        self.statuses: dict[int, int] = {}
+        self.asked: list[str] = []
 
     def add(self, result: dict[str, Any]) -> None:
         self.latencies += result["latencies"]
+        self.loaded += result["loaded"]
         self.wall += result["wall"]
         self.requests += result["requests"]
-        self.asked, self.errors = result["asked"], self.errors + result["errors"]
+        self.asked = result["asked"] or self.asked
+        for status, count in result["statuses"].items():
+            self.statuses[status] = self.statuses.get(status, 0) + count
 
     @property
     def throughput(self) -> float:
         return self.requests / self.wall if self.wall else float("nan")
 
+    @property
+    def non_2xx(self) -> int:
+        return sum(n for s, n in self.statuses.items() if not 200 <= s < 300)
 
-async def main(args: argparse.Namespace) -> None:
+
+async def main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    store = open_store(StoreSettings(url=None))
-    with tempfile.TemporaryDirectory() as tmp:
-        entries = await build(store, 100, Path(tmp) / "catalog.json")
-    print(
-        f"built 100 products in {time.perf_counter() - started:.1f}s "
-        f"({sum(e.records or 0 for e in entries)} rows, embedded Qdrant, {MODEL})"
-    )
-
-    # One service per catalog size, all on this process's loop and Qdrant, measured in
-    # interleaved rounds so that background load on the machine hits every case alike.
-    body = {"question": QUESTION, "limit": LIMIT}
-    cases = [Case("HTTP floor (GET /healthz)", "-")]
-    direct = Case("direct qdrant-client search (1 product)", "-")
-    direct.asked = 1
+    body = {"question": QUESTION, "limit": 10, "perProduct": PER_PRODUCT}
+    http_floor: list[float] = []
+    cases: list[Case] = []
     async with contextlib.AsyncExitStack() as servers:
-        for size in (1, 10, 100):
-            source = StaticCatalogSource({e.key: e for e in entries[:size]})
-            app = create_app(source, store, QuerySettings(allow_anonymous=True), Authenticator(allow_anonymous=True))
+        for label, count in (("federated(1)", 1), ("federated(10)", 10), ("federated(100 in catalog)", 100)):
+            # One mesh per case: a routing collection holds the points of its catalog's products only.
+            store = open_store(StoreSettings(url=None))
+            servers.push_async_callback(store.close)
+            tmp = servers.enter_context(tempfile.TemporaryDirectory())
+            entries = await build(store, count, Path(tmp) / "catalog.json", args.model)
+            source = StaticCatalogSource({e.key: e for e in entries})
+            settings = QuerySettings(allow_anonymous=True, max_products=10)
+            app = create_app(source, store, settings, Authenticator(allow_anonymous=True))
             url = await servers.enter_async_context(serve_app(app))
-            cases.append(Case(f"federated /v1/query, {size} product{'s' if size > 1 else ''}", size, url, body))
-        cases[0].url = cases[1].url
-        await direct_search(store, entries[0].collection or "", 20)  # warm-up
+            cases.append(Case(label, store, entries, url, body))
+        rows = sum(e.records or 0 for c in cases for e in c.entries)
+        print(f"built 111 products in {time.perf_counter() - started:.1f}s ({rows} rows, embedded store, {args.model})")
         loop = asyncio.get_running_loop()
         serial, concurrent = max(1, args.serial // args.rounds), max(CONCURRENCY, args.concurrent // args.rounds)
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            # Interleaved rounds: background load on the machine hits every case and its floor alike.
             for _ in range(args.rounds):
-                direct.latencies += await direct_search(store, entries[0].collection or "", serial)
+                floor_batch = await loop.run_in_executor(pool, client_batch, cases[0].url, None, serial, 0)
+                http_floor += floor_batch["latencies"]
                 for case in cases:
                     case.add(await loop.run_in_executor(pool, client_batch, case.url, case.body, serial, concurrent))
-    await store.close()
+                    for _ in range(serial):
+                        case.floor.append(await engine_floor(case.store, args.model, case.entries, case.asked))
 
-    d50, d95 = pct(direct.latencies, 0.5), pct(direct.latencies, 0.95)
-    print()
-    print(
-        f"{'case':<40} {'catalog':>7} {'asked':>5} {'p50 ms':>8} {'p95 ms':>8} {'p50/direct':>10} {'p95/direct':>10} "
-        f"{'req/s @16':>10}"
+    rtt = pct(http_floor, 0.5)
+    print(f"\nHTTP round trip (GET /healthz): p50 {rtt * 1000:.2f} ms\n")
+    header = (
+        f"{'case':<27} {'asked':>5} {'floor ms':>9} {'p50 ms':>8} {'p95 ms':>8} {'p50/floor':>9} "
+        f"{'req/s@16':>9} {'p50@16 ms':>10} {'non-2xx':>8}"
     )
-    print("-" * 104)
-    print(
-        f"{direct.label:<40} {'-':>7} {1:>5} {d50 * 1000:>8.2f} {d95 * 1000:>8.2f} {1.0:>10.2f} {1.0:>10.2f} {'-':>10}"
-    )
+    print(header)
+    print("-" * len(header))
+    ratios: dict[str, float] = {}
     for case in cases:
+        floor = rtt + pct(case.floor, 0.5)
         p50, p95 = pct(case.latencies, 0.5), pct(case.latencies, 0.95)
+        ratios[case.label] = p50 / floor
         print(
-            f"{case.label:<40} {case.catalog!s:>7} {case.asked:>5} {p50 * 1000:>8.2f} {p95 * 1000:>8.2f} "
-            f"{p50 / d50:>10.2f} {p95 / d95:>10.2f} {case.throughput:>10.0f}"
+            f"{case.label:<27} {len(case.asked):>5} {floor * 1000:>9.2f} {p50 * 1000:>8.2f} {p95 * 1000:>8.2f} "
+            f"{p50 / floor:>9.2f} {case.throughput:>9.0f} {pct(case.loaded, 0.5) * 1000:>10.2f} {case.non_2xx:>8}"
         )
-        if case.errors:
-            print(f"  ! {case.errors} product errors seen")
-    floor = pct(cases[0].latencies, 0.5)
-    one = pct(cases[1].latencies, 0.5)
+    flat = pct(cases[2].latencies, 0.5) / pct(cases[1].latencies, 0.5)
+    non_2xx = sum(c.non_2xx for c in cases)
+    p50_10 = pct(cases[1].latencies, 0.5) * 1000
+    checks = [
+        ("federated(10) p50 <= 1.2 x floor", ratios["federated(10)"], ratios["federated(10)"] <= 1.2),
+        ("federated(100, 10 routed) <= 1.1 x federated(10)", flat, flat <= 1.1),
+        ("non-2xx answers at 16 clients == 0", float(non_2xx), non_2xx == 0),
+        ("federated(10) p50 < 25 ms (semantic default)", p50_10, p50_10 < 25),
+    ]
     print()
-    print("ratios:")
-    for case in cases[1:]:
-        p50, p95 = pct(case.latencies, 0.5), pct(case.latencies, 0.95)
-        print(
-            f"  {case.catalog:>3} products: p50/direct={p50 / d50:.2f} p95/direct={p95 / d95:.2f} "
-            f"p50/federated-1={p50 / one:.2f} "
-            f"(p50 - HTTP floor)/direct={(p50 - floor) / d50:.2f} throughput={case.throughput:.0f} req/s"
-        )
-    print(
-        f"  p50 100 products / 10 products = {pct(cases[3].latencies, 0.5) / pct(cases[2].latencies, 0.5):.2f} "
-        "(routing over the larger catalog)"
-    )
+    for label, value, ok in checks:
+        print(f"  {'ok  ' if ok else 'MISS'} {label}: {value:.2f}")
     print(
         f"\n{args.rounds} interleaved rounds; {serial * args.rounds} serial requests and {concurrent * args.rounds} "
-        f"at {CONCURRENCY} concurrent clients per case; "
-        f"total {time.perf_counter() - started:.0f}s"
+        f"at {CONCURRENCY} concurrent clients per case; total {time.perf_counter() - started:.0f}s"
     )
+    return 0
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--serial", type=int, default=300, help="Serial requests per case (latency percentiles).")
-    parser.add_argument(
-        "--concurrent", type=int, default=800, help="Requests per case at 16 concurrent clients (throughput)."
-    )
-    parser.add_argument("--rounds", type=int, default=10, help="Interleaved rounds the requests are split into.")
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument("--model", default=DEFAULT_EMBEDDING_MODEL, help="Embedding model of every product.")
+    parser.add_argument("--serial", type=int, default=200, help="Serial requests per case (latency percentiles).")
+    parser.add_argument("--concurrent", type=int, default=800, help="Requests per case at 16 concurrent clients.")
+    parser.add_argument("--rounds", type=int, default=8, help="Interleaved rounds the requests are split into.")
+    raise SystemExit(asyncio.run(main(parser.parse_args())))

@@ -28,7 +28,7 @@ class StoreSettings(BaseSettings):
         ":memory:", description="Folder of the embedded store (':memory:': a temporary folder, gone on exit)."
     )
     timeout: float = Field(10.0, gt=0, description="Seconds per Qdrant request.")
-    concurrency: int = Field(8, ge=1, description="Store requests in flight at once.")
+    concurrency: int = Field(16, ge=1, description="Store requests in flight at once.")
     max_open: int = Field(
         256, ge=1, description="Embedded store: collections kept open at once (least recently used closed first)."
     )

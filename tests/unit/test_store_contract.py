@@ -16,15 +16,16 @@ import sys
 import textwrap
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from datamesh.adapters.edge import EdgeStore
 from datamesh.adapters.qdrant import QdrantStore
-from datamesh.core.plan import DIGEST_KEY, CollectionPlan, collection_alias
+from datamesh.core.plan import DIGEST_KEY, KIND_KEY, PRODUCT_KEY, CollectionPlan, collection_alias
 from datamesh.core.ports import CollectionMissing, SearchRequest, StoreRejected, VectorStore, VectorStoreError
-from datamesh.resource.models import Distance, SearchMode
+from datamesh.resource.models import Distance, FieldType, SearchMode
 from datamesh.settings import StoreSettings
 
 DIM = 16
@@ -271,3 +272,38 @@ async def test_a_closed_store_says_so(tmp_path: Path) -> None:
     await store.close()
     with pytest.raises(VectorStoreError, match="closed"):
         await store.count("ns.product")
+
+
+async def test_a_collection_from_an_earlier_version_gets_the_indexes_its_filters_need(tmp_path: Path) -> None:
+    """Filters on unindexed payload read every point (a routing search took ms, not tenths of one)."""
+    store = EdgeStore(tmp_path)
+    try:
+        index = await filled(store)  # made without payload indexes
+        upgraded = CollectionPlan("ns.product", index, DIM, Distance.cosine, {"_kind": FieldType.string})
+        assert not await store.ensure_index(upgraded)
+    finally:
+        await store.close()
+    reopened = EdgeStore(tmp_path)
+    try:
+        async with reopened._use(index) as shard:
+            assert "_kind" in shard.engine.info().payload_schema
+        assert await reopened.count(index) == len(TEXTS)
+    finally:
+        await reopened.close()
+
+
+@pytest.mark.parametrize("mode", [SearchMode.hybrid, SearchMode.dense])
+async def test_routing_searches_keep_to_the_products_and_kind_asked_for(store: VectorStore, mode: SearchMode) -> None:
+    routing = CollectionPlan("routing", "routing", DIM, Distance.cosine, {PRODUCT_KEY: FieldType.string}, mode)
+    assert await store.ensure_index(routing)
+    owners = ["ns/a", "ns/b", "ns/c"]
+    payloads = [{PRODUCT_KEY: owners[i % 3], KIND_KEY: "card" if i == 5 else "row", DIGEST_KEY: "d1"} for i in range(6)]
+    await store.upsert("routing", IDS, VECTORS, TEXTS, payloads)
+
+    async def found(**scope: Any) -> set[tuple[str, str]]:
+        req = SearchRequest(VECTORS[0], TEXTS[0], 10, mode, kind="row", **scope)
+        return {(h.payload[PRODUCT_KEY], h.payload[KIND_KEY]) for h in await store.search("routing", req)}
+
+    assert await found(products=["ns/a"]) == {("ns/a", "row")}
+    assert await found(excluded=["ns/a"]) == {("ns/b", "row"), ("ns/c", "row")}  # c's card is not a row
+    assert await found(products=["ns/a", "ns/c"], excluded=["ns/a"]) == {("ns/c", "row")}

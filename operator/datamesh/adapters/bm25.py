@@ -8,6 +8,7 @@ at query time, so a rare word of the question weighs most.
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import qdrant_edge as qe
@@ -23,6 +24,7 @@ def _model() -> qe.Bm25:
     return model
 
 
+@functools.lru_cache(maxsize=2048)  # a batch goes to a product's collection and to the routing collection
 def document_vector(text: str) -> qe.SparseVector | None:
     """The BM25 vector of a row's text (None when it has no indexable word)."""
     vector = _model().embed_document(text)

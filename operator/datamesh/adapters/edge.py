@@ -31,15 +31,17 @@ import tempfile
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import qdrant_edge as qe
 
 from datamesh.adapters import bm25
 from datamesh.adapters.files import atomic_write
-from datamesh.adapters.similarity import cosine, dense_of
+from datamesh.adapters.similarity import cosines, dense_of
 from datamesh.core.plan import (
     DENSE_VECTOR,
     DIGEST_KEY,
@@ -128,6 +130,19 @@ def _finite(vector: Sequence[float], size: int) -> list[float]:
     return values
 
 
+def _finite_rows(vectors: Sequence[Sequence[float]], size: int) -> np.ndarray:
+    # One array check per batch: per-value Python checks cost as much as the engine's write.
+    try:
+        matrix = np.asarray(vectors, dtype=np.float32)
+    except ValueError as exc:  # ragged rows
+        raise StoreRejected(f"vectors of different dimensions for a collection of {size}") from exc
+    if matrix.ndim != 2 or matrix.shape[1] != size:
+        raise StoreRejected(f"vectors of shape {matrix.shape} for a collection of {size} dimensions")
+    if not np.isfinite(matrix).all():  # the engine would store them silently
+        raise StoreRejected("a vector with NaN, infinite or out-of-range (float32) values")
+    return matrix
+
+
 @dataclass
 class _Shard:
     """An open shard and the operations in flight on it."""
@@ -162,6 +177,7 @@ class EdgeStore:
         self.search_threads = search_threads
         self.batch_size = batch_size
         self._slots = asyncio.Semaphore(concurrency)
+        self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="datamesh-store")
         self._open: OrderedDict[str, _Shard] = OrderedDict()  # least recently used first
         self._locks: dict[str, asyncio.Lock] = {}
         self._aliases = self._read_aliases()
@@ -182,7 +198,8 @@ class EdgeStore:
             raise VectorStoreError("the embedded store is closed")
         async with self._slots:
             try:
-                return await asyncio.to_thread(call, *args)
+                # Threads of our own, as many as the slots: a call holding a slot never waits for a thread.
+                return await asyncio.get_running_loop().run_in_executor(self._threads, call, *args)
             except BaseException as exc:  # a Rust panic is a BaseException
                 if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
                     raise
@@ -280,23 +297,36 @@ class EdgeStore:
 
     async def ensure_index(self, plan: CollectionPlan) -> bool:
         """Create the plan's index collection if missing; True when it was created."""
+        indexes: dict[str, str] = {k: FieldType(v).value for k, v in plan.payload_indexes.items()}
         wanted = {
             "name": plan.index,
             "vector_size": plan.vector_size,
             "distance": Distance(plan.distance).value,
             "sparse": plan.sparse,
-            "payload_indexes": {k: FieldType(v).value for k, v in plan.payload_indexes.items()},
+            "payload_indexes": indexes,
         }
         async with self._lock(plan.index):
             meta = await self._engine(plan.index, self._read_meta, plan.index)
-            if meta is not None:
-                if any(meta[k] != wanted[k] for k in ("vector_size", "distance", "sparse")):
-                    raise StoreRejected(f"embedded store, collection {plan.index}: exists with other vectors")
-                return False
-            engine = await self._engine(plan.index, self._create, plan.index, wanted)
-            self._open[plan.index] = _Shard(plan.index, wanted, engine)
-        await self._evict()
-        return True
+            if meta is None:
+                engine = await self._engine(plan.index, self._create, plan.index, wanted)
+                self._open[plan.index] = _Shard(plan.index, wanted, engine)
+            elif any(meta[k] != wanted[k] for k in ("vector_size", "distance", "sparse")):
+                raise StoreRejected(f"embedded store, collection {plan.index}: exists with other vectors")
+        if meta is None:
+            await self._evict()
+            return True
+        missing = {k: v for k, v in indexes.items() if k not in meta["payload_indexes"]}
+        if missing:  # a collection made by an earlier version: its filters get their indexes now
+            async with self._use(plan.index) as shard, shard.writing:
+                await self._engine(plan.index, self._add_payload_indexes, shard, missing)
+        return False
+
+    def _add_payload_indexes(self, shard: _Shard, indexes: Mapping[str, str]) -> None:
+        for key, kind in indexes.items():
+            shard.engine.update(qe.UpdateOperation.create_field_index(key, _PAYLOAD_TYPES[FieldType(kind)]))
+        shard.engine.flush()
+        shard.meta = {**shard.meta, "payload_indexes": {**shard.meta["payload_indexes"], **indexes}}
+        atomic_write(self._dir(shard.name) / META_FILE, json.dumps(shard.meta, sort_keys=True))
 
     def _create(self, name: str, meta: dict[str, Any]) -> qe.EdgeShard:
         directory = self._dir(name)
@@ -386,8 +416,8 @@ class EdgeStore:
     ) -> None:
         size, sparse = int(shard.meta["vector_size"]), bool(shard.meta["sparse"])
         points = []
-        for point_id, vector, text, payload in zip(ids, vectors, texts, payloads, strict=True):
-            named: dict[str, Any] = {DENSE_VECTOR: _finite(vector, size)}
+        for point_id, vector, text, payload in zip(ids, _finite_rows(vectors, size), texts, payloads, strict=True):
+            named: dict[str, Any] = {DENSE_VECTOR: vector}
             words = bm25.document_vector(text) if sparse else None
             if words is not None:  # only the tokenizer's own vectors: a malformed one breaks the shard
                 named[SPARSE_VECTOR] = words
@@ -420,22 +450,34 @@ class EdgeStore:
             words = bm25.query_vector(request.text) if has_words else None
             if request.mode is SearchMode.sparse and words is None:
                 return []  # no indexable word: nothing can match
-            query = self._query(request, dense, words)
+            # A plain cosine (or dot, on unit vectors) query scores by similarity already: no vectors needed.
+            scored = (words is None or request.mode is SearchMode.dense) and shard.meta["distance"] != "Euclid"
+            query = self._query(request, dense, words, with_vectors=not scored)
             points = await self._engine(name, shard.engine.query, query)
+        if scored:
+            return [ScoredRow(str(p.id), float(p.score), p.payload or {}, float(p.score)) for p in points]
+        similarities = cosines(dense, [dense_of(p.vector) for p in points])
         return [
-            ScoredRow(str(p.id), float(p.score), p.payload or {}, cosine(dense, dense_of(p.vector))) for p in points
+            ScoredRow(str(p.id), float(p.score), p.payload or {}, sim)
+            for p, sim in zip(points, similarities, strict=True)
         ]
 
     @staticmethod
-    def _query(request: SearchRequest, dense: list[float], words: qe.SparseVector | None) -> qe.QueryRequest:
-        common: dict[str, Any] = {"limit": request.limit, "with_payload": True, "with_vector": [DENSE_VECTOR]}
+    def _query(
+        request: SearchRequest, dense: list[float], words: qe.SparseVector | None, with_vectors: bool
+    ) -> qe.QueryRequest:
+        payload: Any = list(request.payload) if request.payload is not None else True
+        common: dict[str, Any] = {"limit": request.limit, "with_payload": payload}
+        if with_vectors:
+            common["with_vector"] = [DENSE_VECTOR]
         conditions: list[Any] = []
         if request.products is not None:
             conditions.append(qe.FieldCondition(key=PRODUCT_KEY, match=qe.MatchAny(list(request.products))))
         if request.kind is not None:
             conditions.append(qe.FieldCondition(key=KIND_KEY, match=qe.MatchValue(request.kind)))
-        if conditions:
-            common["filter"] = qe.Filter(must=conditions)
+        excluded: list[Any] = [qe.FieldCondition(key=PRODUCT_KEY, match=qe.MatchAny(list(request.excluded or ())))]
+        if conditions or request.excluded:
+            common["filter"] = qe.Filter(must=conditions or None, must_not=excluded if request.excluded else None)
         if request.mode is SearchMode.sparse and words is not None:
             return qe.QueryRequest(query=qe.Query.Nearest(words, using=SPARSE_VECTOR), **common)
         if request.mode is SearchMode.hybrid and words is not None:
@@ -457,5 +499,6 @@ class EdgeStore:
             async with self._lock(name):
                 await self._close_locked(name)
         self._closed = True
+        self._threads.shutdown(wait=False)
         if self._tmp is not None:
             self._tmp.cleanup()

@@ -19,7 +19,7 @@ from qdrant_client import models as qm
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from datamesh.adapters import bm25
-from datamesh.adapters.similarity import cosine, dense_of
+from datamesh.adapters.similarity import cosines, dense_of
 from datamesh.core.plan import (
     DENSE_VECTOR,
     DIGEST_KEY,
@@ -30,7 +30,7 @@ from datamesh.core.plan import (
     CollectionPlan,
 )
 from datamesh.core.ports import CollectionMissing, ScoredRow, SearchRequest, VectorStoreError
-from datamesh.resource.models import FieldType, SearchMode
+from datamesh.resource.models import Distance, FieldType, SearchMode
 from datamesh.settings import StoreSettings
 
 T = TypeVar("T")
@@ -55,7 +55,7 @@ class QdrantStore:
 
     def __init__(self, client: AsyncQdrantClient, concurrency: int = 8) -> None:
         self.client = client
-        self._sparse: dict[str, tuple[bool, float]] = {}
+        self._sparse: dict[str, tuple[bool, bool, float]] = {}
         # Bounded concurrency: a thousand reconciles must not open a thousand requests.
         self._slots = asyncio.Semaphore(concurrency)
 
@@ -91,6 +91,9 @@ class QdrantStore:
     async def ensure_index(self, plan: CollectionPlan) -> bool:
         """Create the plan's index collection if missing; True when it was created."""
         if await self._call("check collection", self.client.collection_exists(plan.index)):
+            info = await self._call("read collection", self.client.get_collection(plan.index))
+            # A collection made by an earlier version: its filters get their indexes now.
+            await self._payload_indexes(plan, skip=set(info.payload_schema or {}))
             return False
         dense = qm.VectorParams(size=plan.vector_size, distance=qm.Distance(plan.distance))
         sparse = {SPARSE_VECTOR: qm.SparseVectorParams(modifier=qm.Modifier.IDF)} if plan.sparse else None
@@ -100,16 +103,20 @@ class QdrantStore:
                 plan.index, vectors_config={DENSE_VECTOR: dense}, sparse_vectors_config=sparse
             ),
         )
-        self._sparse[plan.index] = (plan.sparse, time.monotonic())
+        self._sparse[plan.index] = (plan.sparse, plan.distance == Distance.euclid, time.monotonic())
+        await self._payload_indexes(plan, skip=set())
+        return True
+
+    async def _payload_indexes(self, plan: CollectionPlan, skip: set[str]) -> None:
         with warnings.catch_warnings():
             # Local mode ignores payload indexes (and says so); a server uses them.
             warnings.simplefilter("ignore", UserWarning)
             for key, kind in {**plan.payload_indexes, DIGEST_KEY: FieldType.string}.items():
-                await self._call(
-                    "create payload index",
-                    self.client.create_payload_index(plan.index, key, field_schema=_PAYLOAD_SCHEMA[kind]),
-                )
-        return True
+                if key not in skip:
+                    await self._call(
+                        "create payload index",
+                        self.client.create_payload_index(plan.index, key, field_schema=_PAYLOAD_SCHEMA[kind]),
+                    )
 
     async def point_alias(self, alias: str, index: str) -> str | None:
         """Point ``alias`` at ``index`` in one atomic change; returns the index it pointed at before."""
@@ -132,7 +139,7 @@ class QdrantStore:
         payloads: Sequence[Mapping[str, Any]],
     ) -> None:
         """Write one batch of points (idempotent: ids come from primary keys); ``texts`` feed BM25."""
-        with_sparse = await self._has_sparse(collection)
+        with_sparse, _ = await self._layout(collection)
         points = []
         for point_id, vector, text, payload in zip(ids, vectors, texts, payloads, strict=True):
             named: dict[str, Any] = {DENSE_VECTOR: list(vector)}
@@ -142,14 +149,17 @@ class QdrantStore:
             points.append(qm.PointStruct(id=point_id, vector=named, payload=dict(payload)))
         await self._call("upsert", self.client.upsert(collection, points=points, wait=True))
 
-    async def _has_sparse(self, collection: str) -> bool:
-        """Whether a collection (or the one an alias names) holds BM25 vectors; remembered a few seconds."""
+    async def _layout(self, collection: str) -> tuple[bool, bool]:
+        """Whether a collection (or the one an alias names) holds BM25 vectors, and scores by distance."""
         now = time.monotonic()
         known = self._sparse.get(collection)
-        if known is None or now - known[1] > _LAYOUT_TTL:
+        if known is None or now - known[2] > _LAYOUT_TTL:
             info = await self._call("describe collection", self.client.get_collection(collection))
-            known = self._sparse[collection] = (SPARSE_VECTOR in (info.config.params.sparse_vectors or {}), now)
-        return known[0]
+            vectors = info.config.params.vectors
+            dense = vectors.get(DENSE_VECTOR) if isinstance(vectors, dict) else vectors
+            euclid = dense is not None and dense.distance == qm.Distance.EUCLID
+            known = self._sparse[collection] = (SPARSE_VECTOR in (info.config.params.sparse_vectors or {}), euclid, now)
+        return known[0], known[1]
 
     async def delete_other_ingests(self, collection: str, digest: str) -> None:
         """Remove points not written by the ingestion with ``digest`` (rows gone from the source)."""
@@ -202,7 +212,8 @@ class QdrantStore:
     async def search(self, collection: str, request: SearchRequest) -> list[ScoredRow]:
         """The best rows for a question: one query, with dense and BM25 prefetches fused in hybrid mode."""
         dense = list(request.vector)
-        wants_words = request.mode is not SearchMode.dense and await self._has_sparse(collection)
+        has_words, euclid = await self._layout(collection)
+        wants_words = request.mode is not SearchMode.dense and has_words
         words = bm25.query_vector(request.text) if wants_words else None
         sparse = qm.SparseVector(indices=words.indices, values=words.values) if words is not None else None
         query: Any
@@ -221,12 +232,17 @@ class QdrantStore:
             query, using = sparse, SPARSE_VECTOR
         else:
             query, using = dense, DENSE_VECTOR
+        # A plain cosine (or dot, on unit vectors) query scores by similarity already: no vectors needed.
+        scored = using == DENSE_VECTOR and not euclid
         conditions: list[qm.Condition] = []
         if request.products is not None:
             conditions.append(qm.FieldCondition(key=PRODUCT_KEY, match=qm.MatchAny(any=list(request.products))))
         if request.kind is not None:
             conditions.append(qm.FieldCondition(key=KIND_KEY, match=qm.MatchValue(value=request.kind)))
-        query_filter = qm.Filter(must=conditions) if conditions else None
+        query_filter = None
+        if conditions or request.excluded:
+            excluded = qm.FieldCondition(key=PRODUCT_KEY, match=qm.MatchAny(any=list(request.excluded or ())))
+            query_filter = qm.Filter(must=conditions or None, must_not=[excluded] if request.excluded else None)
         if prefetch is not None and query_filter is not None:
             for stage in prefetch:
                 stage.filter = query_filter
@@ -239,13 +255,16 @@ class QdrantStore:
                 prefetch=prefetch,
                 query_filter=query_filter,
                 limit=request.limit,
-                with_payload=True,
-                with_vectors=[DENSE_VECTOR],
+                with_payload=list(request.payload) if request.payload is not None else True,
+                with_vectors=[DENSE_VECTOR] if not scored else False,
             ),
         )
+        if scored:
+            return [ScoredRow(str(p.id), float(p.score), p.payload or {}, float(p.score)) for p in result.points]
+        similarities = cosines(dense, [dense_of(p.vector) for p in result.points])
         return [
-            ScoredRow(str(p.id), float(p.score), p.payload or {}, cosine(dense, dense_of(p.vector)))
-            for p in result.points
+            ScoredRow(str(p.id), float(p.score), p.payload or {}, sim)
+            for p, sim in zip(result.points, similarities, strict=True)
         ]
 
     async def close(self) -> None:

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from datamesh.core.plan import DENSE_VECTOR
 
 
-def cosine(question: Sequence[float], row: Sequence[float] | None) -> float | None:
-    """Cosine similarity (None without a row vector; 0.0 when either vector is zero)."""
-    if row is None or len(row) != len(question):
-        return None
-    dot = math.fsum(a * b for a, b in zip(question, row, strict=True))
-    norms = math.sqrt(math.fsum(a * a for a in question)) * math.sqrt(math.fsum(b * b for b in row))
-    return dot / norms if norms > 0 else 0.0
+def cosines(question: Sequence[float], rows: Sequence[Sequence[float] | None]) -> list[float | None]:
+    """Cosine of the question with each row vector at once (None where a row has no vector)."""
+    present = [i for i, row in enumerate(rows) if row is not None and len(row) == len(question)]
+    out: list[float | None] = [None] * len(rows)
+    if not present:
+        return out
+    matrix = np.asarray([rows[i] for i in present], dtype=np.float64)
+    q = np.asarray(question, dtype=np.float64)
+    norms = np.linalg.norm(matrix, axis=1) * float(np.linalg.norm(q))
+    values = np.divide(matrix @ q, norms, out=np.zeros(len(present)), where=norms > 0)
+    for i, value in zip(present, values.tolist(), strict=True):
+        out[i] = value
+    return out
 
 
 def dense_of(vector: Any) -> Sequence[float] | None:

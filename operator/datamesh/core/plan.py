@@ -98,9 +98,9 @@ def routing_plan(plan: CollectionPlan, model: str, endpoint: str | None) -> Coll
     """The routing collection shared by every product embedded like ``plan`` (same model and vectors)."""
     settings = f"{LAYOUT}|{model}|{endpoint or ''}|{plan.vector_size}|{Distance(plan.distance).value}"
     name = f"{ROUTING_PREFIX}{hashlib.sha256(settings.encode()).hexdigest()[:16]}"
-    return CollectionPlan(
-        name, name, plan.vector_size, plan.distance, {PRODUCT_KEY: FieldType.string}, SearchMode.hybrid
-    )
+    # Both filters of a routing search indexed: unindexed, the kind filter reads every point's payload.
+    indexes = {PRODUCT_KEY: FieldType.string, KIND_KEY: FieldType.string}
+    return CollectionPlan(name, name, plan.vector_size, plan.distance, indexes, SearchMode.hybrid)
 
 
 def product_ref(namespace: str, name: str) -> str:

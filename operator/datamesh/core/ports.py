@@ -98,9 +98,12 @@ class SearchRequest:
     text: str
     limit: int
     mode: SearchMode = SearchMode.hybrid
-    # Routing collections only: the products whose points may answer, and which kind ("card", "row").
+    # Routing collections only: the products whose points may answer (or, when that list is the
+    # longer one, those whose points may not), and which kind ("card", "row").
     products: Sequence[str] | None = None
     kind: str | None = None
+    excluded: Sequence[str] | None = None
+    payload: Sequence[str] | None = None  # the payload keys to return (None: all of them)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ class RoutingPolicy:
     """The constants of routing; set by the quality benchmark (bench/quality.py), not per question."""
 
     fetch: int = 64  # rows of the routing collection read per question
+    # Descriptions read per question: only those near the best can be asked or make it ambiguous.
+    cards: int = 32
     # A question matching a product's description is at least as telling as one matching a row:
     # "where do we track X?" is about the product, not about any one of its rows.
     card_weight: float = 1.2
@@ -64,8 +66,13 @@ class Route:
 
     product: str
     score: float
-    why: str
+    evidence: Evidence = field(repr=False, compare=False)
     named: bool = False
+
+    @property
+    def why(self) -> str:
+        """The evidence in words (only the routes an answer shows need them)."""
+        return describe(self.evidence)
 
 
 @dataclass(frozen=True)
@@ -97,7 +104,7 @@ def score(evidence: Evidence, policy: RoutingPolicy = POLICY) -> float:
     return round(max(row, card), 6)
 
 
-def why(evidence: Evidence) -> str:
+def describe(evidence: Evidence) -> str:
     """The evidence in words."""
     parts = []
     if evidence.best_row is not None:
@@ -117,7 +124,7 @@ def select(
 ) -> Selection:
     """The products to ask: every named one, else the best and those close to it (never none)."""
     ranked = sorted(
-        (Route(e.product, score(e, policy), why(e), e.product in named) for e in evidence),
+        (Route(e.product, score(e, policy), e, e.product in named) for e in evidence),
         key=lambda r: (-r.score, r.product),
     )
     if not ranked:

@@ -3,8 +3,9 @@
 Two passes over the source: the first validates every row and fingerprints what would be
 written (nothing is written when the fingerprint is unchanged, or when too many rows are
 refused); the second validates again and writes, batch by batch. Reading and parsing run in a
-worker thread, and each batch is embedded once and upserted into both collections before the
-next is read, so memory is bounded by a batch whatever the source's size.
+worker thread; each batch is embedded once and upserted into both collections while the next
+batch is read and embedded, so the embedder and the engine work at once and memory is bounded
+by two batches whatever the source's size.
 """
 
 from __future__ import annotations
@@ -109,26 +110,50 @@ async def write_points(
     written = 0
     sample = _Reservoir(CALIBRATION_SAMPLE)
     batches = await _batches(rows, batch_size)
-    while (batch := await _next(batches)) is not None:
-        valid: ValidatedBatch = validator.validate(batch)
-        if not valid.rows:
-            continue
-        texts = [key_text(r, validator.key_fields) for r in valid.rows]
-        vectors = await target.provider.embed(texts)
-        payloads = [{**r, TEXT_KEY: t, DIGEST_KEY: digest} for r, t in zip(valid.rows, texts, strict=True)]
-        await store.upsert(target.plan.index, valid.ids, vectors, texts, payloads)
-        routing = [
-            {PRODUCT_KEY: target.product, ROW_KEY: row_key(r, target.primary_key), KIND_KEY: "row", DIGEST_KEY: digest}
-            for r in valid.rows
-        ]
-        await store.upsert(target.routing.index, valid.ids, vectors, texts, routing)
-        sample.extend(vectors)
-        written += len(valid.rows)
-        if on_batch is not None:
-            await on_batch(written)
+
+    async def embedded() -> _Embedded | None:
+        while (batch := await _next(batches)) is not None:
+            valid: ValidatedBatch = validator.validate(batch)
+            if valid.rows:
+                texts = [key_text(r, validator.key_fields) for r in valid.rows]
+                return _Embedded(valid, texts, await target.provider.embed(texts))
+        return None
+
+    ahead = asyncio.ensure_future(embedded())
+    try:
+        while (current := await ahead) is not None:
+            ahead = asyncio.ensure_future(embedded())  # the next batch is embedded while this one is written
+            await _upsert(store, target, current, digest)
+            sample.extend(current.vectors)
+            written += len(current.valid.rows)
+            if on_batch is not None:
+                await on_batch(written)
+    finally:
+        ahead.cancel()
     # Only after every batch landed: a crash mid-way leaves the old rows in place, never fewer.
     await store.delete_other_ingests(target.plan.index, digest)
     return Written(written, calibration(sample.items))
+
+
+@dataclass(frozen=True)
+class _Embedded:
+    valid: ValidatedBatch
+    texts: list[str]
+    vectors: list[list[float]]
+
+
+async def _upsert(store: VectorStore, target: Target, batch: _Embedded, digest: str) -> None:
+    """One batch into the product's collection and the routing collection, both at once."""
+    rows, texts = batch.valid.rows, batch.texts
+    payloads = [{**r, TEXT_KEY: t, DIGEST_KEY: digest} for r, t in zip(rows, texts, strict=True)]
+    routing = [
+        {PRODUCT_KEY: target.product, ROW_KEY: row_key(r, target.primary_key), KIND_KEY: "row", DIGEST_KEY: digest}
+        for r in rows
+    ]
+    await asyncio.gather(
+        store.upsert(target.plan.index, batch.valid.ids, batch.vectors, texts, payloads),
+        store.upsert(target.routing.index, batch.valid.ids, batch.vectors, texts, routing),
+    )
 
 
 async def write_card(store: VectorStore, target: Target, card: str, digest: str) -> None:

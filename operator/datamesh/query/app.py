@@ -205,6 +205,7 @@ def create_app(
             limit=body.limit,
             per_product=body.per_product,
             max_products=body.max_products,
+            catalog=source.entries().values(),
         )
         errors = answer["errors"]
         if errors and not answer["results"]:

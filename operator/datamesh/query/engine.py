@@ -35,6 +35,7 @@ from datamesh.resource.catalog import CatalogEntry
 from datamesh.resource.models import DEFAULT_EMBEDDING_MODEL, SearchMode, parse_duration
 
 log = logging.getLogger(__name__)
+_STALE_CARDS = 16  # extra cards fetched when a routing search excludes products rather than naming them
 T = TypeVar("T")
 ModelKey = tuple[str, str | None]
 
@@ -161,6 +162,13 @@ class QueryEngine:
         self.settings = settings
         self.metrics = metrics
         self.embedders = embedders
+        self._slots: asyncio.Semaphore | None = None
+
+    def _store_slots(self) -> asyncio.Semaphore:
+        # As many as the store serves at once (the service opens it so); made on the serving loop.
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.settings.fanout_concurrency)
+        return self._slots
 
     def question(self, text: str) -> QuestionVectors:
         """The question, to be embedded once per model."""
@@ -179,17 +187,21 @@ class QueryEngine:
         started = time.perf_counter()
         outcome = "ok"
         try:
-            vectors.timeouts.setdefault(model_of(entry), self.timeout_for(entry))
+            if entry.embedding_endpoint:
+                vectors.timeouts.setdefault(model_of(entry), self.timeout_for(entry))
             vector = await vectors.vector(model_of(entry))
             if not entry.collection:
                 raise ProductFailure("vector_store", "the product has no collection")
             mode = SearchMode(entry.search_mode or SearchMode.hybrid)
             request = SearchRequest(vector, vectors.question, limit, mode)
             timeout = self.timeout_for(entry)
-            try:
-                rows = await within(self.store.search(entry.collection, request), timeout)
-            except VectorStoreError as exc:
-                raise ProductFailure("vector_store", str(exc)) from None
+            # The clock starts once the search holds a store slot: waiting behind other questions'
+            # searches is load on this service, not the product being slow.
+            async with self._store_slots():
+                try:
+                    rows = await within(self.store.search(entry.collection, request), timeout)
+                except VectorStoreError as exc:
+                    raise ProductFailure("vector_store", str(exc)) from None
             if rows is None:
                 p99 = entry.sla.query_latency_p99 if entry.sla else None
                 basis = f"sla.queryLatencyP99 {p99}" if p99 else "the default timeout"
@@ -221,9 +233,18 @@ class QueryEngine:
         *,
         named: Sequence[str],
         max_products: int,
+        scales: Mapping[str, Scale],
+        catalog: Iterable[CatalogEntry] = (),
     ) -> Selection:
-        """The products to ask, from the evidence of their rows and cards in the routing collections."""
-        scales = scales_of(candidates)
+        """The products to ask, from the evidence of their rows and cards in the routing collections.
+
+        ``catalog`` is every product the service knows (not only the candidates): when most of a
+        routing collection's products are candidates, the search excludes the few others instead.
+        """
+        population: dict[str, set[str]] = {}
+        for entry in catalog:
+            if entry.routing_collection:
+                population.setdefault(entry.routing_collection, set()).add(entry.product)
         evidence = {
             e.product: Evidence(e.product, calibration=calibration_of(e), scale=scales[e.product]) for e in candidates
         }
@@ -231,7 +252,9 @@ class QueryEngine:
         for entry in candidates:
             if entry.routing_collection:
                 groups.setdefault((entry.routing_collection, model_of(entry)), []).append(entry)
-        found = await asyncio.gather(*(self._gather(c, m, g, vectors, evidence) for (c, m), g in groups.items()))
+        found = await asyncio.gather(
+            *(self._gather(c, m, g, vectors, evidence, population.get(c, set())) for (c, m), g in groups.items())
+        )
         for hit in (hit for group in found for hit in group):
             add_row_hit(evidence[str(hit.payload[PRODUCT_KEY])], hit.similarity, hit.payload.get(ROW_KEY))
         return select(list(evidence.values()), max_products=max_products, named=named)
@@ -243,15 +266,14 @@ class QueryEngine:
         group: Sequence[CatalogEntry],
         vectors: QuestionVectors,
         evidence: Mapping[str, Evidence],
+        population: set[str],
     ) -> list[ScoredRow]:
         """One routing collection's row hits (fused ranking) for the group; its cards' similarity noted."""
         try:
             vector = await vectors.vector(model)
         except ProductFailure:
             return []  # the products of this model fail with the reason when asked
-        products = [e.product for e in group]
-        rows = SearchRequest(vector, vectors.question, POLICY.fetch, SearchMode.hybrid, products, "row")
-        cards = SearchRequest(vector, vectors.question, len(products), SearchMode.dense, products, "card")
+        rows, cards = routing_searches(vector, vectors.question, [e.product for e in group], population)
         try:
             found_rows, found_cards = await asyncio.gather(
                 self.store.search(collection, rows), self.store.search(collection, cards)
@@ -277,18 +299,31 @@ class QueryEngine:
         limit: int = 10,
         per_product: int = 5,
         max_products: int | None = None,
+        catalog: Iterable[CatalogEntry] = (),
     ) -> dict[str, Any]:
-        """Route, ask concurrently (bounded), merge: the answer as the API returns it."""
+        """Route, ask concurrently (bounded), merge: the answer as the API returns it.
+
+        ``catalog``: every product the service knows, which lets routing searches filter faster.
+        """
         started = time.perf_counter()
         vectors = self.question(question)
-        for entry in candidates:  # a model's embedding may take as long as its slowest product allows
+        for entry in candidates:
             key = model_of(entry)
-            vectors.timeouts[key] = max(vectors.timeouts.get(key, 0.0), self.timeout_for(entry))
-        vectors.start(vectors.timeouts)
+            if key[1] is not None:
+                # A remote embedding service is part of its products' answer: their timeout applies. A
+                # model in this process is only queued behind other questions: the service's cap applies.
+                vectors.timeouts[key] = max(vectors.timeouts.get(key, 0.0), self.timeout_for(entry))
+        vectors.start({model_of(e) for e in candidates})
+        scales = scales_of(candidates)
         try:
             routing_started = time.perf_counter()
             selection = await self.route(
-                vectors, candidates, named=named, max_products=max_products or self.settings.max_products
+                vectors,
+                candidates,
+                named=named,
+                max_products=max_products or self.settings.max_products,
+                scales=scales,
+                catalog=catalog,
             )
             self.metrics.routing_seconds.observe(time.perf_counter() - routing_started)
             self.metrics.routed.observe(len(selection.routes))
@@ -320,7 +355,7 @@ class QueryEngine:
             ]
             for product, a in answered.items()
         }
-        merged = merge(candidates_by_product, scores, scales_of(candidates), limit=limit)
+        merged = merge(candidates_by_product, scores, scales, limit=limit)
         return {
             "routedTo": [
                 {
@@ -347,6 +382,28 @@ class QueryEngine:
             ],
             "latencyMs": _ms(started),
         }
+
+
+def routing_searches(
+    vector: Sequence[float], question: str, products: Sequence[str], population: set[str]
+) -> tuple[SearchRequest, SearchRequest]:
+    """The two searches of a routing collection for ``products``: their best rows, and their cards.
+
+    ``population`` is every known product of that collection; when most of it is asked for, the
+    few others are excluded instead (the shorter list filters faster). Points of products outside
+    the catalog (a deletion not yet cleaned up) may then come back: the caller drops them, and a
+    few more cards are fetched for them.
+    """
+    others = population.difference(products)
+    scope: dict[str, Any] = {"products": list(products)}
+    if population and len(others) < len(products):
+        scope = {"excluded": sorted(others)}
+    wanted = (PRODUCT_KEY, ROW_KEY, KIND_KEY)  # the routing decision needs no more of each point
+    cards = min(len(products), POLICY.cards) + (_STALE_CARDS if "excluded" in scope else 0)
+    return (
+        SearchRequest(vector, question, POLICY.fetch, SearchMode.hybrid, kind="row", payload=wanted, **scope),
+        SearchRequest(vector, question, cards, SearchMode.dense, kind="card", payload=wanted, **scope),
+    )
 
 
 def calibration_of(entry: CatalogEntry) -> tuple[float, float] | None:

@@ -181,7 +181,7 @@ _HASH_BITS = np.uint64(52)
 _SIGN_MASK = np.uint64(1 << 51)
 _BUCKET_MASK = np.uint64((1 << 51) - 1)
 _CACHE_LIMIT = 200_000
-_THREAD_THRESHOLD = 256  # texts; smaller batches are cheaper inline than in a worker thread
+_THREAD_THRESHOLD = 16  # texts; a question is cheaper inline, an ingestion batch runs beside the engine
 _CHUNK = 2048  # texts per dense block: bounds memory at high dimensions; row ids fit in 12 bits
 
 

@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""Benchmark: a product's ingestion against the raw floor, in one run.
+
+Not a test. For each size (1k, 10k and 100k rows by default), in this process:
+
+- FLOOR: a new hybrid collection, then the same rows' key text embedded with the same embedder,
+  in batches, and written with the embedded store's own batch upsert: nothing but the unavoidable
+  steps, one after the other;
+- PRODUCT: a DataProduct whose rows come from a ``url`` source (JSON lines served on 127.0.0.1),
+  reconciled by the reconcile core into a store where the mesh already exists (a 10-row product
+  was ingested first, so the routing collection and the model are there), from start to Ready:
+  download, two passes of parsing and validation, its collection, embedding, upserts into the
+  product's collection and the routing collection, stale-point removal, the card, the catalog entry.
+
+It prints rows/s of both and their ratio (target: the product at 0.8x the floor or better), and the
+process's peak RSS up to the end of the product's ingestion, before the floor of that size runs
+(target: under 500 MiB at 100k rows).
+
+    .venv/bin/python bench/ingest.py                               # builtin:ngram-384, 1k/10k/100k
+    .venv/bin/python bench/ingest.py --model onnx:all-MiniLM-L6-v2 --sizes 1000,5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import random
+import resource
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.staticfiles import StaticFiles
+
+from datamesh.adapters.edge import EdgeStore
+from datamesh.adapters.embeddings.registry import resolve_provider
+from datamesh.adapters.files import FileCatalogBackend
+from datamesh.core.plan import DIGEST_KEY, KIND_KEY, PRODUCT_KEY, ROW_KEY, TEXT_KEY, CollectionPlan, point_id
+from datamesh.engine.catalog_writer import CatalogWriter
+from datamesh.local import standalone_reconciler
+from datamesh.resource.models import Distance, SearchMode
+from datamesh.settings import OperatorSettings
+from datamesh.web.serving import serve_app
+
+TARGET_RATIO = 0.8
+TARGET_RSS_MIB = 500
+
+WORDS = [
+    "shipment",
+    "delayed",
+    "storm",
+    "customs",
+    "carrier",
+    "invoice",
+    "disputed",
+    "refund",
+    "churn",
+    "price",
+    "renewal",
+    "contract",
+    "ticket",
+    "outage",
+    "login",
+    "password",
+    "latency",
+    "warehouse",
+    "pallet",
+    "freight",
+    "port",
+    "strike",
+    "snow",
+    "flood",
+    "audit",
+    "receipt",
+    "hotel",
+    "flight",
+]
+
+
+def rows(count: int, seed: int = 7) -> Iterator[dict[str, Any]]:
+    """Synthetic rows of realistic length (two key-text fields, a number), one at a time."""
+    rng = random.Random(seed)
+    for i in range(count):
+        summary = " ".join(rng.choice(WORDS) for _ in range(8))
+        detail = " ".join(rng.choice(WORDS) for _ in range(24))
+        yield {"id": f"R-{i:07d}", "summary": summary, "detail": detail, "amount": rng.randint(1, 10_000)}
+
+
+def product(name: str, url: str, model: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "datamesh.io/v1alpha1",
+        "kind": "DataProduct",
+        "metadata": {"name": name, "namespace": "bench", "generation": 1, "uid": f"uid-{name}"},
+        "spec": {
+            "domain": "bench",
+            "description": "Synthetic rows for the ingestion benchmark.",
+            "schema": {
+                "fields": [
+                    {"name": "id", "primaryKey": True},
+                    {"name": "summary"},
+                    {"name": "detail"},
+                    {"name": "amount", "type": "integer"},
+                ]
+            },
+            "source": {"url": {"url": url, "format": "jsonl", "maxBytes": 1 << 30}},
+            "semanticSearch": {"embeddingModel": model, "keyFields": ["summary", "detail"]},
+        },
+    }
+
+
+async def floor(store: EdgeStore, size: int, model: str, batch: int, routing: bool = False) -> float:
+    """Seconds to create a collection, embed the rows and upsert them, with nothing else.
+
+    With ``routing``, each batch is also upserted a second time (with a routing point's payload)
+    into a second collection, as the mesh's routing collection needs.
+    """
+    provider = resolve_provider(model)
+    await provider.embed(["warm up"])  # loading a model is not part of ingesting
+    dimension = await provider.dimension()
+    plan = CollectionPlan("floor", f"floor--{size}", dimension, Distance.cosine, {}, SearchMode.hybrid)
+    second = CollectionPlan("route", f"route--{size}", dimension, Distance.cosine, {}, SearchMode.hybrid)
+    if routing:
+        await store.ensure_index(second)  # the mesh's routing collection exists before a product arrives
+    data = rows(size)
+    started = time.perf_counter()
+    await store.ensure_index(plan)
+    while part := list(itertools.islice(data, batch)):
+        texts = [f"{r['summary']}\n{r['detail']}" for r in part]
+        vectors = await provider.embed(texts)
+        ids = [point_id("bench", "floor", [r["id"]]) for r in part]
+        payloads = [{**r, TEXT_KEY: t, DIGEST_KEY: "d"} for r, t in zip(part, texts, strict=True)]
+        await store.upsert(plan.index, ids, vectors, texts, payloads)
+        if routing:
+            routed = [{PRODUCT_KEY: "bench/floor", ROW_KEY: r["id"], KIND_KEY: "row", DIGEST_KEY: "d"} for r in part]
+            await store.upsert(second.index, ids, vectors, texts, routed)
+    return time.perf_counter() - started
+
+
+async def ingest(store: EdgeStore, url: str, name: str, model: str, state: Path) -> float:
+    """Seconds from the start of a reconcile to its Ready outcome."""
+    settings = OperatorSettings(catalog_flush_seconds=0.0, metrics_port=0)
+    catalog = CatalogWriter(FileCatalogBackend(state / f"{name}.json"), "catalog", 800_000, 0.0)
+    async with httpx.AsyncClient(timeout=120) as http:
+        reconciler = standalone_reconciler(settings, store, catalog, http)
+        started = time.perf_counter()
+        outcome = await reconciler.reconcile(product(name, url, model))
+        elapsed = time.perf_counter() - started
+    await catalog.close()
+    if outcome is None or outcome.status.phase != "Ready":
+        raise SystemExit(f"{name} did not become Ready: {outcome.status.message if outcome else None}")
+    return elapsed
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def main(args: argparse.Namespace) -> int:
+    sizes = [int(s) for s in args.sizes.split(",")]
+    print(f"model {args.model}; batch {args.batch}; embedded store (qdrant-edge)")
+    print(
+        f"{'rows':>8} {'floor rows/s':>13} {'+routing rows/s':>15} {'product rows/s':>15} {'ratio':>6} "
+        f"{'ratio(+r)':>8} {'peak RSS MiB':>13}"
+    )
+    worst = worst_routed = float("inf")
+    product_rss = 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        served = root / "rows"
+        served.mkdir()
+        app = Starlette()
+        app.mount("/rows", StaticFiles(directory=served))
+        warmup = served / "warmup.jsonl"
+        warmup.write_text("".join(json.dumps(row) + "\n" for row in rows(10, seed=1)))
+        async with serve_app(app) as base:
+            for size in sizes:
+                path = served / f"rows-{size}.jsonl"
+                with path.open("w") as out:
+                    out.writelines(json.dumps(row) + "\n" for row in rows(size))
+                url = f"{base}/rows/{path.name}"
+                store = EdgeStore(root / f"product-{size}")
+                try:
+                    # A mesh that already exists: the routing collection and the model are there.
+                    await ingest(store, f"{base}/rows/{warmup.name}", f"w{size}", args.model, root)
+                    product_s = await ingest(store, url, f"p{size}", args.model, root)
+                finally:
+                    await store.close()
+                product_rss = peak_rss_mib()  # before the floor runs: the peak is the process's, ever
+                floors = []
+                for routing in (False, True):
+                    floor_store = EdgeStore(root / f"floor-{size}-{routing}")
+                    try:
+                        floors.append(await floor(floor_store, size, args.model, args.batch, routing))
+                    finally:
+                        await floor_store.close()
+                ratio, ratio_routed = floors[0] / product_s, floors[1] / product_s
+                worst = min(worst, ratio)
+                worst_routed = min(worst_routed, ratio_routed)
+                rates = f"{size / floors[0]:>13.0f} {size / floors[1]:>15.0f} {size / product_s:>15.0f}"
+                print(f"{size:>8} {rates} {ratio:>6.2f} {ratio_routed:>8.2f} {product_rss:>13.0f}", flush=True)
+    verdict = "OK" if worst >= TARGET_RATIO else "MISS"
+    print(
+        f"\nproduct ingestion at {worst:.2f}x the floor at worst (target {TARGET_RATIO}x: {verdict}); "
+        f"{worst_routed:.2f}x the floor that also writes the routing points"
+    )
+    verdict = "OK" if product_rss < TARGET_RSS_MIB else "MISS"
+    print(f"peak RSS {product_rss:.0f} MiB at {size} rows (target under {TARGET_RSS_MIB} MiB: {verdict})")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="builtin:ngram-384", help="Embedding model of the product and the floor.")
+    parser.add_argument("--sizes", default="1000,10000,100000", help="Row counts, comma-separated.")
+    parser.add_argument("--batch", type=int, default=256, help="Rows per batch (the operator's default).")
+    raise SystemExit(asyncio.run(main(parser.parse_args())))
