@@ -7,7 +7,10 @@ and the mesh they are asked of (every product of ``examples/``, ``examples/infer
 
 * **project**: the real query service, run in this process as local mode runs it: every product
   reconciled into a temporary state folder (``datamesh.local.LocalRun``), the query API served on
-  127.0.0.1, every question sent to ``POST /v1/query``;
+  127.0.0.1, every question sent to ``POST /v1/query``. The bench products' rows are files
+  (``bench/quality_data/rows/*.jsonl``) their manifests name by a placeholder URL
+  (``http://quality-data.invalid/rows/<name>.jsonl``): they are served on 127.0.0.1 and each
+  URL points there, so the project reads them through its ``source.url`` path;
 * **bm25**: Qdrant's own BM25 (qdrant-edge, IDF applied by the engine) over ALL rows of all
   products pooled, no routing;
 * **dense**: exact cosine over ALL rows pooled, embedded with the same embedding model as the
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -35,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +51,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "bench" / "quality_data"
 QUESTIONS = DATA / "questions.yaml"
+# The bench products' rows: ROWS/<name>.jsonl, named in their manifests as ROWS_PLACEHOLDER + "rows/<name>.jsonl".
+ROWS = DATA / "rows"
+ROWS_PLACEHOLDER = "http://quality-data.invalid/"
 # (source, folder of manifests): the mesh the questions are asked of.
 MESH = (
     ("examples", REPO / "examples"),
@@ -113,8 +121,67 @@ def product_of(row_id: str) -> str:
     return "/".join(row_id.split("/", 2)[:2])
 
 
+def rows_file(url: str) -> Path | None:
+    """The file of ``bench/quality_data/rows/`` a placeholder URL names; None for any other URL."""
+    if not url.startswith(ROWS_PLACEHOLDER):
+        return None
+    path = (DATA / url.removeprefix(ROWS_PLACEHOLDER)).resolve()
+    return path if path.parent == ROWS.resolve() else None
+
+
+def read_jsonl(path: Path) -> tuple[dict[str, Any], ...]:
+    """The rows of a JSON Lines file (blank lines skipped), in order."""
+    with path.open(encoding="utf-8") as fh:
+        return tuple(json.loads(line) for line in fh if line.strip())
+
+
+def source_rows(path: Path, ref: str, spec: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
+    """A product's rows for the baselines: its inline rows, or the rows file its placeholder URL names."""
+    source = spec.get("source") or {}
+    if not source.get("url"):
+        return tuple(source.get("inline") or ())
+    url = source["url"]
+    file = rows_file(str(url.get("url", "")))
+    if file is None or url.get("format") != "jsonl" or not file.is_file():
+        sys.exit(f"{path}: {ref} reads {url.get('url')}: expected {ROWS_PLACEHOLDER}rows/<name>.jsonl, format jsonl")
+    return read_jsonl(file)
+
+
+def with_rows_at(
+    bodies: Sequence[tuple[Path, dict[str, Any]]], base: str
+) -> tuple[list[tuple[Path, dict[str, Any]]], int]:
+    """``bodies`` with every placeholder source URL pointing at ``base`` instead (copies); how many were changed."""
+    out: list[tuple[Path, dict[str, Any]]] = []
+    changed = 0
+    for path, body in bodies:
+        url = ((body.get("spec") or {}).get("source") or {}).get("url") or {}
+        if str(url.get("url", "")).startswith(ROWS_PLACEHOLDER):
+            body = copy.deepcopy(body)
+            body["spec"]["source"]["url"]["url"] = base.rstrip("/") + "/" + url["url"].removeprefix(ROWS_PLACEHOLDER)
+            changed += 1
+        out.append((path, body))
+    return out, changed
+
+
+class RowsFiles:
+    """ASGI app serving ``ROWS`` at ``/rows/`` (Starlette's StaticFiles), counting the requests per path."""
+
+    def __init__(self, folder: Path = ROWS) -> None:
+        from starlette.applications import Starlette
+        from starlette.routing import Mount
+        from starlette.staticfiles import StaticFiles
+
+        self.app = Starlette(routes=[Mount("/rows", app=StaticFiles(directory=folder), name="rows")])
+        self.requests: Counter[str] = Counter()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            self.requests[scope["path"]] += 1
+        await self.app(scope, receive, send)
+
+
 def load_mesh() -> tuple[list[tuple[Path, dict[str, Any]]], dict[str, Product]]:
-    """The manifests (as local mode loads them) and the products they declare."""
+    """The manifests (as local mode loads them) and the products they declare, with their rows."""
     from datamesh.local import load_manifests
 
     bodies: list[tuple[Path, dict[str, Any]]] = []
@@ -137,7 +204,7 @@ def load_mesh() -> tuple[list[tuple[Path, dict[str, Any]]], dict[str, Product]]:
                 source=source,
                 primary_key=pks,
                 key_fields=tuple(search.get("keyFields") or ()),
-                rows=tuple((spec.get("source") or {}).get("inline") or ()),
+                rows=source_rows(path, ref, spec),
             )
             bodies.append((path, body))
     return bodies, products
@@ -354,7 +421,7 @@ class System(Protocol):
 
 
 class ProjectSystem:
-    """The query service as local mode runs it, asked over HTTP."""
+    """The query service as local mode runs it, asked over HTTP; the bench rows served on 127.0.0.1."""
 
     name = "project"
 
@@ -365,6 +432,9 @@ class ProjectSystem:
         self._per_product = True  # dropped if the service refuses the field (current main has no perProduct)
         self.models: dict[str, int] = {}
         self.not_ready: list[str] = []
+        self.rows_url = ""
+        self.rows_products = 0
+        self.rows_files: RowsFiles | None = None
 
     async def setup(self) -> None:
         import httpx
@@ -378,10 +448,14 @@ class ProjectSystem:
         from datamesh.resource.models import DEFAULT_EMBEDDING_MODEL
         from datamesh.web.serving import serve_app
 
+        # The bench products' rows, served as a file server would: each placeholder URL points here.
+        self.rows_files = RowsFiles()
+        self.rows_url = await self._stack.enter_async_context(serve_app(self.rows_files))
+        bodies, self.rows_products = with_rows_at(self.bodies, self.rows_url)
         state = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="datamesh-quality-")))
         run = LocalRun(state, Console(stderr=True, quiet=True))
         self._stack.push_async_callback(run.close)
-        results = await run.reconcile_all(self.bodies)
+        results = await run.reconcile_all(bodies)
         for body, outcome in results:
             ref = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
             if str(outcome.status.phase) != "Ready":
@@ -428,7 +502,9 @@ class ProjectSystem:
         models = ", ".join(f"{m} ({n} products)" for m, n in sorted(self.models.items()))
         shape = "perProduct sent" if self._per_product else "perProduct refused (old API), limit only"
         ready = f"NOT READY: {'; '.join(self.not_ready)}" if self.not_ready else "every product Ready"
-        return f"embedding models {models}; {shape}; {ready}"
+        gets = sum(self.rows_files.requests.values()) if self.rows_files else 0
+        rows = f"rows of {self.rows_products} products read from {self.rows_url}/rows/ ({gets} requests)"
+        return f"embedding models {models}; {shape}; {rows}; {ready}"
 
 
 class PooledRows:

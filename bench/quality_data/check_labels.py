@@ -5,7 +5,10 @@
 
 Loads every DataProduct manifest of the mesh the benchmark asks (``examples/*.yaml``,
 ``examples/inference/*.yaml`` and ``bench/quality_data/products/*.yaml``; ``examples/invalid``
-is skipped) and checks ``questions.yaml``:
+is skipped) with its rows: inline rows from the manifest, and for a ``source.url`` source the
+file of ``bench/quality_data/rows/`` named as the URL's last segment (one JSON object per line;
+the benchmark's manifests point at ``http://quality-data.invalid/rows/<name>.jsonl``). Then it
+checks ``questions.yaml``:
 
 * ids are present and unique, and there are at least ``MIN_QUESTIONS`` questions;
 * ``kind`` is rows, routing or multi, with consistent products and rows: routing has one product
@@ -22,22 +25,43 @@ Standard library and PyYAML only.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import Counter
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 MANIFEST_GLOBS = ["examples/*.yaml", "examples/inference/*.yaml", "bench/quality_data/products/*.yaml"]
+ROWS_DIR = "bench/quality_data/rows"
 MIN_QUESTIONS = 120
 MAX_ROWS = 5
 KINDS = ("rows", "routing", "multi")
 
 
+def url_rows(repo: Path, url: str, where: str) -> list[dict]:
+    """The rows of a ``source.url``: the jsonl file of ``ROWS_DIR`` named as the URL's last segment."""
+    name = urlsplit(url).path.rsplit("/", 1)[-1]
+    path = repo / ROWS_DIR / name
+    if not name.endswith(".jsonl") or not path.is_file():
+        sys.exit(f"{where}: source url {url} names no file of {ROWS_DIR}/ (expected <name>.jsonl)")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                sys.exit(f"{path}: line {number} is not a JSON object")
+            rows.append(row)
+    return rows
+
+
 def load_products(repo: Path) -> dict[str, set[str]]:
-    """``namespace/name`` -> set of primary-key values (as strings) of its inline rows."""
+    """``namespace/name`` -> set of primary-key values (as strings) of its rows (inline or url)."""
     products: dict[str, set[str]] = {}
     for pattern in MANIFEST_GLOBS:
         for path in sorted(repo.glob(pattern)):
@@ -52,7 +76,11 @@ def load_products(repo: Path) -> dict[str, set[str]]:
                     pks = [f["name"] for f in spec["schema"]["fields"] if f.get("primaryKey")]
                     if len(pks) != 1:
                         sys.exit(f"{path}: {key} needs exactly one primaryKey field, has {pks}")
-                    rows = spec.get("source", {}).get("inline") or []
+                    source = spec.get("source") or {}
+                    if source.get("url"):
+                        rows = url_rows(repo, source["url"]["url"], f"{path}: {key}")
+                    else:
+                        rows = source.get("inline") or []
                     values = [str(r[pks[0]]) for r in rows]
                     if len(set(values)) != len(values):
                         sys.exit(f"{path}: {key} has duplicate primary keys")

@@ -175,3 +175,85 @@ def test_row_ids_and_key_texts_match_the_labels() -> None:
     assert q.key_text(row, product.key_fields) == "str.casefold\nReturn a casefolded copy."
     assert q.format_key(["a", 1]) == "a/1"
     assert q.format_key(12) == "12"
+
+
+# ------------------------------------------------------------------ the bench products' rows files
+
+PRODUCTS_DIR = q.DATA / "products"
+
+
+def test_every_bench_manifest_passes_the_manifest_check_and_names_its_rows_file() -> None:
+    from datamesh.resource.manifest import Verdict, check_file
+
+    manifests = sorted(p for p in PRODUCTS_DIR.glob("*.yaml") if p.name != "00-namespaces.yaml")
+    assert len(manifests) == 6
+    for path in manifests:
+        checked = check_file(path)
+        assert checked.error is None, path
+        (doc,) = checked.documents
+        assert doc.verdict is Verdict.product, f"{path}: {doc.message}"
+        source = doc.body["spec"]["source"]
+        assert set(source) == {"url"}, path  # no inline rows: 225-299 rows are far over the inline bound
+        assert source["url"] == {"url": f"{q.ROWS_PLACEHOLDER}rows/{path.stem}.jsonl", "format": "jsonl"}
+        assert q.rows_file(source["url"]["url"]) == (q.ROWS / f"{path.stem}.jsonl").resolve()
+
+
+def test_load_mesh_reads_the_bench_rows_from_their_files() -> None:
+    bodies, products = q.load_mesh()
+    assert len(products) == 14 and len(bodies) == 14
+    bench = {ref: p for ref, p in products.items() if p.source == "bench"}
+    assert {ref: len(p.rows) for ref, p in bench.items()} == {
+        "platform/debian-network-tools": 260,
+        "platform/debian-mail-software": 225,
+        "media/debian-audio-software": 250,
+        "python/stdlib-concurrency": 299,
+        "python/stdlib-text-processing": 234,
+        "linux/syscall-manual": 268,
+    }
+    assert sum(len(p.rows) for p in products.values()) == 1718
+    casefold = next(r for r in bench["python/stdlib-text-processing"].rows if r["qualname"] == "str.casefold")
+    assert casefold["kind"] == "method" and casefold["summary"].startswith("Return a version of the string")
+    sizes = [r["installed_size_kb"] for r in bench["platform/debian-mail-software"].rows]
+    assert all(isinstance(s, int) for s in sizes)  # numbers stay numbers, as the inline rows had them
+
+
+def test_rows_file_knows_only_the_placeholder_and_the_rows_folder() -> None:
+    assert (
+        q.rows_file("http://quality-data.invalid/rows/syscall-manual.jsonl")
+        == (q.ROWS / "syscall-manual.jsonl").resolve()
+    )
+    assert q.rows_file("https://example.com/rows/syscall-manual.jsonl") is None
+    assert q.rows_file("http://quality-data.invalid/questions.yaml") is None
+    assert q.rows_file("http://quality-data.invalid/rows/../questions.yaml") is None
+
+
+def test_with_rows_at_points_the_placeholder_urls_at_the_server_and_copies() -> None:
+    url_body = {"metadata": {"name": "p"}, "spec": {"source": {"url": {"url": f"{q.ROWS_PLACEHOLDER}rows/p.jsonl"}}}}
+    other = {"metadata": {"name": "o"}, "spec": {"source": {"url": {"url": "https://example.com/o.csv"}}}}
+    inline = {"metadata": {"name": "i"}, "spec": {"source": {"inline": [{"a": 1}]}}}
+    bodies = [(Path("p.yaml"), url_body), (Path("o.yaml"), other), (Path("i.yaml"), inline)]
+    served, changed = q.with_rows_at(bodies, "http://127.0.0.1:4321")
+    assert changed == 1
+    assert served[0][1]["spec"]["source"]["url"]["url"] == "http://127.0.0.1:4321/rows/p.jsonl"
+    assert served[1][1] is other and served[2][1] is inline
+    assert url_body["spec"]["source"]["url"]["url"] == f"{q.ROWS_PLACEHOLDER}rows/p.jsonl"  # the input is untouched
+    assert q.with_rows_at(bodies, "http://127.0.0.1:4321/")[0][0][1]["spec"]["source"]["url"]["url"] == (
+        "http://127.0.0.1:4321/rows/p.jsonl"
+    )
+
+
+def test_the_rows_app_serves_the_files_the_project_parses_into_the_same_rows() -> None:
+    from starlette.testclient import TestClient
+
+    from datamesh.adapters.sources import parse_rows
+
+    _, products = q.load_mesh()
+    app = q.RowsFiles()
+    with TestClient(app) as client:
+        response = client.get("/rows/syscall-manual.jsonl")
+        assert response.status_code == 200
+        assert response.content == (q.ROWS / "syscall-manual.jsonl").read_bytes()
+        assert list(parse_rows(response.content, "jsonl")) == list(products["linux/syscall-manual"].rows)
+        assert client.get("/rows/missing.jsonl").status_code == 404
+        assert client.get("/questions.yaml").status_code == 404
+    assert app.requests["/rows/syscall-manual.jsonl"] == 1
