@@ -75,6 +75,7 @@ MRR_K = 10
 # Targets of the PASS/FAIL line.
 TARGET_ROUTING_ACC = 0.85
 TARGET_EMPTY = 0
+TARGET_UNSTABLE = 0  # questions answered differently when asked a second time
 
 
 # ---------------------------------------------------------------------------------- the data
@@ -359,6 +360,15 @@ def targets(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     checks.append(_check(f"routing acc@1 >= {TARGET_ROUTING_ACC}", acc, TARGET_ROUTING_ACC, acc >= TARGET_ROUTING_ACC))
     empty = project["empty_answers"]
     checks.append(_check(f"empty answers <= {TARGET_EMPTY}", empty, TARGET_EMPTY, empty <= TARGET_EMPTY))
+    unstable = len(results["project"].get("unstable", []))
+    checks.append(
+        _check(
+            f"answers changed on asking again <= {TARGET_UNSTABLE}",
+            unstable,
+            TARGET_UNSTABLE,
+            unstable <= TARGET_UNSTABLE,
+        )
+    )
     return {"pass": all(c["ok"] for c in checks), "checks": checks}
 
 
@@ -671,6 +681,15 @@ async def run_system(system: System, questions: Sequence[Question]) -> dict[str,
             answer.seconds = time.perf_counter() - t0
             scores.append(score(question, answer))
         query_s = time.perf_counter() - asked
+        # Asked again: an answer that changes with nothing else changed is a bug a user would notice.
+        unstable = []
+        for question, first in zip(questions, scores, strict=True):
+            try:
+                again = score(question, await system.ask(question.text))
+            except Exception as exc:
+                again = score(question, Answer([], [], error=f"{type(exc).__name__}: {exc}"))
+            if (again.top_products, again.top_rows, again.error) != (first.top_products, first.top_rows, first.error):
+                unstable.append(question.id)
     finally:
         await system.close()
     latencies = sorted(s.seconds for s in scores)
@@ -681,6 +700,7 @@ async def run_system(system: System, questions: Sequence[Question]) -> dict[str,
         "questions_per_s": round(len(scores) / query_s, 2) if query_s > 0 else None,
         "p50_ms": round(statistics.median(latencies) * 1000, 2) if latencies else None,
         "groups": groups_of(scores),
+        "unstable": unstable,
         "scores": scores,
     }
 
@@ -705,11 +725,12 @@ def report(results: Mapping[str, Mapping[str, Any]], questions: Sequence[Questio
     ]
     for name, r in results.items():
         lines.append(f"{name:8s} {r['describe']}")
-    lines += ["", f"{'system':8s} {'setup s':>8s} {'query s':>8s} {'q/s':>8s} {'p50 ms':>8s}"]
+    lines += ["", f"{'system':8s} {'setup s':>8s} {'query s':>8s} {'q/s':>8s} {'p50 ms':>8s}  changed when asked again"]
     for name, r in results.items():
+        unstable = r.get("unstable", [])
         lines.append(
             f"{name:8s} {_fmt(r['setup_s'], 8)} {_fmt(r['query_s'], 8)} {_fmt(r['questions_per_s'], 8)} "
-            f"{_fmt(r['p50_ms'], 8)}"
+            f"{_fmt(r['p50_ms'], 8)}  {len(unstable)}{(' (' + ', '.join(unstable[:10]) + ')') if unstable else ''}"
         )
     header = f"  {'system':8s} {'acc@1':>7s} {'prodR@3':>8s} {'rowR@5':>7s} {'MRR@10':>7s} {'empty':>6s} {'errors':>7s}"
     first = next(iter(results.values()))

@@ -106,7 +106,9 @@ def test_targets_need_the_project_to_beat_every_baseline_run() -> None:
         return {"groups": {"overall": figures}}
 
     good = q.targets({"project": run(0.9, 0.6, 0.5, 0), "bm25": run(0.6, 0.5, 0.5 - 1e-3, 0), "dense": run(0, 0, 0, 0)})
-    assert good["pass"] is True and len(good["checks"]) == 6
+    assert good["pass"] is True and len(good["checks"]) == 7
+    unstable = q.targets({"project": {**run(0.9, 0.6, 0.5, 0), "unstable": ["q001"]}, "bm25": run(0.6, 0.5, 0.4, 0)})
+    assert [c["target"] for c in unstable["checks"] if not c["ok"]] == ["answers changed on asking again <= 0"]
     tied = q.targets({"project": run(0.9, 0.6, 0.5, 0), "bm25": run(0.6, 0.6, 0.4, 0)})
     assert tied["pass"] is False
     assert [c["target"] for c in tied["checks"] if not c["ok"]] == ["row recall@5 > bm25"]

@@ -24,7 +24,15 @@ import pytest
 from datamesh.adapters.edge import EdgeStore
 from datamesh.adapters.qdrant import QdrantStore
 from datamesh.core.plan import DIGEST_KEY, KIND_KEY, PRODUCT_KEY, CollectionPlan, collection_alias
-from datamesh.core.ports import CollectionMissing, SearchRequest, StoreRejected, VectorStore, VectorStoreError
+from datamesh.core.ports import (
+    CollectionMissing,
+    ScoredRow,
+    SearchRequest,
+    StoreRejected,
+    VectorStore,
+    VectorStoreError,
+    stable_top,
+)
 from datamesh.resource.models import Distance, FieldType, SearchMode
 from datamesh.settings import StoreSettings
 
@@ -307,3 +315,12 @@ async def test_routing_searches_keep_to_the_products_and_kind_asked_for(store: V
     assert await found(products=["ns/a"]) == {("ns/a", "row")}
     assert await found(excluded=["ns/a"]) == {("ns/b", "row"), ("ns/c", "row")}  # c's card is not a row
     assert await found(products=["ns/a", "ns/c"], excluded=["ns/a"]) == {("ns/c", "row")}
+
+
+def test_tied_hits_come_back_in_the_same_order_whatever_order_the_engine_gave() -> None:
+    """Fused scores tie often, and the engine breaks ties differently call to call (the same question
+    once answered with different rows); the closer row wins a tie, then the id."""
+    tied = [ScoredRow("b", 0.5, {}, 0.7), ScoredRow("a", 0.5, {}, 0.7), ScoredRow("c", 0.5, {}, 0.9)]
+    best = ScoredRow("z", 0.9, {}, 0.1)
+    for order in ([*tied, best], [best, *reversed(tied)], [tied[1], best, tied[2], tied[0]]):
+        assert [r.id for r in stable_top(order, 3)] == ["z", "c", "a"]

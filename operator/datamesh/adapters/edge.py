@@ -52,11 +52,13 @@ from datamesh.core.plan import (
     CollectionPlan,
 )
 from datamesh.core.ports import (
+    TIE_SLACK,
     CollectionMissing,
     ScoredRow,
     SearchRequest,
     StoreRejected,
     VectorStoreError,
+    stable_top,
 )
 from datamesh.resource.models import Distance, FieldType, SearchMode
 
@@ -455,19 +457,21 @@ class EdgeStore:
             query = self._query(request, dense, words, with_vectors=not scored)
             points = await self._engine(name, shard.engine.query, query)
         if scored:
-            return [ScoredRow(str(p.id), float(p.score), p.payload or {}, float(p.score)) for p in points]
-        similarities = cosines(dense, [dense_of(p.vector) for p in points])
-        return [
-            ScoredRow(str(p.id), float(p.score), p.payload or {}, sim)
-            for p, sim in zip(points, similarities, strict=True)
-        ]
+            rows = [ScoredRow(str(p.id), float(p.score), p.payload or {}, float(p.score)) for p in points]
+        else:
+            similarities = cosines(dense, [dense_of(p.vector) for p in points])
+            rows = [
+                ScoredRow(str(p.id), float(p.score), p.payload or {}, sim)
+                for p, sim in zip(points, similarities, strict=True)
+            ]
+        return stable_top(rows, request.limit)
 
     @staticmethod
     def _query(
         request: SearchRequest, dense: list[float], words: qe.SparseVector | None, with_vectors: bool
     ) -> qe.QueryRequest:
         payload: Any = list(request.payload) if request.payload is not None else True
-        common: dict[str, Any] = {"limit": request.limit, "with_payload": payload}
+        common: dict[str, Any] = {"limit": request.limit + TIE_SLACK, "with_payload": payload}
         if with_vectors:
             common["with_vector"] = [DENSE_VECTOR]
         conditions: list[Any] = []

@@ -29,7 +29,7 @@ from datamesh.core.plan import (
     SPARSE_VECTOR,
     CollectionPlan,
 )
-from datamesh.core.ports import CollectionMissing, ScoredRow, SearchRequest, VectorStoreError
+from datamesh.core.ports import TIE_SLACK, CollectionMissing, ScoredRow, SearchRequest, VectorStoreError, stable_top
 from datamesh.resource.models import Distance, FieldType, SearchMode
 from datamesh.settings import StoreSettings
 
@@ -254,18 +254,20 @@ class QdrantStore:
                 using=using,
                 prefetch=prefetch,
                 query_filter=query_filter,
-                limit=request.limit,
+                limit=request.limit + TIE_SLACK,
                 with_payload=list(request.payload) if request.payload is not None else True,
                 with_vectors=[DENSE_VECTOR] if not scored else False,
             ),
         )
         if scored:
-            return [ScoredRow(str(p.id), float(p.score), p.payload or {}, float(p.score)) for p in result.points]
-        similarities = cosines(dense, [dense_of(p.vector) for p in result.points])
-        return [
-            ScoredRow(str(p.id), float(p.score), p.payload or {}, sim)
-            for p, sim in zip(result.points, similarities, strict=True)
-        ]
+            rows = [ScoredRow(str(p.id), float(p.score), p.payload or {}, float(p.score)) for p in result.points]
+        else:
+            similarities = cosines(dense, [dense_of(p.vector) for p in result.points])
+            rows = [
+                ScoredRow(str(p.id), float(p.score), p.payload or {}, sim)
+                for p, sim in zip(result.points, similarities, strict=True)
+            ]
+        return stable_top(rows, request.limit)
 
     async def close(self) -> None:
         """Close the client (releases the embedded store's folder lock)."""

@@ -120,6 +120,16 @@ class ScoredRow:
     similarity: float | None = None
 
 
+# Extra hits a store asks its engine for: fused scores tie often (1/(k+r) and 2/(k+2r+2) are equal),
+# and an engine breaks ties differently from call to call, so the same question got different rows.
+TIE_SLACK = 8
+
+
+def stable_top(rows: Sequence[ScoredRow], limit: int) -> list[ScoredRow]:
+    """The best ``limit`` hits, ties broken by similarity and then id: the same answer every time."""
+    return sorted(rows, key=lambda r: (-r.score, -(r.similarity or 0.0), r.id))[:limit]
+
+
 class VectorStore(Protocol):
     """The product collections of one Qdrant (a server, or the embedded engine)."""
 
