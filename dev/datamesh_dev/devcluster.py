@@ -822,7 +822,7 @@ def _serve_pid(workdir: Path) -> int | None:
     except OSError:
         return pid  # no /proc: trust the pid file
     # A recycled pid belongs to some other program: never signal it.
-    if b"datamesh.devcluster" not in cmdline or b"serve" not in cmdline:
+    if b"datamesh_dev.devcluster" not in cmdline or b"serve" not in cmdline:
         return None
     return pid
 
@@ -847,7 +847,7 @@ def run_background(workdir: Path, *, timeout: float = 300.0, quiet: bool = False
     """Start a detached control plane in ``workdir`` (or reuse a running one).
 
     Builds the binaries in the foreground first (progress on stderr), then runs
-    ``python -m datamesh.devcluster serve`` in its own session, writes its pid to
+    ``python -m datamesh_dev.devcluster serve`` in its own session, writes its pid to
     ``<workdir>/pid`` and waits until the API server is ready. Prints
     ``export KUBECONFIG=<path>`` on stdout unless ``quiet``; returns the kubeconfig path.
     """
@@ -871,7 +871,7 @@ def run_background(workdir: Path, *, timeout: float = 300.0, quiet: bool = False
     log_path = wd / "serve.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "datamesh.devcluster", "serve", "--workdir", str(wd)],
+            [sys.executable, "-m", "datamesh_dev.devcluster", "serve", "--workdir", str(wd)],
             cwd=wd,
             env=env,
             stdin=subprocess.DEVNULL,
