@@ -14,9 +14,10 @@ extras): ``tests/unit/test_image_config.py`` parses the Dockerfile and compares 
 :data:`CONFIG` and :data:`DEFAULT_EXTRAS`; the e2e tier compares the built image's config too.
 
 Built images are cached under ``${XDG_CACHE_HOME:-~/.cache}/datamesh/images/`` by a hash of
-every input (this file, the package sources, ``pyproject.toml``, the extras, the Debian package
-versions), so a re-run with nothing changed returns at once. Needs root (``chroot``), apt
-lists (``apt-get update``), ``umoci`` and ``skopeo`` (``hack/e2e/install-deps.sh``).
+every input (this file, the package sources and README, the packaging tables of
+``pyproject.toml``, the extras, the Debian package versions), so a re-run with nothing changed
+returns in seconds. Needs root (``chroot``), apt lists (``apt-get update``), ``umoci`` and
+``skopeo`` (``hack/e2e/install-deps.sh``).
 
     python -m datamesh_dev.image build            # prints image=<ref>, archive=<path>, ...
     python -m datamesh_dev.image pause <binary>   # the sandbox image from hack/e2e/pause
@@ -209,9 +210,16 @@ def requirements(repo: Path, extras: Sequence[str] = DEFAULT_EXTRAS) -> list[str
     return [*project["dependencies"], *(d for e in extras for d in optional[e])]
 
 
+def _packaging(repo: Path) -> bytes:
+    """What of pyproject.toml goes into the wheel (not the test, lint and tool settings)."""
+    data = tomllib.loads((repo / "pyproject.toml").read_text())
+    tool = {k: v for k, v in data.get("tool", {}).items() if k.startswith("setuptools")}
+    wanted = {"project": data["project"], "build-system": data.get("build-system"), "tool": tool}
+    return json.dumps(wanted, sort_keys=True).encode()
+
+
 def _source_files(repo: Path) -> Iterator[Path]:
-    yield repo / "pyproject.toml"
-    yield repo / "README.md"
+    yield repo / "README.md"  # the wheel's long description
     yield Path(__file__)
     for path in sorted((repo / "operator").rglob("*")):
         rel = path.relative_to(repo).as_posix()
@@ -278,7 +286,7 @@ def deb_closure(seeds: Iterable[str] = DEB_SEEDS, exclude: frozenset[str] = DEB_
 
 def input_key(repo: Path, extras: Sequence[str], debs: Mapping[str, str]) -> str:
     """The cache key: a hash of every input of the image."""
-    h = hashlib.sha256()
+    h = hashlib.sha256(_packaging(repo))
     for path in _source_files(repo):
         h.update(path.relative_to(repo if path.is_relative_to(repo) else path.parent).as_posix().encode())
         h.update(hashlib.sha256(path.read_bytes()).digest())
