@@ -25,7 +25,19 @@ from tests.harness import Kubectl, wait_for
 
 HARDENED = {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 NON_ROOT = {"runAsNonRoot": True, "runAsUser": 10001, "seccompProfile": {"type": "RuntimeDefault"}}
-CLIENT = "import urllib.request as u; print(u.urlopen('http://web.default.svc/hostname', timeout=5).read().decode())"
+# Retried: a Service's endpoints reach kube-proxy's rules a moment after its pods become Ready.
+CLIENT = """
+import time, urllib.request
+for attempt in range(60):
+    try:
+        print(urllib.request.urlopen("http://web.default.svc/hostname", timeout=5).read().decode())
+        break
+    except OSError as exc:
+        print("retrying:", exc, flush=True)
+        time.sleep(0.5)
+else:
+    raise SystemExit(1)
+"""
 
 
 def workload(image_ref: str) -> tuple[str, str]:
@@ -113,12 +125,15 @@ def test_a_node_with_pods_behind_a_service_is_undone_completely(
             kubectl.run("apply", "-f", "-", input=web)
             kubectl.run("rollout", "status", "deployment/web", "--timeout=120s", timeout=130)
             kubectl.run("apply", "-f", "-", input=client)
-            wait_for(
-                lambda: (kubectl.get("pod", "client", "default") or {}).get("status", {}).get("phase") == "Succeeded",
-                timeout=60,
-                what="the client pod to reach the Service by its DNS name",
-            )
-            assert kubectl.run("logs", "client").stdout.startswith("web-")
+
+            def client_done() -> str | None:
+                phase = ((kubectl.get("pod", "client", "default") or {}).get("status") or {}).get("phase")
+                if phase == "Failed":
+                    raise AssertionError(f"the client pod failed:\n{kubectl.run('logs', 'client').stdout}")
+                return phase if phase == "Succeeded" else None
+
+            wait_for(client_done, timeout=90, what="the client pod to reach the Service by its DNS name")
+            assert kubectl.run("logs", "client").stdout.strip().splitlines()[-1].startswith("web-")
             during = hoststate.diff(machine_baseline, hoststate.capture())
         finally:
             left = node.stop()
