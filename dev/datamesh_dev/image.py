@@ -544,6 +544,25 @@ def _publish(dest: Path, work: Path, image: BuiltImage) -> BuiltImage:
     )
 
 
+KEEP_IMAGES = 3  # built datamesh images kept in the cache (about 0.6 GB each), newest first
+
+
+def _prune(cache: Path, prefix: str, keep: int = KEEP_IMAGES) -> None:
+    """Remove all but the ``keep`` most recently built images of ``prefix`` (never one being built)."""
+    built = sorted(
+        (d for d in cache.glob(f"{prefix}-*") if d.is_dir() and (d / "image.json").exists()),
+        key=lambda d: (d / "image.json").stat().st_mtime,
+        reverse=True,
+    )
+    for old in built[keep:]:
+        with open(old.with_name(old.name + ".lock"), "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # someone is building or reading it
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def build_image(
     repo: Path | None = None,
     *,
@@ -586,9 +605,11 @@ def build_image(
             built = BuiltImage(
                 ref, Path(), Path(), key, False, time.monotonic() - t0, compressed, uncompressed, packages
             )
-            return _publish(dest, work, built)
+            published = _publish(dest, work, built)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+    _prune(cache, "datamesh")
+    return published
 
 
 def build_pause_image(binary: Path, cache: Path | None = None) -> BuiltImage:
