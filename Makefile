@@ -40,7 +40,7 @@ test-unit: $(VENV)/.installed
 # node, the chart installed for real, and the machine checked to be as it was before.
 e2e: $(VENV)/.installed
 	hack/e2e/install-deps.sh
-	hack/build-tools.sh etcd k8s helm node pause >/dev/null
+	hack/build-tools.sh etcd k8s helm kwok node pause >/dev/null
 	$(BIN)/pytest -m e2e tests/e2e
 
 # Undo a real node whose test process died (from the baseline it saved).
