@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: run cluster-run test test-unit lint crd tools clean bench
+.PHONY: run cluster-run test test-unit e2e e2e-cleanup image lint crd tools clean bench
 
 # The runtime package with its test and lint tools, and the development tooling in dev/.
 $(VENV)/.installed: pyproject.toml dev/pyproject.toml
@@ -34,6 +34,22 @@ test: lint
 # The fast loop: no control plane, no Go tools.
 test-unit: $(VENV)/.installed
 	$(BIN)/pytest -m "not cluster"
+
+# The real-node tier (root): OS packages from apt, kubelet/kube-proxy/pause built like the other
+# tools (cached), the image built without Docker (cached by input hash), then tests/e2e/: a real
+# node, the chart installed for real, and the machine checked to be as it was before.
+e2e: $(VENV)/.installed
+	hack/e2e/install-deps.sh
+	hack/build-tools.sh etcd k8s helm kwok node pause >/dev/null
+	$(BIN)/pytest -m e2e tests/e2e
+
+# Undo a real node whose test process died (from the baseline it saved).
+e2e-cleanup: $(VENV)/.installed
+	$(BIN)/python -m datamesh_dev.node cleanup
+
+# The project's OCI image without Docker (prints image=, archive=, ...; cached by input hash).
+image: $(VENV)/.installed
+	hack/image/build.sh
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check operator dev tests bench

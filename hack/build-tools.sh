@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Builds the test/dev control plane (etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler), kubectl, helm and kwok (simulated nodes) from the Go module proxy at the
-# versions pinned in hack/tools/*/go.mod, into
+# versions pinned in hack/tools/*/go.mod, and on request the real-node agents (kubelet,
+# kube-proxy: target node) and the pod sandbox binary of hack/e2e/pause (target pause), into
 #   ${DATAMESH_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/datamesh/tools}/<tool>-<version>/
 # A binary already in the cache is not rebuilt: a cached folder lacking one that this script
 # now lists (e.g. kube-scheduler, added later) gets only that one built, and the folder is
 # republished whole. Prints "<name>=<path>" for every binary.
 #
-# Usage: hack/build-tools.sh [etcd|k8s|helm|kwok ...]   (default: all)
+# Usage: hack/build-tools.sh [etcd|k8s|helm|kwok|node|pause ...]
+#        (default: etcd k8s helm kwok; node and pause only for the e2e tier, `make e2e`)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -23,8 +25,11 @@ fi
 pinned() { (cd "$here/tools/$1" && go list -m -f '{{.Version}}' "$2"); }
 
 # build <tools-module> <cache-key> <ldflags> <out-name>=<package> ...
+# (<tools-module> is a folder under hack/tools/, or a path relative to hack/ such as e2e/pause.)
 build() {
   local mod="$1" key="$2" ldflags="$3"; shift 3
+  local moddir="$here/tools/$mod"
+  [ -d "$moddir" ] || moddir="$here/$mod"
   local dest="$cache/$key" spec part lock_fd=""
   if ! all_built "$dest" "$@"; then
     mkdir -p "$cache"
@@ -43,7 +48,7 @@ build() {
         continue
       fi
       echo "building ${spec%%=*} ($key), this takes a while on first use..." >&2
-      (cd "$here/tools/$mod" && CGO_ENABLED=0 go build -trimpath -tags selinux,notest \
+      (cd "$moddir" && CGO_ENABLED=0 go build -trimpath -tags selinux,notest \
         -ldflags "$ldflags" -o "$part/${spec%%=*}" "${spec#*=}")
     done
     # Publish the folder only once every binary in it is built, so an interrupted build
@@ -82,6 +87,26 @@ build_k8s() {
     kubectl=k8s.io/kubernetes/cmd/kubectl
 }
 
+# The node agents of the real-node e2e tier, from the same module (and version) as the control
+# plane, in their own folder: the default targets (and `make test`) never build them.
+build_node() {
+  local v; v="$(pinned k8s k8s.io/kubernetes)"
+  local minor="${v#v1.}"; minor="${minor%%.*}"
+  local pkg=k8s.io/component-base/version
+  local ld="-s -w -X $pkg.gitVersion=$v -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+  ld="$ld -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  build k8s "kubernetes-node-$v" "$ld" \
+    kubelet=k8s.io/kubernetes/cmd/kubelet \
+    kube-proxy=k8s.io/kubernetes/cmd/kube-proxy
+}
+
+# The pod sandbox ("pause") binary: no upstream image can be pulled, so the e2e tier packs its
+# own. Keyed by a hash of its source (it has no version).
+build_pause() {
+  local sum; sum="$(cat "$here/e2e/pause/go.mod" "$here/e2e/pause/main.go" | sha256sum)"
+  build e2e/pause "pause-${sum:0:12}" "-s -w" pause=.
+}
+
 build_helm() {
   local v; v="$(pinned helm helm.sh/helm/v3)"
   build helm "helm-$v" "-s -w -X helm.sh/helm/v3/internal/version.version=$v" helm=helm.sh/helm/v3/cmd/helm
@@ -95,7 +120,7 @@ build_kwok() {
 targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(etcd k8s helm kwok)
 for t in "${targets[@]}"; do
   case "$t" in
-    etcd|k8s|helm|kwok) "build_$t" ;;
-    *) echo "error: unknown tool '$t' (expected etcd, k8s, helm or kwok)" >&2; exit 2 ;;
+    etcd|k8s|helm|kwok|node|pause) "build_$t" ;;
+    *) echo "error: unknown tool '$t' (expected etcd, k8s, helm, kwok, node or pause)" >&2; exit 2 ;;
   esac
 done

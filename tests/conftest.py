@@ -17,17 +17,27 @@ if TYPE_CHECKING:
 # ==== markers ===============================================================================
 # Applied from what a test uses, never by hand, so `pytest -m "not cluster"` is the fast loop:
 #   cluster: needs the real control plane, or tools built from Go modules (kubectl, helm);
-#   faults:  the fault-injection tier under tests/faults/ (on the control plane too).
+#   faults:  the fault-injection tier under tests/faults/ (on the control plane too);
+#   e2e:     a real node on this machine, the image built without Docker, the chart installed
+#            (tests/e2e/; needs root). Left out unless asked for: pyproject's addopts has
+#            `-m "not e2e"`, and `make e2e` runs `pytest -m e2e tests/e2e`. e2e tests are
+#            cluster tests too, and get a longer timeout (cold image and tool builds).
 
 _TOOL_FIXTURES = {"control_plane", "helm_binary"}
+_E2E_FIXTURES = {"machine_baseline", "datamesh_image", "e2e_cluster"}
+E2E_TIMEOUT_S = 1800
 _FAULTS = Path(__file__).resolve().parent / "faults"
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if _TOOL_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if _TOOL_FIXTURES & fixtures or _E2E_FIXTURES & fixtures:
             item.add_marker(pytest.mark.cluster)
+        if _E2E_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.timeout(E2E_TIMEOUT_S))
         if _FAULTS in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.faults)
 
@@ -44,13 +54,16 @@ _tools: dict[str, Path] | devcluster.ControlPlaneError | None = None
 def pytest_collection_finish(session: pytest.Session) -> None:
     # Build the binaries here, outside every test's timeout: a cold build takes 20+ minutes.
     global _tools
-    if not any(_TOOL_FIXTURES & set(getattr(i, "fixturenames", ())) for i in session.items):
+    fixtures = [set(getattr(i, "fixturenames", ())) for i in session.items]
+    if not any((_TOOL_FIXTURES | _E2E_FIXTURES) & f for f in fixtures):
         return
+    # The e2e tier also needs the node agents and the pod sandbox binary.
+    e2e = ("node", "pause") if any(_E2E_FIXTURES & f for f in fixtures) else ()
     capman = session.config.pluginmanager.getplugin("capturemanager")
     show = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
     try:
         with show:  # let the user watch the build's progress
-            _tools = devcluster.tool_paths()
+            _tools = devcluster.tool_paths((*devcluster.DEFAULT_TOOLS, *e2e))
     except devcluster.ControlPlaneError as e:
         _tools = e
 

@@ -231,8 +231,12 @@ def _issue(
     return b.sign(signer, hashes.SHA256())
 
 
-def _write_pki(pki: Path) -> None:
-    """Throwaway CA, API serving cert, admin client cert and service-account key pair."""
+def _write_pki(pki: Path, node_address: str | None = None) -> None:
+    """Throwaway CA, API serving cert, admin client cert and service-account key pair.
+
+    With ``node_address`` (real nodes reach the API server there) the serving cert names it too,
+    and a client cert for the API server's calls to kubelets (logs, exec) is added.
+    """
     pki.mkdir(parents=True, exist_ok=True)
     ca_key = _rsa_key()
     ca = _issue(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "datamesh-dev-ca")]), ca_key, None, None)
@@ -244,7 +248,7 @@ def _write_pki(pki: Path) -> None:
         "kubernetes.default.svc",
         "kubernetes.default.svc.cluster.local",
     ]
-    ips = ["127.0.0.1", "::1", SERVICE_IP]
+    ips = ["127.0.0.1", "::1", SERVICE_IP, *([node_address] if node_address else [])]
     srv = _issue(
         x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]),
         srv_key,
@@ -275,12 +279,29 @@ def _write_pki(pki: Path) -> None:
         "admin.crt": _cert_pem(adm),
         "admin.key": _key_pem(adm_key),
         "sa.key": _key_pem(sa_key),
+        **_kubelet_client_files(ca, ca_key, node_address),
         "sa.pub": sa_key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         ),
     }
     for name, data in files.items():
         _atomic_write(pki / name, data, mode=0o600)
+
+
+def _kubelet_client_files(
+    ca: x509.Certificate, ca_key: rsa.RSAPrivateKey, node_address: str | None
+) -> dict[str, bytes]:
+    if node_address is None:
+        return {}
+    key = _rsa_key()
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver-kubelet-client"),
+        ]
+    )
+    cert = _issue(name, key, ca, ca_key, usages=[ExtendedKeyUsageOID.CLIENT_AUTH])
+    return {"kubelet-client.crt": _cert_pem(cert), "kubelet-client.key": _key_pem(key)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,6 +430,7 @@ class ControlPlane:
         tools: Mapping[str, Path] | None = None,
         with_helm: bool = True,
         nodes: bool = True,
+        node_address: str | None = None,
         ready_timeout: float = READY_TIMEOUT_S,
     ) -> None:
         self._requested_workdir = Path(workdir).expanduser().resolve() if workdir else None
@@ -418,6 +440,9 @@ class ControlPlane:
         self._with_nodes = nodes
         self._nodes: FakeNodes | None = None
         self._ready_timeout = ready_timeout
+        # Where real nodes (datamesh_dev.node) and their pods reach the API server: it then
+        # listens on every address and advertises this one as the `kubernetes` Service endpoint.
+        self.node_address = node_address
         self._workdir: Path | None = None
         self._created_workdir = False
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -494,7 +519,7 @@ class ControlPlane:
     def _start(self, tools: Mapping[str, Path]) -> None:
         wd = self.workdir
         pki = wd / "pki"
-        _write_pki(pki)
+        _write_pki(pki, self.node_address)
         etcd_port, peer_port, api_port, kcm_port = free_ports(4)
         self._ports = {"etcd": etcd_port, "apiserver": api_port, "kcm": kcm_port}
 
@@ -523,8 +548,8 @@ class ControlPlane:
             f"--tls-cert-file={pki / 'apiserver.crt'}",
             f"--tls-private-key-file={pki / 'apiserver.key'}",
             f"--secure-port={api_port}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={'0.0.0.0' if self.node_address else '127.0.0.1'}",
+            f"--advertise-address={self.node_address or '127.0.0.1'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--allow-privileged=true",
             "--authorization-mode=RBAC",
@@ -536,6 +561,14 @@ class ControlPlane:
             # shutdown for its 60 s request timeout (which outlasts our 10 s grace period).
             "--shutdown-watch-termination-grace-period=5s",
         ]
+        if self.node_address:
+            # kubectl logs/exec: the API server calls kubelets at their InternalIP, with a client cert.
+            self._args["kube-apiserver"] += [
+                "--kubelet-preferred-address-types=InternalIP",
+                f"--kubelet-client-certificate={pki / 'kubelet-client.crt'}",
+                f"--kubelet-client-key={pki / 'kubelet-client.key'}",
+                f"--kubelet-certificate-authority={pki / 'ca.crt'}",
+            ]
         self._start_apiserver()
 
         self._write_kubeconfig()
@@ -822,7 +855,7 @@ def _serve_pid(workdir: Path) -> int | None:
     except OSError:
         return pid  # no /proc: trust the pid file
     # A recycled pid belongs to some other program: never signal it.
-    if b"datamesh.devcluster" not in cmdline or b"serve" not in cmdline:
+    if b"datamesh_dev.devcluster" not in cmdline or b"serve" not in cmdline:
         return None
     return pid
 
@@ -847,7 +880,7 @@ def run_background(workdir: Path, *, timeout: float = 300.0, quiet: bool = False
     """Start a detached control plane in ``workdir`` (or reuse a running one).
 
     Builds the binaries in the foreground first (progress on stderr), then runs
-    ``python -m datamesh.devcluster serve`` in its own session, writes its pid to
+    ``python -m datamesh_dev.devcluster serve`` in its own session, writes its pid to
     ``<workdir>/pid`` and waits until the API server is ready. Prints
     ``export KUBECONFIG=<path>`` on stdout unless ``quiet``; returns the kubeconfig path.
     """
@@ -871,7 +904,7 @@ def run_background(workdir: Path, *, timeout: float = 300.0, quiet: bool = False
     log_path = wd / "serve.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "datamesh.devcluster", "serve", "--workdir", str(wd)],
+            [sys.executable, "-m", "datamesh_dev.devcluster", "serve", "--workdir", str(wd)],
             cwd=wd,
             env=env,
             stdin=subprocess.DEVNULL,

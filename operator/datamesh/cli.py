@@ -39,6 +39,14 @@ def operator(
         str, typer.Option(help="Liveness endpoint URL, served by kopf.")
     ] = "http://0.0.0.0:8081/healthz",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    query_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Also serve the query API on this port, over the operator's own store (for the embedded store, "
+            "which one process owns; settings from DATAMESH_QUERY_*)."
+        ),
+    ] = None,
+    query_host: Annotated[str, typer.Option(help="Address of the query API (with --query-port).")] = "0.0.0.0",
 ) -> None:
     """Run the DataProduct operator (kopf) against the current kubeconfig or in-cluster account."""
     from prometheus_client import start_http_server
@@ -54,6 +62,19 @@ def operator(
     settings = get_settings()
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
+    if query_port is not None:
+        from datamesh.embedded import run_operator_with_query
+
+        asyncio.run(
+            run_operator_with_query(
+                settings,
+                host=query_host,
+                port=query_port,
+                namespaces=namespace or None,
+                liveness_endpoint=liveness or None,
+            )
+        )
+        return
     asyncio.run(run_operator(settings, namespaces=namespace or None, liveness_endpoint=liveness or None))
 
 

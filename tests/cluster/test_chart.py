@@ -100,7 +100,12 @@ def test_helm_lint_strict(helm: Helm, kube_version: str, values: Path | None) ->
 
 def test_ci_values_cover_the_three_scenarios() -> None:
     names = {p.name for p in CI_VALUES}
-    assert {"external-qdrant-values.yaml", "namespaced-values.yaml", "query-ingress-autoscaling-values.yaml"} <= names
+    assert {
+        "external-qdrant-values.yaml",
+        "namespaced-values.yaml",
+        "query-ingress-autoscaling-values.yaml",
+        "embedded-values.yaml",
+    } <= names
 
 
 def test_template_default(helm: Helm, kube_version: str) -> None:
@@ -213,6 +218,52 @@ def test_template_query_ingress_autoscaling(helm: Helm, kube_version: str) -> No
     assert len(find(objs, "ServiceMonitor")) == 2
 
 
+def test_template_embedded_store(helm: Helm, kube_version: str) -> None:
+    objs = render(helm, kube_version, "-f", str(CHART / "ci" / "embedded-values.yaml"))
+    # One pod: no Qdrant server and no query Deployment (nor its HPA, PDB, account or Role).
+    assert not find(objs, "StatefulSet") and not find(objs, "Service", "-qdrant")
+    assert [d["metadata"]["name"] for d in find(objs, "Deployment")] == ["dm-datamesh-operator"]
+    assert not find(objs, "HorizontalPodAutoscaler") and not find(objs, "PodDisruptionBudget")
+    assert not find(objs, "ServiceAccount", "-query") and not find(objs, "Role", "-query-catalog-reader")
+    spec = one(objs, "Deployment", "-operator")["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert container["args"][-2:] == ["--query-host=0.0.0.0", "--query-port=8080"]
+    env = env_of(container)
+    assert env["DATAMESH_QDRANT_PATH"] == "/var/lib/datamesh/store" and "DATAMESH_QDRANT_URL" not in env
+    assert env["DATAMESH_QUERY_TOKENS_FILE"] == "/etc/datamesh/tokens/tokens.yaml"
+    assert {"name": "http", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["store"]["emptyDir"] == {"sizeLimit": "2Gi"}
+    assert volumes["tokens"]["secret"]["secretName"] == "dm-datamesh-query-tokens"
+    # The query Service (and so Ingress and `helm test`) reaches the operator pod.
+    service = one(objs, "Service", "-query")
+    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "operator"
+    catalog = one(objs, "Role", "-operator-catalog")
+    assert ["watch"] in [r["verbs"] for r in catalog["rules"]], "the embedded query API watches the catalog"
+    policy = one(objs, "NetworkPolicy", "-operator")
+    assert any(p["port"] == "http" for rule in policy["spec"]["ingress"] for p in rule["ports"])
+    assert not find(objs, "NetworkPolicy", "-query")
+
+    claim = render(helm, kube_version, "--set", "store.mode=embedded", "--set", "store.embedded.existingClaim=dm-store")
+    volumes = {v["name"]: v for v in one(claim, "Deployment", "-operator")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["store"] == {"name": "store", "persistentVolumeClaim": {"claimName": "dm-store"}}
+    result = helm.run(
+        "template",
+        "dm",
+        str(CHART),
+        "--kube-version",
+        kube_version,
+        "--set",
+        "store.mode=embedded",
+        "--set",
+        "queryService.autoscaling.enabled=true",
+        check=False,
+    )
+    assert result.returncode != 0 and "cannot be used with store.mode" in result.stderr, result.stderr
+
+
 def test_chart_managed_tokens_secret(helm: Helm, kube_version: str) -> None:
     objs = render(
         helm,
@@ -238,6 +289,7 @@ def test_chart_managed_tokens_secret(helm: Helm, kube_version: str) -> None:
         ({"operator": {"replicas": 2}}, "at '/operator/replicas': maximum: got 2, want 1"),
         ({"operator": {"replica": 1}}, "at '/operator': additional properties 'replica' not allowed"),
         ({"qdrant": {"mode": "embedded"}}, "at '/qdrant/mode': value must be one of 'builtin', 'external'"),
+        ({"store": {"mode": "sqlite"}}, "at '/store/mode': value must be one of 'qdrant', 'embedded'"),
         ({"qdrant": {"mode": "external"}}, "at '/qdrant/external/url': minLength: got 0, want 1"),
         ({"operator": {"watchNamespaces": ["Sales"]}}, "at '/operator/watchNamespaces/0'"),
         (
@@ -254,6 +306,7 @@ def test_chart_managed_tokens_secret(helm: Helm, kube_version: str) -> None:
         "replicas-2",
         "misspelled-key",
         "qdrant-mode",
+        "store-mode",
         "external-without-url",
         "namespace-uppercase",
         "pdb-not-a-number",

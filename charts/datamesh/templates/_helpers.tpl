@@ -109,8 +109,40 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
-{{/* Qdrant connection variables of the operator and the query service. */}}
+{{/*
+store.mode embedded: Qdrant's engine runs inside the operator process ("true"), or "" when the
+vectors live in a Qdrant server (built in or external).
+*/}}
+{{- define "datamesh.embedded" -}}
+{{- if eq .Values.store.mode "embedded" }}true{{ end }}
+{{- end }}
+
+{{/* The built-in Qdrant StatefulSet is rendered ("true"), or "". */}}
+{{- define "datamesh.qdrant.builtin" -}}
+{{- if and (eq .Values.qdrant.mode "builtin") (not (include "datamesh.embedded" .)) }}true{{ end }}
+{{- end }}
+
+{{/* The query service runs as its own Deployment ("true"), or "" (disabled, or embedded). */}}
+{{- define "datamesh.query.deployed" -}}
+{{- if and .Values.queryService.enabled (not (include "datamesh.embedded" .)) }}true{{ end }}
+{{- end }}
+
+{{/* The operator serves the query API itself (store.mode embedded) ("true"), or "". */}}
+{{- define "datamesh.query.inOperator" -}}
+{{- if and .Values.queryService.enabled (include "datamesh.embedded" .) }}true{{ end }}
+{{- end }}
+
+{{/* Folder of the embedded store in the operator container. */}}
+{{- define "datamesh.embedded.path" -}}
+/var/lib/datamesh/store
+{{- end }}
+
+{{/* Vector store variables of the operator and the query service. */}}
 {{- define "datamesh.qdrant.env" -}}
+{{- if include "datamesh.embedded" . -}}
+- name: DATAMESH_QDRANT_PATH
+  value: {{ include "datamesh.embedded.path" . | quote }}
+{{- else -}}
 - name: DATAMESH_QDRANT_URL
   value: {{ include "datamesh.qdrant.url" . | quote }}
 {{- if .Values.qdrant.apiKey.existingSecret }}
@@ -119,6 +151,18 @@ app.kubernetes.io/component: {{ .component }}
     secretKeyRef:
       name: {{ .Values.qdrant.apiKey.existingSecret }}
       key: {{ .Values.qdrant.apiKey.secretKey }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Who may call the query API (DATAMESH_QUERY_* of the query service, or of the operator when it serves the API). */}}
+{{- define "datamesh.query.authEnv" -}}
+{{- $q := .Values.queryService -}}
+- name: DATAMESH_QUERY_ALLOW_ANONYMOUS
+  value: {{ $q.auth.allowAnonymous | quote }}
+{{- if include "datamesh.query.tokensSecret" . }}
+- name: DATAMESH_QUERY_TOKENS_FILE
+  value: /etc/datamesh/tokens/{{ $q.auth.secretKey }}
 {{- end }}
 {{- end }}
 
@@ -158,5 +202,8 @@ Checks of combinations the JSON schema cannot express well; each fails with the 
 {{- end }}
 {{- if and .Values.queryService.ingress.enabled (not .Values.queryService.enabled) }}
 {{- fail "queryService.ingress.enabled needs queryService.enabled" }}
+{{- end }}
+{{- if and (include "datamesh.embedded" .) .Values.queryService.autoscaling.enabled }}
+{{- fail "queryService.autoscaling.enabled cannot be used with store.mode \"embedded\": the query API is served by the single operator pod, which owns the embedded store" }}
 {{- end }}
 {{- end }}
