@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: run cluster-run test test-unit e2e e2e-cleanup image lint crd tools clean bench
+.PHONY: run cluster-run test test-unit test-cluster e2e e2e-cleanup image lint crd tools clean bench
 
 # The runtime package with its test and lint tools, and the development tooling in dev/.
 $(VENV)/.installed: pyproject.toml dev/pyproject.toml
@@ -26,14 +26,17 @@ cluster-run: $(VENV)/.installed
 	KUBECONFIG=$$($(BIN)/python -c 'from datamesh_dev import devcluster; print(devcluster.default_workdir() / "kubeconfig")') \
 	  DATAMESH_METRICS_PORT=0 $(BIN)/datamesh operator --liveness http://127.0.0.1:8081/healthz
 
-# Every test: the lint gates first (seconds), then the unit and cluster tiers. Builds the control
-# plane from the Go module proxy on first use (cached after).
-test: lint
-	$(BIN)/pytest
+# Every test: the lint gates first (seconds), then the unit tier, then the cluster and faults tiers.
+# Builds the control plane from the Go module proxy on first use (cached after).
+test: lint test-unit test-cluster
 
-# The fast loop: no control plane, no Go tools.
+# The fast loop: no control plane, no Go tools; on every core (the tests share no state).
 test-unit: $(VENV)/.installed
-	$(BIN)/pytest -m "not cluster"
+	$(BIN)/pytest -m "not cluster" -n auto
+
+# The real control plane, started once for the whole session (so not split across workers).
+test-cluster: $(VENV)/.installed
+	$(BIN)/pytest -m "cluster and not e2e"
 
 # The real-node tier (root): OS packages from apt, kubelet/kube-proxy/pause built like the other
 # tools (cached), the image built without Docker (cached by input hash), then tests/e2e/: a real

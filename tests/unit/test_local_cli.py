@@ -3,18 +3,24 @@ work starts and name the option that fixes them, and the exit status tells wheth
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import httpx
 import pytest
 import yaml
+from rich.console import Console
+from typer.testing import CliRunner
 
+from datamesh import cli
 from datamesh.adapters.edge import EdgeStore
 from datamesh.local import StateLock
 from datamesh.web.serving import free_port
@@ -27,7 +33,25 @@ DATAMESH = [sys.executable, "-m", "datamesh.cli"]
 ENV = {**os.environ, "COLUMNS": "250", "HF_HUB_OFFLINE": "1", "NO_PROXY": "*"}
 
 
-def local(folder: Path, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def local(folder: Path, *args: str, cwd: Path) -> Result:
+    """`datamesh local` as typer runs it, in this process: the same command without an interpreter
+    start per test (the tests about other processes holding a lock use :func:`local_process`)."""
+    # The command's console was made at import, with whatever width this process had then.
+    with contextlib.chdir(cwd), mock.patch.object(cli, "console", Console(width=250)):
+        result = CliRunner().invoke(cli.app, ["local", str(folder), *args], env={"COLUMNS": "250", "NO_PROXY": "*"})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Result(result.exit_code, result.stdout, result.stderr)
+
+
+def local_process(folder: Path, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*DATAMESH, "local", str(folder), *args],
         cwd=cwd,
@@ -38,7 +62,7 @@ def local(folder: Path, *args: str, cwd: Path, timeout: float = 120) -> subproce
     )
 
 
-def flat(result: subprocess.CompletedProcess[str]) -> str:
+def flat(result: Result | subprocess.CompletedProcess[str]) -> str:
     return " ".join((result.stdout + result.stderr).split())
 
 
@@ -102,7 +126,7 @@ def test_a_busy_port_is_found_before_any_work_and_names_port(tmp_path: Path) -> 
         taken.listen()
         port = taken.getsockname()[1]
         state = tmp_path / "state"
-        result = local(EXAMPLES, "--port", str(port), "--state-dir", str(state), cwd=tmp_path, timeout=60)
+        result = local(EXAMPLES, "--port", str(port), "--state-dir", str(state), cwd=tmp_path)
     assert result.returncode == 2, flat(result)
     out = flat(result)
     assert f"port {port} on 127.0.0.1 is already in use" in out and "--port" in out and "--no-serve" in out
@@ -115,7 +139,7 @@ def test_a_state_folder_used_by_another_datamesh_local_is_found_before_any_work(
     other = StateLock(state)  # what a running `datamesh local` holds
     other.acquire()
     try:
-        result = local(EXAMPLES, "--no-serve", "--state-dir", str(state), cwd=tmp_path, timeout=60)
+        result = local_process(EXAMPLES, "--no-serve", "--state-dir", str(state), cwd=tmp_path, timeout=60)
     finally:
         other.release()
     assert result.returncode == 2, flat(result)
@@ -123,7 +147,7 @@ def test_a_state_folder_used_by_another_datamesh_local_is_found_before_any_work(
     assert f"the state folder {state} is in use by another `datamesh local` (pid {os.getpid()})" in out
     assert "--state-dir" in out and "Traceback" not in out
     assert nothing_reconciled(state)
-    again = local(
+    again = local_process(
         folder_with(tmp_path, EXAMPLES / "sales-customer-churn.yaml"),
         "--no-serve",
         "--state-dir",
@@ -136,12 +160,12 @@ def test_a_state_folder_used_by_another_datamesh_local_is_found_before_any_work(
 async def test_a_store_held_by_another_process_is_found_before_any_work(tmp_path: Path) -> None:
     folder = folder_with(tmp_path, EXAMPLES / "sales-customer-churn.yaml")
     state = tmp_path / "state"
-    assert local(folder, "--no-serve", "--state-dir", str(state), cwd=tmp_path).returncode == 0
+    assert local_process(folder, "--no-serve", "--state-dir", str(state), cwd=tmp_path).returncode == 0
     status_before = (state / "status.json").read_text()
     store = EdgeStore(state / "store")  # another process (this one) opens the store, which locks its WAL
     try:
         assert await store.count("sales.customer-churn") == 25
-        result = local(folder, "--no-serve", "--state-dir", str(state), cwd=tmp_path, timeout=60)
+        result = local_process(folder, "--no-serve", "--state-dir", str(state), cwd=tmp_path, timeout=60)
     finally:
         await store.close()
     assert result.returncode == 2, flat(result)
