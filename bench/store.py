@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Benchmark: the embedded store (Qdrant's engine, qdrant-edge) through the project's VectorStore port.
+
+Not a test. Re-measures, through ``EdgeStore`` as the operator and the query service use it:
+
+1. upsert rate (points/s) of batches of 256 points, dense + BM25, one collection;
+2. one search at 400, 5,000 and 50,000 points, in each mode (dense, sparse = BM25 alone, hybrid =
+   both fused by the engine), median of many;
+3. the cost of many collections: 100 and 300 collections of 20 points each, opened and searched
+   once each (the store keeps at most ``--max-open`` open), with the process's threads and RSS
+   before and after, per collection.
+
+The baseline of each search figure is the same engine call made directly on the ``EdgeShard``
+(no port, no thread hop), so the port's overhead prints as a ratio.
+
+    .venv/bin/python bench/store.py
+    .venv/bin/python bench/store.py --sizes 400,5000 --collections 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from datamesh.adapters import bm25
+from datamesh.adapters.edge import EdgeStore
+from datamesh.core.plan import DIGEST_KEY, TEXT_KEY, CollectionPlan
+from datamesh.core.ports import SearchRequest
+from datamesh.resource.models import Distance, SearchMode
+
+DIM = 384
+WORDS = ["shipment", "delayed", "storm", "customs", "carrier", "invoice", "refund", "churn", "price", "outage", "login"]
+
+
+def status() -> tuple[int, float]:
+    """Threads and RSS (MiB) of this process."""
+    threads = len(os.listdir("/proc/self/task"))
+    lines = Path("/proc/self/status").read_text().splitlines()
+    rss = next(int(line.split()[1]) for line in lines if line.startswith("VmRSS:"))
+    return threads, rss / 1024
+
+
+def points(count: int, seed: int) -> tuple[list[str], list[list[float]], list[str], list[dict[str, str]]]:
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(count, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    texts = [" ".join(rng.choice(WORDS, 12)) + f" item{i}" for i in range(count)]
+    ids = [f"00000000-0000-4000-8000-{seed:04d}{i:08d}" for i in range(count)]
+    return ids, vectors.tolist(), texts, [{TEXT_KEY: t, DIGEST_KEY: "d"} for t in texts]
+
+
+async def fill(store: EdgeStore, name: str, count: int, seed: int) -> float:
+    """Create a hybrid collection of ``count`` points; seconds spent upserting."""
+    await store.ensure_index(CollectionPlan(name, name, DIM, Distance.cosine, {}, SearchMode.hybrid))
+    ids, vectors, texts, payloads = points(count, seed)
+    started = time.perf_counter()
+    for start in range(0, count, 256):
+        end = start + 256
+        await store.upsert(name, ids[start:end], vectors[start:end], texts[start:end], payloads[start:end])
+    return time.perf_counter() - started
+
+
+async def timed(call, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    """Median seconds of ``repeats`` awaited calls (after one warm-up)."""
+    await call()
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        await call()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+async def searches(store: EdgeStore, name: str, repeats: int) -> dict[str, tuple[float, float]]:
+    """Per mode: (port seconds, direct engine seconds)."""
+    question = "which shipment was delayed by the storm at customs"
+    vector = np.random.default_rng(99).normal(size=DIM).astype(np.float32)
+    vector /= np.linalg.norm(vector)
+    dense = vector.tolist()
+    out = {}
+    for mode in (SearchMode.dense, SearchMode.sparse, SearchMode.hybrid):
+        request = SearchRequest(dense, question, 10, mode)
+        port = await timed(lambda request=request: store.search(name, request), repeats)
+        async with store._use(name) as shard:  # the same query, straight to the engine
+            words = bm25.query_vector(question)
+            query = store._query(request, dense, words, with_vectors=mode is not SearchMode.dense)
+            engine = shard.engine
+
+            async def direct(query=query, engine=engine) -> None:  # type: ignore[no-untyped-def]
+                engine.query(query)
+
+            raw = await timed(direct, repeats)
+        out[mode.value] = (port, raw)
+    return out
+
+
+async def main(args: argparse.Namespace) -> int:
+    sizes = [int(s) for s in args.sizes.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        store = EdgeStore(Path(tmp) / "store", max_open=args.max_open)
+        try:
+            print(
+                f"{'points':>8} {'upsert pts/s':>13}  " + "  ".join(f"{m:>22}" for m in ("dense", "sparse", "hybrid"))
+            )
+            print(f"{'':>8} {'':>13}  " + "  ".join(f"{'port ms / engine ms':>22}" for _ in range(3)))
+            for size in sizes:
+                name = f"bench.size-{size}"
+                seconds = await fill(store, name, size, seed=size % 9973)
+                found = await searches(store, name, args.repeats)
+                cells = "  ".join(f"{p * 1000:>9.3f} / {r * 1000:>6.3f} ({p / r:4.1f}x)" for p, r in found.values())
+                print(f"{size:>8} {size / seconds:>13.0f}  {cells}", flush=True)
+            for count in (int(c) for c in args.collections.split(",")):
+                threads_before, rss_before = status()
+                started = time.perf_counter()
+                for i in range(count):
+                    await fill(store, f"bench.many-{count}-{i}", 20, seed=i)
+                request = SearchRequest([1.0] + [0.0] * (DIM - 1), "storm", 5, SearchMode.hybrid)
+                for i in range(count):
+                    await store.search(f"bench.many-{count}-{i}", request)
+                threads, rss = status()
+                print(
+                    f"\n{count} collections of 20 points (at most {args.max_open} open): made and searched in "
+                    f"{time.perf_counter() - started:.1f} s; threads {threads_before} -> {threads}; "
+                    f"RSS {rss_before:.0f} -> {rss:.0f} MiB ({(rss - rss_before) / count:.2f} MiB per collection)",
+                    flush=True,
+                )
+        finally:
+            await store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="400,5000,50000", help="Points per collection, comma-separated.")
+    parser.add_argument("--collections", default="100,300", help="Numbers of small collections, comma-separated.")
+    parser.add_argument("--max-open", type=int, default=256, help="Collections the store keeps open.")
+    parser.add_argument("--repeats", type=int, default=200, help="Searches per figure.")
+    raise SystemExit(asyncio.run(main(parser.parse_args())))
