@@ -250,6 +250,8 @@ class EdgeStore:
 
     async def _evict(self) -> None:
         # Close the least recently used idle shards over the cap (each holds a thread and mappings).
+        if len(self._open) <= self.max_open:
+            return  # every operation ends here: no scan of the open shards unless there is work
         for name in [n for n, s in self._open.items() if s.users == 0][: max(0, len(self._open) - self.max_open)]:
             async with self._lock(name):
                 shard = self._open.get(name)
