@@ -23,7 +23,7 @@ from datamesh.core.ports import SearchRequest, SourceError, VectorStore
 from datamesh.core.rows import Row
 from datamesh.engine.catalog_writer import CatalogWriter
 from datamesh.engine.reconciler import Outcome, Ports, Reconciler
-from datamesh.resource.models import Inference, Source
+from datamesh.resource.models import CollectionLayout, Inference, Source
 from datamesh.settings import OperatorSettings, StoreSettings
 
 SMALL = "builtin:ngram-128"
@@ -308,3 +308,31 @@ async def test_a_long_ingestion_reports_its_progress(world: World) -> None:
     outcome = await world.reconcile(product())
     assert outcome.status.records == 600
     assert world.progress == [(256, 600), (512, 600), (600, 600)]
+
+
+async def test_a_cluster_layout_is_reported_and_only_a_shard_change_reindexes(world: World) -> None:
+    search = {"keyFields": ["reason"], "embeddingModel": "builtin:ngram-384"}
+    layout = {"shards": 3, "replicas": 2, "writeConsistency": 2, "quantization": "scalar"}
+    first = await world.reconcile(product(semanticSearch={**search, "layout": layout}))
+    assert first.status.phase == "Ready"
+    # The embedded store keeps its own layout, reports it, and says what it could not honour.
+    assert first.status.layout is not None and first.status.layout.shards == 1
+    message = conditions(first)["CollectionReady"][2]
+    assert "ignored: shards 3, replicas 2, writeConsistency 2, quantization scalar" in message
+    # Replicas can change in place on a Qdrant cluster: same collection.
+    more_replicas = await world.reconcile(
+        product(generation=2, status=wire(first), semanticSearch={**search, "layout": {**layout, "replicas": 3}})
+    )
+    assert more_replicas.status.index_collection == first.status.index_collection
+    # A new shard count is a new collection behind the alias.
+    resharded = await world.reconcile(
+        product(generation=3, status=wire(more_replicas), semanticSearch={**search, "layout": {**layout, "shards": 6}})
+    )
+    assert resharded.status.phase == "Ready"
+    assert resharded.status.index_collection != first.status.index_collection
+    assert [e.reason for e in resharded.events if e.reason.startswith("Reindex")] == ["Reindexing", "Reindexed"]
+
+
+def test_write_consistency_above_replicas_is_refused_with_the_field() -> None:
+    with pytest.raises(ValueError, match="writeConsistency cannot exceed replicas"):
+        CollectionLayout(replicas=1, write_consistency=2)

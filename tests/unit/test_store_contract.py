@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from datamesh.core.ports import (
     VectorStoreError,
     stable_top,
 )
-from datamesh.resource.models import Distance, FieldType, SearchMode
+from datamesh.resource.models import CollectionLayout, Distance, FieldType, HnswLayout, Quantization, SearchMode
 from datamesh.settings import StoreSettings
 
 DIM = 16
@@ -324,3 +325,100 @@ def test_tied_hits_come_back_in_the_same_order_whatever_order_the_engine_gave() 
     best = ScoredRow("z", 0.9, {}, 0.1)
     for order in ([*tied, best], [best, *reversed(tied)], [tied[1], best, tied[2], tied[0]]):
         assert [r.id for r in stable_top(order, 3)] == ["z", "c", "a"]
+
+
+class ServerLayouts:
+    """qdrant-client's local mode, answering ``get_collection`` with the layout a server would report.
+
+    No Qdrant server can run here and local mode keeps no shards, replicas or quantization, so this
+    thin wrapper remembers what ``create_collection``/``update_collection`` asked for and reports it
+    back as a server does; everything else is the real local mode.
+    """
+
+    def __init__(self) -> None:
+        from qdrant_client import AsyncQdrantClient
+
+        self.real = AsyncQdrantClient(location=":memory:")
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.layout: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    async def create_collection(self, name: str, **kwargs: Any) -> bool:
+        self.calls.append(("create", kwargs))
+        self.layout = {k: kwargs[k] for k in ("shard_number", "replication_factor", "write_consistency_factor")}
+        self.layout.update(
+            on_disk_payload=kwargs["on_disk_payload"],
+            hnsw=kwargs["hnsw_config"],
+            quantization=kwargs["quantization_config"],
+            on_disk=kwargs["vectors_config"]["dense"].on_disk,
+        )
+        return bool(await self.real.create_collection(name, **kwargs))
+
+    async def update_collection(self, name: str, **kwargs: Any) -> bool:
+        from qdrant_client import models as qm
+
+        self.calls.append(("update", kwargs))
+        params = kwargs["collection_params"]
+        self.layout.update(
+            replication_factor=params.replication_factor,
+            write_consistency_factor=params.write_consistency_factor,
+            on_disk_payload=params.on_disk_payload,
+            hnsw=kwargs["hnsw_config"],
+            on_disk=kwargs["vectors_config"]["dense"].on_disk,
+            quantization=None
+            if kwargs["quantization_config"] == qm.Disabled.DISABLED
+            else kwargs["quantization_config"],
+        )
+        return True
+
+    async def get_collection(self, name: str) -> Any:
+        info = await self.real.get_collection(name)
+        params = info.config.params.model_copy(
+            update={k: self.layout[k] for k in ("shard_number", "replication_factor", "write_consistency_factor")}
+            | {"on_disk_payload": self.layout["on_disk_payload"]}
+        )
+        params.vectors["dense"].on_disk = self.layout["on_disk"]
+        hnsw = info.config.hnsw_config.model_copy(update=self.layout["hnsw"].model_dump(exclude_none=True))
+        config = info.config.model_copy(
+            update={"params": params, "hnsw_config": hnsw, "quantization_config": self.layout["quantization"]}
+        )
+        return info.model_copy(update={"config": config})
+
+
+async def test_a_qdrant_server_gets_the_products_layout_and_changes_it_in_place() -> None:
+    client = ServerLayouts()
+    store = QdrantStore(client)  # type: ignore[arg-type]
+    layout = CollectionLayout(shards=3, replicas=2, write_consistency=2, quantization=Quantization.scalar)
+    wanted = CollectionPlan("ns.product", "ns.product--a", DIM, Distance.cosine, {}, SearchMode.hybrid, layout)
+    try:
+        assert await store.ensure_index(wanted)
+        (kind, created), *_ = client.calls
+        assert kind == "create" and created["shard_number"] == 3 and created["replication_factor"] == 2
+        assert created["write_consistency_factor"] == 2 and created["quantization_config"] is not None
+        report = await store.apply_layout(wanted)
+        assert report.applied == layout and report.changed == () and report.ignored == ()
+        # More replicas and vectors on disk: changed in place, on the same collection.
+        grown = replace(wanted, layout=layout.model_copy(update={"replicas": 3, "on_disk_vectors": True}))
+        report = await store.apply_layout(grown)
+        assert report.changed == ("onDiskVectors", "replicas")
+        assert report.applied.replicas == 3 and report.applied.on_disk_vectors
+        assert [kind for kind, _ in client.calls] == ["create", "update"]
+        assert (await store.apply_layout(grown)).changed == ()  # nothing left to change
+    finally:
+        await store.close()
+
+
+async def test_the_embedded_store_says_which_layout_settings_it_ignores(tmp_path: Path) -> None:
+    store = EdgeStore(tmp_path)
+    try:
+        plain = plan("ns.product--a")
+        await store.ensure_index(plain)
+        assert (await store.apply_layout(plain)).ignored == ()  # the defaults ask nothing it lacks
+        asked = replace(plain, layout=CollectionLayout(shards=2, on_disk_vectors=True, hnsw=HnswLayout(m=32)))
+        report = await store.apply_layout(asked)
+        assert report.ignored == ("shards 2", "hnsw m 32, efConstruct 100")  # on-disk vectors it has anyway
+        assert report.applied.shards == 1 and report.applied.on_disk_vectors
+    finally:
+        await store.close()

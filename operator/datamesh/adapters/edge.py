@@ -54,13 +54,14 @@ from datamesh.core.plan import (
 from datamesh.core.ports import (
     TIE_SLACK,
     CollectionMissing,
+    LayoutReport,
     ScoredRow,
     SearchRequest,
     StoreRejected,
     VectorStoreError,
     stable_top,
 )
-from datamesh.resource.models import Distance, FieldType, SearchMode
+from datamesh.resource.models import CollectionLayout, Distance, FieldType, SearchMode
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -115,6 +116,17 @@ def _translate(exc: BaseException, collection: str) -> BaseException:
             return CollectionMissing(f"{where}: does not exist ({message})")
         return VectorStoreError(f"{where}: {message}")
     return exc
+
+
+# One shard in this process, vectors and payload read from disk through the page cache (cold), no
+# quantization: what every embedded collection is, whatever a product's spec asks of a Qdrant cluster.
+EMBEDDED_LAYOUT = CollectionLayout(on_disk_vectors=True, on_disk_payload=True)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def safe_dirname(name: str) -> str:
@@ -324,6 +336,17 @@ class EdgeStore:
             async with self._use(plan.index) as shard, shard.writing:
                 await self._engine(plan.index, self._add_payload_indexes, shard, missing)
         return False
+
+    async def apply_layout(self, plan: CollectionPlan) -> LayoutReport:
+        """The embedded engine's own layout; what the plan asks beyond it is reported as ignored."""
+        default = CollectionLayout()
+        asked, kept = plan.layout.wire(), EMBEDDED_LAYOUT.wire()
+        ignored = tuple(
+            f"{name} {_shown(value)}"
+            for name, value in asked.items()
+            if value != default.wire()[name] and value != kept[name]
+        )
+        return LayoutReport(EMBEDDED_LAYOUT, ignored=ignored)
 
     def _add_payload_indexes(self, shard: _Shard, indexes: Mapping[str, str]) -> None:
         for key, kind in indexes.items():

@@ -29,8 +29,16 @@ from datamesh.core.plan import (
     SPARSE_VECTOR,
     CollectionPlan,
 )
-from datamesh.core.ports import TIE_SLACK, CollectionMissing, ScoredRow, SearchRequest, VectorStoreError, stable_top
-from datamesh.resource.models import Distance, FieldType, SearchMode
+from datamesh.core.ports import (
+    TIE_SLACK,
+    CollectionMissing,
+    LayoutReport,
+    ScoredRow,
+    SearchRequest,
+    VectorStoreError,
+    stable_top,
+)
+from datamesh.resource.models import CollectionLayout, Distance, FieldType, HnswLayout, Quantization, SearchMode
 from datamesh.settings import StoreSettings
 
 T = TypeVar("T")
@@ -48,6 +56,36 @@ _PAYLOAD_SCHEMA = {
     FieldType.timestamp: qm.PayloadSchemaType.DATETIME,
     FieldType.date: qm.PayloadSchemaType.DATETIME,
 }
+
+
+def _quantization(kind: Quantization | str) -> qm.QuantizationConfig | None:
+    kind = Quantization(kind)  # the models keep enum values as plain strings
+    if kind is Quantization.scalar:
+        return qm.ScalarQuantization(scalar=qm.ScalarQuantizationConfig(type=qm.ScalarType.INT8, always_ram=True))
+    if kind is Quantization.binary:
+        return qm.BinaryQuantization(binary=qm.BinaryQuantizationConfig(always_ram=True))
+    return None
+
+
+def _layout_of(config: qm.CollectionConfig, asked: CollectionLayout) -> CollectionLayout:
+    """A collection's layout as Qdrant reports it (``asked`` when it reports none: local mode keeps no layout)."""
+    params = config.params
+    if params.shard_number is None:
+        return asked
+    vectors = params.vectors.get(DENSE_VECTOR) if isinstance(params.vectors, dict) else params.vectors
+    quantization = config.quantization_config
+    kind = Quantization.none
+    if quantization is not None:
+        kind = Quantization.scalar if isinstance(quantization, qm.ScalarQuantization) else Quantization.binary
+    return CollectionLayout(
+        shards=params.shard_number,
+        replicas=params.replication_factor or 1,
+        write_consistency=params.write_consistency_factor or 1,
+        on_disk_vectors=bool(vectors is not None and vectors.on_disk),
+        on_disk_payload=bool(params.on_disk_payload),
+        quantization=kind,
+        hnsw=HnswLayout(m=config.hnsw_config.m, ef_construct=config.hnsw_config.ef_construct),
+    )
 
 
 class QdrantStore:
@@ -95,17 +133,53 @@ class QdrantStore:
             # A collection made by an earlier version: its filters get their indexes now.
             await self._payload_indexes(plan, skip=set(info.payload_schema or {}))
             return False
-        dense = qm.VectorParams(size=plan.vector_size, distance=qm.Distance(plan.distance))
+        layout = plan.layout
+        dense = qm.VectorParams(
+            size=plan.vector_size, distance=qm.Distance(plan.distance), on_disk=layout.on_disk_vectors
+        )
         sparse = {SPARSE_VECTOR: qm.SparseVectorParams(modifier=qm.Modifier.IDF)} if plan.sparse else None
         await self._call(
             "create collection",
             self.client.create_collection(
-                plan.index, vectors_config={DENSE_VECTOR: dense}, sparse_vectors_config=sparse
+                plan.index,
+                vectors_config={DENSE_VECTOR: dense},
+                sparse_vectors_config=sparse,
+                shard_number=layout.shards,
+                replication_factor=layout.replicas,
+                write_consistency_factor=layout.write_consistency,
+                on_disk_payload=layout.on_disk_payload,
+                hnsw_config=qm.HnswConfigDiff(m=layout.hnsw.m, ef_construct=layout.hnsw.ef_construct),
+                quantization_config=_quantization(layout.quantization),
             ),
         )
         self._sparse[plan.index] = (plan.sparse, plan.distance == Distance.euclid, time.monotonic())
         await self._payload_indexes(plan, skip=set())
         return True
+
+    async def apply_layout(self, plan: CollectionPlan) -> LayoutReport:
+        """Change in place what differs from the plan's layout (all but shards, which name the index)."""
+        info = await self._call("read collection", self.client.get_collection(plan.index))
+        current = _layout_of(info.config, plan.layout)
+        wanted = plan.layout
+        changed = tuple(sorted(k for k in wanted.differences(current) if k != "shards"))
+        if changed:
+            params = qm.CollectionParamsDiff(
+                replication_factor=wanted.replicas,
+                write_consistency_factor=wanted.write_consistency,
+                on_disk_payload=wanted.on_disk_payload,
+            )
+            await self._call(
+                "update collection",
+                self.client.update_collection(
+                    plan.index,
+                    collection_params=params,
+                    vectors_config={DENSE_VECTOR: qm.VectorParamsDiff(on_disk=wanted.on_disk_vectors)},
+                    hnsw_config=qm.HnswConfigDiff(m=wanted.hnsw.m, ef_construct=wanted.hnsw.ef_construct),
+                    quantization_config=_quantization(wanted.quantization) or qm.Disabled.DISABLED,
+                ),
+            )
+            info = await self._call("read collection", self.client.get_collection(plan.index))
+        return LayoutReport(_layout_of(info.config, wanted), changed=changed)
 
     async def _payload_indexes(self, plan: CollectionPlan, skip: set[str]) -> None:
         with warnings.catch_warnings():

@@ -13,7 +13,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from datamesh.resource.models import DataProductSpec, Distance, FieldType, SearchMode, qualified_name
+from datamesh.resource.models import (
+    CollectionLayout,
+    DataProductSpec,
+    Distance,
+    FieldType,
+    SearchMode,
+    qualified_name,
+)
 
 # Payload keys the operator owns; schema field names cannot start with "_", so they never clash.
 TEXT_KEY = "_text"
@@ -67,6 +74,7 @@ class CollectionPlan:
     distance: Distance
     payload_indexes: dict[str, FieldType] = field(default_factory=dict)
     mode: SearchMode = SearchMode.hybrid
+    layout: CollectionLayout = field(default_factory=CollectionLayout)
 
     @property
     def sparse(self) -> bool:
@@ -88,10 +96,14 @@ def collection_plan(namespace: str, name: str, spec: DataProductSpec, vector_siz
     settings = (
         f"{search.embedding_model}|{search.embedding_endpoint or ''}|{vector_size}|{search.distance}|{mode.value}"
     )
+    if search.layout.shards != 1:
+        # The one layout setting Qdrant cannot change in place: a new shard count is a new collection.
+        settings += f"|shards={search.layout.shards}"
     suffix = hashlib.sha256(f"{LAYOUT}|{settings}".encode()).hexdigest()[:10]
     alias = collection_alias(namespace, name)
     indexes = {f.name: FieldType(f.type) for f in spec.data_schema.fields if f.filterable}
-    return CollectionPlan(alias, f"{alias}--{suffix}", vector_size, Distance(search.distance), indexes, mode)
+    distance = Distance(search.distance)
+    return CollectionPlan(alias, f"{alias}--{suffix}", vector_size, distance, indexes, mode, search.layout)
 
 
 def routing_plan(plan: CollectionPlan, model: str, endpoint: str | None) -> CollectionPlan:

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 from datamesh.core.conditions import Check
 from datamesh.core.plan import CollectionPlan
 from datamesh.core.rows import Row
-from datamesh.resource.models import Inference, SearchMode, Source
+from datamesh.resource.models import CollectionLayout, Inference, SearchMode, Source
 
 # ==== errors ==================================================================================
 
@@ -130,6 +130,15 @@ def stable_top(rows: Sequence[ScoredRow], limit: int) -> list[ScoredRow]:
     return sorted(rows, key=lambda r: (-r.score, -(r.similarity or 0.0), r.id))[:limit]
 
 
+@dataclass(frozen=True)
+class LayoutReport:
+    """A collection's layout as the store applied it, and the settings it could not honour."""
+
+    applied: CollectionLayout
+    ignored: tuple[str, ...] = ()  # e.g. "shards 3": settings of the plan the store keeps its own way
+    changed: tuple[str, ...] = ()  # settings changed in place on an existing collection
+
+
 class VectorStore(Protocol):
     """The product collections of one Qdrant (a server, or the embedded engine)."""
 
@@ -139,6 +148,10 @@ class VectorStore(Protocol):
 
     async def ensure_index(self, plan: CollectionPlan) -> bool:
         """Create the plan's index collection if missing; True when it was created."""
+        ...
+
+    async def apply_layout(self, plan: CollectionPlan) -> LayoutReport:
+        """Bring the index collection's layout to the plan's where the store can; say what it applied."""
         ...
 
     async def point_alias(self, alias: str, index: str) -> str | None:

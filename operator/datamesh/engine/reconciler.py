@@ -26,6 +26,7 @@ from datamesh.core.ports import (
     EmbeddingServiceError,
     EndpointProbe,
     InferenceBackend,
+    LayoutReport,
     NullObserver,
     Observer,
     Progress,
@@ -138,6 +139,7 @@ class CollectionResult:
     index: str | None = None
     vector_size: int | None = None
     routing: str | None = None
+    layout: LayoutReport | None = None
     events: tuple[Event, ...] = ()
     # Whether alias/index/vector_size replace the status's values (False: keep what it says).
     sets_collection: bool = False
@@ -289,6 +291,9 @@ class Reconciler:
                 events.append(
                     Event("Reindexing", f"embedding settings changed: building {plan.index} beside {current}")
                 )
+            layout = await store.apply_layout(plan)
+            if layout.changed:
+                events.append(Event("LayoutChanged", f"{plan.index}: changed in place: {', '.join(layout.changed)}"))
             await store.ensure_index(routing)
             ingest = await self._ingest(ref, spec, status, target, current, now, refresh)
             switched = False
@@ -309,6 +314,8 @@ class Reconciler:
 
         if switched:
             detail = f"{plan.alias} -> {plan.index} ({plan.vector_size} dims, {plan.distance})"
+            if layout.ignored:
+                detail += f"; the embedded store keeps its own layout, ignored: {', '.join(layout.ignored)}"
             collection = Check(ConditionType.collection_ready, True, "CollectionReady", detail)
         elif current == plan.index:
             detail = f"{plan.index} keeps the last complete ingestion; the new one has not completed"
@@ -323,6 +330,7 @@ class Reconciler:
             index=plan.index,
             sets_index=switched,
             routing=routing.index if switched else status.routing_collection,
+            layout=layout,
             events=tuple(events),
         )
 
@@ -454,6 +462,8 @@ def _apply_rows(status: DataProductStatus, rows: CollectionResult) -> DataProduc
     if rows.sets_index:
         update["index_collection"] = rows.index
         update["routing_collection"] = rows.routing
+    if rows.layout is not None:
+        update["layout"] = rows.layout.applied
     ingest = rows.ingest
     for name, value in (
         ("records", ingest.records),

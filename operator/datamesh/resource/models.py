@@ -339,6 +339,64 @@ class SearchMode(str, Enum):
     sparse = "sparse"
 
 
+class Quantization(str, Enum):
+    none = "none"
+    scalar = "scalar"
+    binary = "binary"
+
+
+class HnswLayout(CRDModel):
+    """The HNSW graph of the collection's dense vectors."""
+
+    m: int = Field(16, ge=4, le=128, description="Edges per node: more is better recall and more memory.")
+    ef_construct: int = Field(100, ge=4, le=1000, description="Neighbours considered while building the graph.")
+
+
+class CollectionLayout(CRDModel):
+    """How a product's collection is laid out on a Qdrant server or cluster.
+
+    The defaults suit a small product. Qdrant changes every field but ``shards`` in place; a new
+    ``shards`` re-indexes the product into a new collection behind its alias. The embedded engine
+    keeps its own layout (one shard on local disk) and says in CollectionReady what it ignored.
+    """
+
+    shards: int = Field(1, ge=1, le=64, description="Shards of the collection (a change re-indexes the product).")
+    replicas: int = Field(1, ge=1, le=16, description="Copies of each shard on different Qdrant nodes.")
+    write_consistency: int = Field(
+        1, ge=1, le=16, description="Replicas that must acknowledge a write (at most replicas)."
+    )
+    on_disk_vectors: bool = Field(False, description="Keep the original vectors on disk instead of in RAM.")
+    on_disk_payload: bool = Field(True, description="Keep the rows' payload on disk instead of in RAM.")
+    quantization: Quantization = Field(
+        Quantization.none,
+        description="Compressed vectors searched in RAM: none, scalar (int8, 4x smaller) or binary (32x).",
+    )
+    hnsw: HnswLayout = Field(default_factory=HnswLayout, description="The HNSW index of the dense vectors.")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.writeConsistency <= self.replicas",
+                    "writeConsistency cannot exceed replicas",
+                    ".writeConsistency",
+                )
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _consistency_within_replicas(self) -> CollectionLayout:
+        if self.write_consistency > self.replicas:
+            raise ValueError("writeConsistency: writeConsistency cannot exceed replicas")
+        return self
+
+    def differences(self, other: CollectionLayout) -> dict[str, tuple[Any, Any]]:
+        """Fields (wire names) whose values differ from ``other``'s: name -> (mine, theirs)."""
+        mine, theirs = self.wire(), other.wire()
+        return {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
+
+
 class SemanticSearch(CRDModel):
     """Embed the key fields of every row into a Qdrant collection."""
 
@@ -373,6 +431,10 @@ class SemanticSearch(CRDModel):
             "How a question finds rows: hybrid (the key fields' embedding and BM25 on their words, fused by "
             "Qdrant), dense (embedding only) or sparse (BM25 only). Changing it re-indexes the product."
         ),
+    )
+    layout: CollectionLayout = Field(
+        default_factory=CollectionLayout,
+        description="Shards, replicas, on-disk storage, quantization and HNSW of the collection on a Qdrant cluster.",
     )
 
     model_config = ConfigDict(
@@ -643,6 +705,10 @@ class DataProductStatus(CRDModel):
     )
     sla: SLAStatus | None = Field(None, description="Result of the last SLA check.")
     ingestion: IngestionProgress | None = Field(None, description="Progress of a running ingestion.")
+    layout: CollectionLayout | None = Field(
+        None,
+        description="The collection's layout as the store applied it (the embedded engine keeps its own).",
+    )
     routing_collection: str | None = Field(
         None, description="The mesh's routing collection holding the product's rows and card (one per model)."
     )
