@@ -155,10 +155,15 @@ class OperatorProcess:
         self.log = log
         self.health_port = health_port
         liveness = f"--liveness=http://127.0.0.1:{health_port}/healthz"
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [*command, "operator", liveness, *args], env=full_env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd
-            )
+        self._start = ([*command, "operator", liveness, *args], full_env, cwd)
+        log.write_bytes(b"")
+        self.restart()
+
+    def restart(self) -> None:
+        """Start it again (as Kubernetes restarts a container), appending to the same log."""
+        argv, env, cwd = self._start
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
 
     @property
     def pid(self) -> int:

@@ -269,10 +269,22 @@ def test_one_replica_leads_and_the_standby_takes_over_a_killed_leader(make_pair:
     )
     assert all(e.phase == "Ready" for _, e in entries)
 
+    # Restarted, as Kubernetes restarts a killed container, the old leader comes back as a standby.
+    leader.restart()
+    wait_for(
+        lambda: leader.alive() and (leader.health() or {}).get("role") == "standby",
+        30,
+        what="the restarted replica standing by",
+    )
+    assert pair.holder() == new_holder
+    stopped = time.monotonic()
+    assert leader.stop() == 0 and time.monotonic() - stopped < 5, "a standby stops at once on SIGTERM"
+    assert pair.holder() == new_holder, "a standby that stops leaves the lease alone"
+
     # A clean stop gives the lease up at once, for the next replica not to wait for its expiry.
     assert standby.stop() == 0, standby.log_text()[-3000:]
     assert not pair.holder(), "a stopped leader releases the lease"
-    assert "Traceback" not in standby.log_text(), standby.log_text()[-4000:]
+    assert "Traceback" not in standby.log_text() + leader.log_text(), standby.log_text()[-4000:]
 
 
 def test_killing_the_leader_during_a_burst_loses_and_duplicates_nothing(make_pair: Callable[..., Pair]) -> None:
