@@ -259,6 +259,8 @@ def _describe(exc: BaseException) -> str:
     status = getattr(exc, "status", None)
     if status == 403:
         return "forbidden: the operator's account needs get, create and update on leases (coordination.k8s.io)"
+    if status == 404:
+        return "not found: does the platform namespace (DATAMESH_PLATFORM_NAMESPACE) exist?"
     if status is not None:
         return f"HTTP {status} {getattr(exc, 'reason', '')}".strip()
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
