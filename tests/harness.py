@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -135,3 +138,73 @@ class OperatorThread(LoopThread):
         self.stop()
         self.call(self.store.close())
         super().close()
+
+
+class OperatorProcess:
+    """``datamesh operator`` as a process of its own (so it can be killed or paused), logging to a file.
+
+    ``env`` is added to this process' environment without its ``DATAMESH_*`` and ``KUBERNETES_*``
+    variables; ``health_port`` is where its ``--liveness`` endpoint listens.
+    """
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, health_port: int, cwd: Path) -> None:
+        script = Path(sys.executable).with_name("datamesh")
+        command = [str(script)] if script.exists() else [sys.executable, "-m", "datamesh.cli"]
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("DATAMESH_", "KUBERNETES_"))}
+        full_env.update(env)
+        self.log = log
+        self.health_port = health_port
+        liveness = f"--liveness=http://127.0.0.1:{health_port}/healthz"
+        self._start = ([*command, "operator", liveness, *args], full_env, cwd)
+        log.write_bytes(b"")
+        self.restart()
+
+    def restart(self) -> None:
+        """Start it again (as Kubernetes restarts a container), appending to the same log."""
+        argv, env, cwd = self._start
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self, what: str = "") -> bool:
+        """True while it runs; AssertionError with the tail of its log once it has exited."""
+        if self.proc.poll() is not None:
+            raise AssertionError(
+                f"operator {self.pid} exited ({self.proc.returncode}) {what}:\n{self.log_text()[-4000:]}"
+            )
+        return True
+
+    def health(self) -> dict[str, Any] | None:
+        """Its liveness endpoint's JSON, or None when it does not answer 200."""
+        try:
+            url = f"http://127.0.0.1:{self.health_port}/healthz"
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return json.loads(r.read()) if r.status == 200 else None
+        except (OSError, ValueError):
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL, and wait for it to be gone."""
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, then SIGKILL after ``timeout``; the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused process would not act on SIGTERM
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode

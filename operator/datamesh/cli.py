@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -47,11 +48,24 @@ def operator(
         ),
     ] = None,
     query_host: Annotated[str, typer.Option(help="Address of the query API (with --query-port).")] = "0.0.0.0",
+    leader_election: Annotated[
+        bool | None,
+        typer.Option(
+            "--leader-election/--no-leader-election",
+            help="Reconcile only while holding the Lease DATAMESH_LEADER_ELECTION_LEASE_NAME in the platform "
+            "namespace, so that replicas take over from each other (default: DATAMESH_LEADER_ELECTION, on). "
+            "A standby serves its liveness endpoint, and opens the store and the query API only once it leads.",
+        ),
+    ] = None,
 ) -> None:
-    """Run the DataProduct operator (kopf) against the current kubeconfig or in-cluster account."""
+    """Run the DataProduct operator (kopf) against the current kubeconfig or in-cluster account.
+
+    With leader election (the default), exits 1 when leadership is lost, so that Kubernetes restarts
+    the container as a standby.
+    """
     from prometheus_client import start_http_server
 
-    from datamesh.controller.main import run_operator
+    from datamesh.controller.main import run_operator, run_operator_elected
     from datamesh.settings import get_settings
 
     if namespace and all_namespaces:
@@ -62,20 +76,34 @@ def operator(
     settings = get_settings()
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
+    namespaces = namespace or None
+    elected = settings.leader_election if leader_election is None else leader_election
+    lead: Callable[[asyncio.Event | None], Coroutine[Any, Any, None]] | None = None
     if query_port is not None:
         from datamesh.embedded import run_operator_with_query
 
-        asyncio.run(
-            run_operator_with_query(
+        def lead(stop: asyncio.Event | None) -> Coroutine[Any, Any, None]:
+            # Elected, this runs only once the process leads: the embedded store is opened then.
+            return run_operator_with_query(
                 settings,
                 host=query_host,
                 port=query_port,
-                namespaces=namespace or None,
-                liveness_endpoint=liveness or None,
+                namespaces=namespaces,
+                liveness_endpoint=None if elected else liveness or None,
+                stop_flag=stop,
+            )
+
+    if elected:
+        code = asyncio.run(
+            run_operator_elected(
+                settings, namespaces=namespaces, liveness_endpoint=liveness or None, lead=lead, handle_signals=True
             )
         )
+        raise typer.Exit(code)
+    if lead is not None:
+        asyncio.run(lead(None))
         return
-    asyncio.run(run_operator(settings, namespaces=namespace or None, liveness_endpoint=liveness or None))
+    asyncio.run(run_operator(settings, namespaces=namespaces, liveness_endpoint=liveness or None))
 
 
 @app.command()

@@ -6,6 +6,11 @@ share it. ``datamesh operator --query-port PORT`` (the chart's ``store.mode: emb
 both here instead: the query app of :func:`datamesh.query.app.create_app` over the operator's
 own store, reading the catalog the operator writes through the same ConfigMap watch a separate
 query service would use (``KubeCatalogSource`` of the operator's platform namespace).
+
+With leader election (the default of ``datamesh operator``) this whole function is what the
+elected leader runs: a standby opens neither the store nor the query port (so it is never Ready
+behind the query Service) until it leads. The chart runs this mode with one replica: see its
+"High availability".
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from datamesh.core.children import RuntimeDefaults
@@ -115,6 +115,42 @@ class OperatorSettings(BaseSettings):
 
     liveness_port: int = Field(8081, description="Port of the operator's /healthz endpoint.")
     metrics_port: int = Field(9090, description="Port of the operator's Prometheus /metrics endpoint (0 disables it).")
+
+    leader_election: bool = Field(
+        True,
+        description=(
+            "Reconcile only while holding a Lease in the platform namespace, so that replicas never reconcile "
+            "twice (`datamesh operator --no-leader-election` turns it off)."
+        ),
+    )
+    leader_election_lease_name: str = Field(
+        "datamesh-operator",
+        min_length=1,
+        max_length=253,
+        description="Name of the leader-election Lease; operators sharing a platform namespace need distinct ones.",
+    )
+    leader_election_lease_seconds: int = Field(
+        10, ge=2, le=300, description="Seconds a standby waits for an unrenewed lease before it takes over."
+    )
+    leader_election_renew_deadline_seconds: float = Field(
+        7.0, gt=0, description="Seconds the leader may fail to renew before it stops reconciling and exits."
+    )
+    leader_election_retry_seconds: float = Field(
+        2.0, gt=0, description="Seconds between renewals by the leader, and between a standby's looks at the lease."
+    )
+
+    @model_validator(mode="after")
+    def _leases_are_consistent(self) -> OperatorSettings:
+        # The leader must give up before anyone else may take over, and get a few renewals in before that.
+        if not self.leader_election_lease_seconds > self.leader_election_renew_deadline_seconds:
+            raise ValueError(
+                "leader_election_lease_seconds must be greater than leader_election_renew_deadline_seconds"
+            )
+        if not self.leader_election_renew_deadline_seconds >= 2 * self.leader_election_retry_seconds:
+            raise ValueError(
+                "leader_election_renew_deadline_seconds must be at least twice leader_election_retry_seconds"
+            )
+        return self
 
     def runtime_defaults(self) -> RuntimeDefaults:
         """What inference containers get when their spec does not say."""

@@ -127,9 +127,15 @@ def test_template_default(helm: Helm, kube_version: str) -> None:
     assert one(objs, "CustomResourceDefinition", "")["metadata"]["name"] == "dataproducts.datamesh.io"
 
     op = one(objs, "Deployment", "-operator")
-    assert op["spec"]["replicas"] == 1 and op["spec"]["strategy"] == {"type": "Recreate"}
+    # Two replicas electing a leader; a rollout adds a standby before it removes a replica.
+    assert op["spec"]["replicas"] == 2
+    assert op["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    (spread,) = op["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname" and spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert spread["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
     (container,) = op["spec"]["template"]["spec"]["containers"]
     assert container["args"][:2] == ["operator", "--all-namespaces"]
+    assert "--leader-election" in container["args"]
     liveness = next(a for a in container["args"] if a.startswith("--liveness="))
     assert liveness == "--liveness=http://0.0.0.0:8081/healthz"
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
@@ -140,6 +146,34 @@ def test_template_default(helm: Helm, kube_version: str) -> None:
     assert (env["DATAMESH_WATCH_SERVER_TIMEOUT"], env["DATAMESH_WATCH_CLIENT_TIMEOUT"]) == ("300", "330")
     assert env["DATAMESH_INFERENCE_IMAGE"] == container["image"] == "ghcr.io/datamesh-io/datamesh:0.1.0"
     assert "DATAMESH_QDRANT_API_KEY" not in env
+    # The holder identity is the pod's name (downward API); one Lease per release.
+    assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["DATAMESH_LEADER_ELECTION_LEASE_NAME"] == "dm-datamesh-operator"
+    assert (
+        env["DATAMESH_LEADER_ELECTION_LEASE_SECONDS"],
+        env["DATAMESH_LEADER_ELECTION_RENEW_DEADLINE_SECONDS"],
+        env["DATAMESH_LEADER_ELECTION_RETRY_SECONDS"],
+    ) == ("10", "7", "2")
+    # The Lease's own Role in the platform namespace: create it, then read and replace this one only.
+    lease_role = one(objs, "Role", "-operator-lease")
+    assert lease_role["metadata"]["namespace"] == "datamesh"
+    assert lease_role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["dm-datamesh-operator"],
+            "verbs": ["get", "update"],
+        },
+    ]
+    binding = one(objs, "RoleBinding", "-operator-lease")
+    assert binding["metadata"]["namespace"] == "datamesh"
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "dm-datamesh-operator-lease",
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "dm-datamesh-operator", "namespace": "datamesh"}]
 
     query = one(objs, "Deployment", "-query")
     assert query["spec"]["replicas"] == 2
@@ -183,6 +217,7 @@ def test_template_namespaced_mode(helm: Helm, kube_version: str) -> None:
         ("support", "dm-datamesh-operator"),
         ("finance", "dm-datamesh-operator"),
         ("datamesh-system", "dm-datamesh-operator-catalog"),
+        ("datamesh-system", "dm-datamesh-operator-lease"),
         ("datamesh-system", "dm-datamesh-query-catalog-reader"),
     } == roles
     # Nothing cluster-wide in namespaced mode.
@@ -225,9 +260,13 @@ def test_template_embedded_store(helm: Helm, kube_version: str) -> None:
     assert [d["metadata"]["name"] for d in find(objs, "Deployment")] == ["dm-datamesh-operator"]
     assert not find(objs, "HorizontalPodAutoscaler") and not find(objs, "PodDisruptionBudget")
     assert not find(objs, "ServiceAccount", "-query") and not find(objs, "Role", "-query-catalog-reader")
-    spec = one(objs, "Deployment", "-operator")["spec"]["template"]["spec"]
+    operator = one(objs, "Deployment", "-operator")
+    # One process owns the embedded store: one replica (the default asks for 2), stopped before the next starts.
+    assert operator["spec"]["replicas"] == 1 and operator["spec"]["strategy"] == {"type": "Recreate"}
+    spec = operator["spec"]["template"]["spec"]
     (container,) = spec["containers"]
     assert container["args"][-2:] == ["--query-host=0.0.0.0", "--query-port=8080"]
+    assert "--leader-election" in container["args"], "a restarted container still never overlaps its predecessor"
     env = env_of(container)
     assert env["DATAMESH_QDRANT_PATH"] == "/var/lib/datamesh/store" and "DATAMESH_QDRANT_URL" not in env
     assert env["DATAMESH_QUERY_TOKENS_FILE"] == "/etc/datamesh/tokens/tokens.yaml"
@@ -286,7 +325,11 @@ def test_chart_managed_tokens_secret(helm: Helm, kube_version: str) -> None:
     ("values", "message"),
     [
         ({"operator": {"replicas": "two"}}, "at '/operator/replicas': got string, want integer"),
-        ({"operator": {"replicas": 2}}, "at '/operator/replicas': maximum: got 2, want 1"),
+        ({"operator": {"replicas": -1}}, "at '/operator/replicas': minimum: got -1, want 0"),
+        (
+            {"operator": {"leaderElection": {"leaseDuration": 10}}},
+            "at '/operator/leaderElection': additional properties 'leaseDuration' not allowed",
+        ),
         ({"operator": {"replica": 1}}, "at '/operator': additional properties 'replica' not allowed"),
         ({"qdrant": {"mode": "embedded"}}, "at '/qdrant/mode': value must be one of 'builtin', 'external'"),
         ({"store": {"mode": "sqlite"}}, "at '/store/mode': value must be one of 'qdrant', 'embedded'"),
@@ -303,7 +346,8 @@ def test_chart_managed_tokens_secret(helm: Helm, kube_version: str) -> None:
     ],
     ids=[
         "replicas-string",
-        "replicas-2",
+        "replicas-negative",
+        "lease-misspelled-key",
         "misspelled-key",
         "qdrant-mode",
         "store-mode",
@@ -345,8 +389,27 @@ def test_schema_refuses_wrong_values(
             ],
             "queryService.autoscaling.maxReplicas must be at least queryService.autoscaling.minReplicas",
         ),
+        (
+            ["--set", "operator.leaderElection.enabled=false"],
+            "operator.replicas (2) above 1 needs operator.leaderElection.enabled",
+        ),
+        (
+            ["--set", "operator.leaderElection.renewDeadlineSeconds=10"],
+            "operator.leaderElection.renewDeadlineSeconds (10) must be less than leaseDurationSeconds (10)",
+        ),
+        (
+            ["--set", "operator.leaderElection.retryPeriodSeconds=4"],
+            "operator.leaderElection.retryPeriodSeconds (4) must be at most half of renewDeadlineSeconds (7)",
+        ),
     ],
-    ids=["watch-timeouts", "ingress-without-host", "hpa-min-above-max"],
+    ids=[
+        "watch-timeouts",
+        "ingress-without-host",
+        "hpa-min-above-max",
+        "replicas-without-election",
+        "renew-deadline-not-below-lease",
+        "retry-above-half-deadline",
+    ],
 )
 def test_template_refuses_inconsistent_values(helm: Helm, kube_version: str, args: list[str], message: str) -> None:
     result = helm.run("template", "dm", str(CHART), "--kube-version", kube_version, *args, check=False)
@@ -635,6 +698,9 @@ class TestReleaseLifecycle:
             (operator, "get", "configmaps", PRODUCTS_NS),
             (operator, "update", "configmaps", CLUSTER_NS),
             (operator, "create", "events", PRODUCTS_NS),
+            (operator, "create", "leases.coordination.k8s.io", CLUSTER_NS),
+            (operator, "get", "leases.coordination.k8s.io/dm-chart-datamesh-operator", CLUSTER_NS),
+            (operator, "update", "leases.coordination.k8s.io/dm-chart-datamesh-operator", CLUSTER_NS),
             (query, "watch", "configmaps", CLUSTER_NS),
         ]
         refused = [
@@ -648,6 +714,12 @@ class TestReleaseLifecycle:
             (operator, "update", "configmaps", PRODUCTS_NS),
             (operator, "create", "clusterrolebindings.rbac.authorization.k8s.io", None),
             (operator, "impersonate", "serviceaccounts", CLUSTER_NS),
+            # Only its own Lease, only in the platform namespace, never deleted.
+            (operator, "update", "leases.coordination.k8s.io/kube-scheduler", CLUSTER_NS),
+            (operator, "update", "leases.coordination.k8s.io/dm-chart-datamesh-operator", "kube-system"),
+            (operator, "delete", "leases.coordination.k8s.io/dm-chart-datamesh-operator", CLUSTER_NS),
+            (operator, "list", "leases.coordination.k8s.io", CLUSTER_NS),
+            (query, "get", "leases.coordination.k8s.io/dm-chart-datamesh-operator", CLUSTER_NS),
             (query, "get", "secrets", CLUSTER_NS),
             (query, "list", "configmaps", PRODUCTS_NS),
             (query, "update", "configmaps", CLUSTER_NS),
@@ -793,6 +865,7 @@ def test_operator_with_the_charts_account_reconciles_an_example_and_nothing_more
             ["get", "secrets", "-n", RBAC_PRODUCTS_NS],
             ["get", "secrets", "-n", "default"],
             ["get", "configmaps", "-n", "kube-system"],
+            ["get", "leases", "-n", RBAC_NS],
             ["delete", "namespace", RBAC_PRODUCTS_NS, "--dry-run=server"],
             ["get", "dataproducts", "-n", "default", "customer-churn"],
             ["get", "deployments", "-n", "default"],
@@ -826,6 +899,9 @@ def test_operator_with_the_charts_account_reconciles_an_example_and_nothing_more
             DATAMESH_CATALOG_FLUSH_SECONDS="0.2",
             DATAMESH_RETRY_BASE_SECONDS="0.5",
             DATAMESH_RETRY_MAX_SECONDS="4",
+            # As the chart's Deployment sets them: the election runs on the Role the chart grants.
+            POD_NAME="dm-rbac-operator-0",
+            DATAMESH_LEADER_ELECTION_LEASE_NAME="dm-rbac-datamesh-operator",
         )
         script = Path(sys.executable).with_name("datamesh")
         command = [str(script)] if script.exists() else [sys.executable, "-m", "datamesh.cli"]
@@ -892,6 +968,9 @@ def test_operator_with_the_charts_account_reconciles_an_example_and_nothing_more
 
         entry = wait_for(cataloged, timeout=30, what="the product's Ready entry in the chart's catalog")
         assert entry["records"] == 25 and entry["domain"] == "sales"
+        # It reconciled as the elected leader, holding the chart's Lease with the chart's account.
+        lease = kubectl.get("lease", "dm-rbac-datamesh-operator", RBAC_NS)
+        assert lease and lease["spec"]["holderIdentity"].startswith("dm-rbac-operator-0_"), lease
 
         # Deleting the product runs the subprocess' finalizer (patch with the same account).
         kubectl.run("delete", "dataproduct", "customer-churn", "-n", RBAC_PRODUCTS_NS, "--wait=false")

@@ -67,6 +67,16 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-operator" (include "datamesh.fullname" .) }}
 {{- end }}
 
+{{/* The operator's leader-election Lease (in the platform namespace). */}}
+{{- define "datamesh.operator.leaseName" -}}
+{{- default (include "datamesh.operator.fullname" .) .Values.operator.leaderElection.leaseName }}
+{{- end }}
+
+{{/* Operator replicas rendered: the embedded store is locked to one process, so at most one there. */}}
+{{- define "datamesh.operator.replicas" -}}
+{{- if include "datamesh.embedded" . }}{{ min 1 (int .Values.operator.replicas) }}{{ else }}{{ int .Values.operator.replicas }}{{ end }}
+{{- end }}
+
 {{- define "datamesh.query.fullname" -}}
 {{- printf "%s-query" (include "datamesh.fullname" .) }}
 {{- end }}
@@ -202,6 +212,16 @@ Checks of combinations the JSON schema cannot express well; each fails with the 
 {{- end }}
 {{- if and .Values.queryService.ingress.enabled (not .Values.queryService.enabled) }}
 {{- fail "queryService.ingress.enabled needs queryService.enabled" }}
+{{- end }}
+{{- $le := .Values.operator.leaderElection }}
+{{- if and (gt (int .Values.operator.replicas) 1) (not $le.enabled) (not (include "datamesh.embedded" .)) }}
+{{- fail (printf "operator.replicas (%v) above 1 needs operator.leaderElection.enabled: without it every replica would reconcile every product" .Values.operator.replicas) }}
+{{- end }}
+{{- if le (float64 $le.leaseDurationSeconds) (float64 $le.renewDeadlineSeconds) }}
+{{- fail (printf "operator.leaderElection.renewDeadlineSeconds (%v) must be less than leaseDurationSeconds (%v): the leader must give up before a standby may take over" $le.renewDeadlineSeconds $le.leaseDurationSeconds) }}
+{{- end }}
+{{- if lt (float64 $le.renewDeadlineSeconds) (mulf 2 $le.retryPeriodSeconds) }}
+{{- fail (printf "operator.leaderElection.retryPeriodSeconds (%v) must be at most half of renewDeadlineSeconds (%v), so the leader gets a second try at renewing" $le.retryPeriodSeconds $le.renewDeadlineSeconds) }}
 {{- end }}
 {{- if and (include "datamesh.embedded" .) .Values.queryService.autoscaling.enabled }}
 {{- fail "queryService.autoscaling.enabled cannot be used with store.mode \"embedded\": the query API is served by the single operator pod, which owns the embedded store" }}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Mapping
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from kubernetes_asyncio import client, config
@@ -17,6 +18,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from datamesh.core.children import RuntimeDefaults, deployment_available, desired_objects, inference_name, service_url
 from datamesh.core.conditions import Check, ConditionType
+from datamesh.core.election import LeaseConflict, LeaseRecord
 from datamesh.core.ports import Conflict, Shard
 from datamesh.resource.catalog import CATALOG_LABEL
 from datamesh.resource.models import Inference
@@ -199,3 +201,85 @@ class KubeInferenceBackend:
         if ok:
             return Check(ConditionType.inference_ready, True, "DeploymentAvailable", why), url
         return Check(ConditionType.inference_ready, False, "DeploymentProgressing", why), url
+
+
+# ==== leader election =============================================================================
+
+
+def micro_time(moment: datetime) -> str:
+    """A Lease's MicroTime: RFC 3339 in UTC with exactly six fractional digits (what the API server parses)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def lease_record(lease: client.V1Lease) -> LeaseRecord:
+    """The record of a Lease read from the API server."""
+    spec = lease.spec or client.V1LeaseSpec()
+    return LeaseRecord(
+        holder=spec.holder_identity or None,
+        duration_seconds=int(spec.lease_duration_seconds or 0),
+        acquired_at=spec.acquire_time,
+        renewed_at=spec.renew_time,
+        transitions=int(spec.lease_transitions or 0),
+        version=lease.metadata.resource_version if lease.metadata else None,
+    )
+
+
+def lease_body(namespace: str, name: str, record: LeaseRecord) -> dict[str, Any]:
+    """The Lease object for ``record`` (with its resourceVersion, so a stale write is refused)."""
+    metadata: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "labels": {"app.kubernetes.io/managed-by": "datamesh-operator", "app.kubernetes.io/part-of": "datamesh"},
+    }
+    if record.version is not None:
+        metadata["resourceVersion"] = record.version
+    spec: dict[str, Any] = {
+        "holderIdentity": record.holder,
+        "leaseDurationSeconds": record.duration_seconds,
+        "leaseTransitions": record.transitions,
+        "acquireTime": micro_time(record.acquired_at) if record.acquired_at else None,
+        "renewTime": micro_time(record.renewed_at) if record.renewed_at else None,
+    }
+    return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": metadata, "spec": spec}
+
+
+class KubeLeases:
+    """One coordination.k8s.io/v1 Lease, the leader-election port; every call bounded by ``timeout``."""
+
+    def __init__(self, api: client.ApiClient, namespace: str, name: str, timeout: float) -> None:
+        self.api = api
+        self.coordination = client.CoordinationV1Api(api)
+        self.namespace = namespace
+        self.name = name
+        self.timeout = timeout
+
+    async def read(self) -> LeaseRecord | None:
+        """The lease, or None when it does not exist."""
+        lease = await _none_if_missing(
+            self.coordination.read_namespaced_lease(self.name, self.namespace, _request_timeout=self.timeout)
+        )
+        return None if lease is None else lease_record(lease)
+
+    async def create(self, record: LeaseRecord) -> LeaseRecord:
+        """Create the lease; LeaseConflict when another process created it first."""
+        body: Any = lease_body(self.namespace, self.name, record)
+        try:
+            lease = await self.coordination.create_namespaced_lease(self.namespace, body, _request_timeout=self.timeout)
+        except ApiException as exc:
+            if exc.status == 409:
+                raise LeaseConflict(f"lease {self.namespace}/{self.name} already exists") from exc
+            raise
+        return lease_record(lease)
+
+    async def replace(self, record: LeaseRecord) -> LeaseRecord:
+        """Write the lease over ``record.version``; LeaseConflict when someone wrote it since."""
+        body: Any = lease_body(self.namespace, self.name, record)
+        try:
+            lease = await self.coordination.replace_namespaced_lease(
+                self.name, self.namespace, body, _request_timeout=self.timeout
+            )
+        except ApiException as exc:
+            if exc.status in (404, 409):  # 404: deleted meanwhile, so the version we hold is gone too
+                raise LeaseConflict(f"lease {self.namespace}/{self.name} changed since it was read") from exc
+            raise
+        return lease_record(lease)

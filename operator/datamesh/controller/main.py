@@ -1,4 +1,4 @@
-"""Running the operator: kopf over the handlers' registry."""
+"""Running the operator: kopf over the handlers' registry, alone or only while elected leader."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import asyncio
 
 import kopf
 
+from datamesh.adapters.kube import KubeLeases, api_client
 from datamesh.controller.handlers import build_registry, kopf_settings
+from datamesh.controller.leader import Elector, Lead, identity_of, run_elected
+from datamesh.core.election import ElectionTiming
 from datamesh.core.ports import VectorStore
 from datamesh.settings import OperatorSettings
 
@@ -33,3 +36,57 @@ async def run_operator(
         stop_flag=stop_flag,
         ready_flag=ready_flag,
     )
+
+
+def election_timing(settings: OperatorSettings) -> ElectionTiming:
+    """The lease timing the settings ask for."""
+    return ElectionTiming(
+        float(settings.leader_election_lease_seconds),
+        settings.leader_election_renew_deadline_seconds,
+        settings.leader_election_retry_seconds,
+    )
+
+
+async def run_operator_elected(
+    settings: OperatorSettings,
+    *,
+    namespaces: list[str] | None = None,
+    liveness_endpoint: str | None = None,
+    lead: Lead | None = None,
+    stop_flag: asyncio.Event | None = None,
+    handle_signals: bool = False,
+) -> int:
+    """Run the operator (or ``lead``) only while this process holds the lease; the exit code (0, or 1 if lost).
+
+    The lease is ``settings.leader_election_lease_name`` in the platform namespace. The liveness
+    endpoint is served here, for a standby as for the leader.
+    """
+
+    async def operate(stop: asyncio.Event) -> None:
+        await run_operator(settings, namespaces=namespaces, stop_flag=stop)
+
+    timing = election_timing(settings)
+    api = await api_client()
+    try:
+        # A call may take up to half the renew deadline, which leaves time for one more attempt.
+        leases = KubeLeases(
+            api,
+            settings.platform_namespace,
+            settings.leader_election_lease_name,
+            timeout=timing.renew_deadline_seconds / 2,
+        )
+        elector = Elector(
+            leases,
+            identity_of(),
+            timing,
+            lease_name=f"{settings.platform_namespace}/{settings.leader_election_lease_name}",
+        )
+        return await run_elected(
+            lead or operate,
+            elector,
+            liveness_endpoint=liveness_endpoint,
+            stop_flag=stop_flag,
+            handle_signals=handle_signals,
+        )
+    finally:
+        await api.close()

@@ -12,6 +12,7 @@ PRODUCTS_BY_PHASE = Gauge("datamesh_products", "DataProducts known to this opera
 CATALOG_WRITES = Counter("datamesh_catalog_writes_total", "Catalog ConfigMap (or file) writes.")
 INGESTED_ROWS = Counter("datamesh_ingested_rows_total", "Rows embedded and upserted into Qdrant.")
 REJECTED_ROWS = Counter("datamesh_rejected_rows_total", "Source rows refused by schema validation.")
+LEADER = Gauge("datamesh_operator_leader", "1 while this operator process holds the leader-election lease.")
 SLA_BREACHES = Gauge(
     "datamesh_sla_breached", "1 while a product's SLA is breached.", ["namespace", "name", "objective"]
 )

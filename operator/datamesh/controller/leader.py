@@ -1,0 +1,394 @@
+"""Leader election between operator replicas, over a coordination.k8s.io Lease.
+
+Only the leader runs kopf, and so only the leader opens the store: a standby waits (its
+liveness endpoint answering all along) and takes over once the lease expires or is released.
+A leader that cannot renew within its deadline stops kopf through its stop flag and exits
+non-zero, so Kubernetes restarts it as a standby; if kopf has not stopped by the time a standby
+could see the lease expire, the process exits at once. Either way two replicas never reconcile
+at the same time. The decisions are the plain functions of :mod:`datamesh.core.election`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import secrets
+import signal
+import socket
+import threading
+from collections.abc import Callable, Coroutine, Mapping
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from datamesh.controller import metrics
+from datamesh.core.election import (
+    Action,
+    ElectionTiming,
+    LeaseConflict,
+    LeasePort,
+    LeaseRecord,
+    Observation,
+    claimed,
+    decide,
+    failure_delay,
+    observe,
+    released,
+    renew_deadline,
+    standby_delay,
+    write_deadline,
+)
+
+log = logging.getLogger(__name__)
+
+EXIT_LOST = 1  # leadership lost, or the operator failed: Kubernetes restarts the container
+Lead = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+
+
+def identity_of(environ: Mapping[str, str] = os.environ) -> str:
+    """This process's holder identity: its pod's name (POD_NAME, else the host name) and a random suffix."""
+    # The suffix tells a restarted container (same pod name) from the process it replaces.
+    return f"{environ.get('POD_NAME') or socket.gethostname()}_{secrets.token_hex(4)}"
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep ``seconds`` or until ``stop`` is set; whether it was set."""
+    if seconds > 0 and not stop.is_set():
+        try:
+            async with asyncio.timeout(seconds):
+                await stop.wait()
+        except TimeoutError:
+            pass
+    return stop.is_set()
+
+
+class Elector:
+    """One process's side of the election: waits for the lease, renews it, gives it up."""
+
+    def __init__(
+        self,
+        leases: LeasePort,
+        identity: str,
+        timing: ElectionTiming,
+        *,
+        lease_name: str,
+        rand: Callable[[], float] = random.random,
+        wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.leases = leases
+        self.identity = identity
+        self.timing = timing
+        self.lease_name = lease_name
+        self.rand = rand
+        self.wall = wall
+        self.role = "standby"  # standby | leader | lost | released
+        self.holder: str | None = None
+        self.observation: Observation | None = None
+        self.record: LeaseRecord | None = None
+        self.renewed_at = 0.0  # loop time at which the last successful write was sent
+        self.lost_reason: str | None = None
+        self.superseded = False  # lost to another holder, who may be reconciling already
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._on_lost: Callable[[str], None] | None = None
+
+    def state(self) -> dict[str, Any]:
+        """What the liveness endpoint reports."""
+        return {"role": self.role, "identity": self.identity, "holder": self.holder, "lease": self.lease_name}
+
+    # ---- standing by ---------------------------------------------------------------------------
+
+    async def acquire(self, stop: asyncio.Event) -> bool:
+        """Stand by until this process holds the lease (True), or ``stop`` is set (False)."""
+        failures = 0
+        started = asyncio.get_running_loop().time()
+        while not stop.is_set():
+            try:
+                delay = await self._try_acquire()
+                failures = 0
+            except LeaseConflict as exc:
+                log.info("another process wrote the lease first (%s); looking again", exc)
+                delay = 0.0
+            except Exception as exc:
+                failures += 1
+                delay = failure_delay(failures, self.timing)
+                log.warning(
+                    "cannot read or write lease %s (failure %d, next try in %.1fs): %s",
+                    self.lease_name,
+                    failures,
+                    delay,
+                    _describe(exc),
+                )
+            if self.role == "leader":
+                waited = asyncio.get_running_loop().time() - started
+                log.info(
+                    "leadership acquired: %s holds lease %s after %.1fs (transitions %d); starting the operator",
+                    self.identity,
+                    self.lease_name,
+                    waited,
+                    self.record.transitions if self.record else 0,
+                )
+                return True
+            if await _wait(stop, delay):
+                break
+        return False
+
+    async def _try_acquire(self) -> float:
+        """One look at the lease, taking it when free; the seconds until the next look."""
+        loop = asyncio.get_running_loop()
+        record = await self.leases.read()
+        now = loop.time()
+        self.observation = observe(self.observation, record, now)
+        action = decide(self.identity, self.observation, now)
+        if action is Action.WAIT:
+            holder = record.holder if record else None
+            if holder != self.holder:
+                log.info("standing by: lease %s is held by %s", self.lease_name, holder)
+            self.holder = holder
+            return standby_delay(self.observation, now, self.timing, self.rand)
+        if action is Action.TAKE_OVER and record is not None and record.holder:
+            log.info("lease %s of %s expired; taking over", self.lease_name, record.holder)
+        sent = loop.time()
+        claim = claimed(record, self.identity, self.wall(), self.timing)
+        written = await (self.leases.create(claim) if record is None else self.leases.replace(claim))
+        self.record, self.renewed_at, self.holder, self.role = written, sent, self.identity, "leader"
+        metrics.LEADER.set(1)
+        return 0.0
+
+    # ---- leading -------------------------------------------------------------------------------
+
+    async def keep(self, stop: asyncio.Event, on_lost: Callable[[str], None]) -> None:
+        """Renew the lease every retry period until ``stop`` is set or it is lost.
+
+        ``on_lost`` runs synchronously from a timer at the renew deadline (or when another holder
+        shows up), so after a pause of the whole process it runs before any other task resumes.
+        """
+        loop = asyncio.get_running_loop()
+        self._on_lost = on_lost
+        self._arm(loop)
+        pause = self.timing.retry_seconds
+        try:
+            while self.role == "leader":
+                if await _wait(stop, pause) or self.role != "leader":
+                    return
+                pause = self.timing.retry_seconds / 2  # after a failure, try again sooner
+                try:
+                    # No attempt outlives the deadline; the watchdog acts on it.
+                    async with asyncio.timeout_at(renew_deadline(self.renewed_at, self.timing)):
+                        await self._renew(loop)
+                    pause = self.timing.retry_seconds
+                except TimeoutError:
+                    log.warning("renewing lease %s timed out", self.lease_name)
+                except Exception as exc:
+                    left = renew_deadline(self.renewed_at, self.timing) - loop.time()
+                    log.warning(
+                        "renewing lease %s failed (%.1fs left before giving up): %s",
+                        self.lease_name,
+                        left,
+                        _describe(exc),
+                    )
+        finally:
+            self._disarm()
+
+    async def _renew(self, loop: asyncio.AbstractEventLoop) -> None:
+        for _ in range(2):
+            sent = loop.time()
+            try:
+                written = await self.leases.replace(claimed(self.record, self.identity, self.wall(), self.timing))
+            except LeaseConflict:
+                current = await self.leases.read()
+                if current is None or current.holder != self.identity:
+                    self.superseded = current is not None and bool(current.holder)
+                    self._lose(f"the lease is now held by {current.holder if current else 'nobody (it was deleted)'}")
+                    return
+                self.record = current  # a write of ours landed after its answer was lost: renew over it
+                continue
+            if self.role == "leader":
+                self.record, self.renewed_at = written, sent
+                self._arm(loop)
+            return
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._disarm()
+        reason = f"the lease was not renewed within {self.timing.renew_deadline_seconds:g}s"
+        self._watchdog = loop.call_at(renew_deadline(self.renewed_at, self.timing), self._lose, reason)
+
+    def _disarm(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def _lose(self, reason: str) -> None:
+        if self.role != "leader":
+            return
+        self.role, self.lost_reason = "lost", reason
+        self._disarm()
+        metrics.LEADER.set(0)
+        log.error(
+            "leadership lost: %s holds lease %s no longer (%s); stopping the operator",
+            self.identity,
+            self.lease_name,
+            reason,
+        )
+        if self._on_lost is not None:
+            self._on_lost(reason)
+
+    async def release(self) -> None:
+        """Give the lease up, so a standby takes over at its next look rather than at the expiry."""
+        if self.role != "leader" or self.record is None:
+            return
+        self.role = "released"
+        self._disarm()
+        metrics.LEADER.set(0)
+        try:
+            async with asyncio.timeout(self.timing.retry_seconds):
+                await self.leases.replace(released(self.record, self.wall()))
+        except Exception as exc:
+            log.warning(
+                "lease %s not released (a standby takes over when it expires): %s", self.lease_name, _describe(exc)
+            )
+            return
+        log.info("leadership released: lease %s is free", self.lease_name)
+
+
+def _describe(exc: BaseException) -> str:
+    """An API error in one line, with what to do about a refusal."""
+    status = getattr(exc, "status", None)
+    if status == 403:
+        return "forbidden: the operator's account needs get, create and update on leases (coordination.k8s.io)"
+    if status == 404:
+        return "not found: does the platform namespace (DATAMESH_PLATFORM_NAMESPACE) exist?"
+    if status is not None:
+        return f"HTTP {status} {getattr(exc, 'reason', '')}".strip()
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class HealthServer:
+    """The liveness endpoint of an elected operator: 200 while its event loop runs, leader or standby."""
+
+    def __init__(self, endpoint: str, elector: Elector) -> None:
+        url = urlsplit(endpoint)
+        self.host = url.hostname or "0.0.0.0"
+        self.port = url.port or 80
+        self.path = url.path or "/"
+        self.elector = elector
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        """Listen on the endpoint's address (kopf's own endpoint stays off while elected)."""
+        app = web.Application()
+        app.router.add_get(self.path, self._health)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port, reuse_address=True).start()
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response(self.elector.state())
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> None:
+    # SIGTERM while standing by (kopf installs its own while it runs, and stops itself on them).
+    if threading.current_thread() is threading.main_thread():
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+
+def _exit_now(hard_exit: Callable[[int], None], reason: str) -> None:
+    log.critical("the operator did not stop before lease expiry (%s); exiting now", reason)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    hard_exit(EXIT_LOST)
+
+
+async def run_elected(
+    lead: Lead,
+    elector: Elector,
+    *,
+    liveness_endpoint: str | None = None,
+    stop_flag: asyncio.Event | None = None,
+    handle_signals: bool = False,
+    hard_exit: Callable[[int], None] = os._exit,
+) -> int:
+    """Run ``lead(stop)`` only while ``elector`` holds the lease; the process's exit code.
+
+    0 when stopped (``stop_flag``, a signal, or ``lead`` returning); 1 when leadership was lost
+    or ``lead`` failed. ``hard_exit`` ends the process when a deposed leader would not stop in time.
+    """
+    stop = stop_flag or asyncio.Event()
+    health = HealthServer(liveness_endpoint, elector) if liveness_endpoint else None
+    if health is not None:
+        await health.start()
+    if handle_signals:
+        _install_signal_handlers(stop)
+    timing = elector.timing
+    log.info(
+        "leader election: %s stands for lease %s (lease %gs, renew deadline %gs, retry %gs)",
+        elector.identity,
+        elector.lease_name,
+        timing.lease_seconds,
+        timing.renew_deadline_seconds,
+        timing.retry_seconds,
+    )
+    try:
+        if not await elector.acquire(stop):
+            log.info("stopped while standing by")
+            return 0
+        code = await _lead(lead, elector, stop, hard_exit)
+        if handle_signals:
+            _install_signal_handlers(stop)  # kopf's handlers point at its finished run
+        return code
+    finally:
+        if health is not None:
+            await health.stop()
+
+
+async def _lead(lead: Lead, elector: Elector, stop: asyncio.Event, hard_exit: Callable[[int], None]) -> int:
+    loop = asyncio.get_running_loop()
+    kopf_stop = asyncio.Event()
+    exit_timer: asyncio.TimerHandle | None = None
+
+    def lost(reason: str) -> None:
+        nonlocal exit_timer
+        kopf_stop.set()
+        deadline = write_deadline(elector.renewed_at, elector.timing)
+        if elector.superseded or loop.time() >= deadline:
+            _exit_now(hard_exit, reason)  # synchronously, before any other task can write
+        else:
+            exit_timer = loop.call_at(deadline, _exit_now, hard_exit, reason)
+
+    # Created before kopf starts: kopf cancels every task that appeared after it, when it stops.
+    keeping = asyncio.Event()
+    keeper = asyncio.create_task(elector.keep(keeping, lost), name="datamesh lease keeper")
+    stopper = asyncio.create_task(stop.wait(), name="datamesh stop waiter")
+    leader = asyncio.create_task(lead(kopf_stop), name="datamesh leader")
+    try:
+        await asyncio.wait({leader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not leader.done():
+            kopf_stop.set()  # stopped from outside: kopf finishes gracefully while the lease is still ours
+            await asyncio.wait({leader})
+        failure = None if leader.cancelled() else leader.exception()
+        if elector.role == "lost":
+            log.error("the operator stopped after losing leadership; exiting with %d", EXIT_LOST)
+            return EXIT_LOST
+        if failure is not None:
+            log.error("the operator failed; giving up the lease", exc_info=failure)
+            return EXIT_LOST
+        return 0
+    finally:
+        if exit_timer is not None:
+            exit_timer.cancel()  # kopf stopped in time: exit normally
+        keeping.set()
+        await asyncio.wait({keeper}, timeout=elector.timing.retry_seconds)
+        keeper.cancel()
+        stopper.cancel()
+        await elector.release()
