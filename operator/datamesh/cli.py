@@ -7,11 +7,14 @@ import logging
 import os
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from datamesh.settings import OperatorSettings
 
 app = typer.Typer(
     help="Datamesh Operator: DataProducts on Kubernetes, a discovery catalog and federated queries.",
@@ -48,6 +51,22 @@ def operator(
         ),
     ] = None,
     query_host: Annotated[str, typer.Option(help="Address of the query API (with --query-port).")] = "0.0.0.0",
+    label_selector: Annotated[
+        str | None,
+        typer.Option(
+            "--label-selector",
+            "-l",
+            help="Reconcile only the DataProducts matching this label selector, e.g. datamesh.io/shard=a (the API "
+            "server filters the watch; default: DATAMESH_LABEL_SELECTOR). Needs --shard.",
+        ),
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="Name of this operator's shard (default: DATAMESH_SHARD): its catalog entries carry it, so its "
+            "start-up rebuild replaces only its own, and its default Lease is datamesh-operator-<shard>.",
+        ),
+    ] = None,
     leader_election: Annotated[
         bool | None,
         typer.Option(
@@ -66,14 +85,13 @@ def operator(
     from prometheus_client import start_http_server
 
     from datamesh.controller.main import run_operator, run_operator_elected
-    from datamesh.settings import get_settings
 
     if namespace and all_namespaces:
         raise typer.BadParameter("use either --namespace or --all-namespaces, not both")
+    settings = _operator_settings(shard=shard, label_selector=label_selector)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    settings = get_settings()
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
     namespaces = namespace or None
@@ -104,6 +122,20 @@ def operator(
         asyncio.run(lead(None))
         return
     asyncio.run(run_operator(settings, namespaces=namespaces, liveness_endpoint=liveness or None))
+
+
+def _operator_settings(**overrides: str | None) -> OperatorSettings:
+    """The environment's operator settings with the command line's overrides; a bad value is a usage error."""
+    from pydantic import ValidationError
+
+    from datamesh.settings import OperatorSettings, get_settings
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return OperatorSettings(**given) if given else get_settings()  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        raise typer.BadParameter(problems) from None
 
 
 @app.command()

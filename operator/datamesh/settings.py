@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from datamesh.core.children import RuntimeDefaults
+from datamesh.core.selector import LabelSelector, SelectorError
+
+DEFAULT_LEASE_NAME = "datamesh-operator"
 
 
 class StoreSettings(BaseSettings):
@@ -26,6 +29,13 @@ class StoreSettings(BaseSettings):
     api_key: str | None = Field(None, description="API key for the Qdrant server.")
     path: str = Field(
         ":memory:", description="Folder of the embedded store (':memory:': a temporary folder, gone on exit)."
+    )
+    ca_file: str | None = Field(
+        None,
+        description=(
+            "PEM bundle of the certificate authorities that signed the Qdrant server's certificate (an https URL); "
+            "unset: the system's CAs."
+        ),
     )
     timeout: float = Field(10.0, gt=0, description="Seconds per Qdrant request.")
     concurrency: int = Field(16, ge=1, description="Store requests in flight at once.")
@@ -124,10 +134,13 @@ class OperatorSettings(BaseSettings):
         ),
     )
     leader_election_lease_name: str = Field(
-        "datamesh-operator",
+        DEFAULT_LEASE_NAME,
         min_length=1,
         max_length=253,
-        description="Name of the leader-election Lease; operators sharing a platform namespace need distinct ones.",
+        description=(
+            "Name of the leader-election Lease; operators sharing a platform namespace need distinct ones "
+            "(a shard's default is datamesh-operator-<shard>)."
+        ),
     )
     leader_election_lease_seconds: int = Field(
         10, ge=2, le=300, description="Seconds a standby waits for an unrenewed lease before it takes over."
@@ -138,6 +151,52 @@ class OperatorSettings(BaseSettings):
     leader_election_retry_seconds: float = Field(
         2.0, gt=0, description="Seconds between renewals by the leader, and between a standby's looks at the lease."
     )
+
+    shard: str | None = Field(
+        None,
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description=(
+            "Name of this operator's shard (`--shard`): written into its catalog entries, so that its start-up "
+            "rebuild replaces only its own, and into its Events; its default Lease is datamesh-operator-<shard>."
+        ),
+    )
+    label_selector: str | None = Field(
+        None,
+        description=(
+            "Reconcile only the DataProducts matching this label selector (`--label-selector`; applied by the API "
+            "server to the watch). Needs a shard name."
+        ),
+    )
+
+    @field_validator("label_selector")
+    @classmethod
+    def _selector_parses(cls, value: str | None) -> str | None:
+        # Refused here, at start, rather than by the API server on every watch attempt.
+        if value is None:
+            return None
+        try:
+            return str(LabelSelector.parse(value))
+        except SelectorError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _shard_is_named(self) -> OperatorSettings:
+        if self.label_selector and not self.shard:
+            raise ValueError(
+                "a label selector needs a shard name (--shard, DATAMESH_SHARD): the catalog entries of a label shard "
+                "carry it, so that its start-up rebuild leaves other shards' entries alone"
+            )
+        if self.shard and "leader_election_lease_name" not in self.model_fields_set:
+            # Each shard elects its own leader; a shared Lease would let only one shard reconcile.
+            self.leader_election_lease_name = f"{DEFAULT_LEASE_NAME}-{self.shard}"
+        return self
+
+    @property
+    def selector(self) -> LabelSelector | None:
+        """The parsed label selector, or None when the operator takes every product of its namespaces."""
+        return LabelSelector.parse(self.label_selector) if self.label_selector else None
 
     @model_validator(mode="after")
     def _leases_are_consistent(self) -> OperatorSettings:

@@ -127,16 +127,23 @@ class Kube:
         return None if result is None else self._plain(result)
 
     async def list_products(
-        self, group: str, version: str, plural: str, namespaces: list[str] | None = None
+        self,
+        group: str,
+        version: str,
+        plural: str,
+        namespaces: list[str] | None = None,
+        label_selector: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Every DataProduct in the cluster, or in ``namespaces`` (for the catalog rebuild)."""
+        """Every DataProduct in the cluster or in ``namespaces``, matching ``label_selector`` (the catalog rebuild)."""
         if not namespaces:
-            result = await self.custom.list_cluster_custom_object(group, version, plural, _request_timeout=60)
+            result = await self.custom.list_cluster_custom_object(
+                group, version, plural, label_selector=label_selector or "", _request_timeout=60
+            )
             return list(result.get("items", []))
         items: list[dict[str, Any]] = []
         for namespace in namespaces:
             result = await self.custom.list_namespaced_custom_object(
-                group, version, namespace, plural, _request_timeout=60
+                group, version, namespace, plural, label_selector=label_selector or "", _request_timeout=60
             )
             items.extend(result.get("items", []))
         return items

@@ -17,6 +17,7 @@ from datamesh.controller.runtime import Runtime, build_runtime
 from datamesh.core.children import MANAGED_BY, deployment_available, desired_objects, drifted
 from datamesh.core.conditions import ConditionType, utcnow
 from datamesh.core.sla import refresh_due
+from datamesh.engine.catalog_writer import CatalogScope
 from datamesh.engine.reconciler import Event, Outcome
 from datamesh.resource.catalog import entry_of_object
 from datamesh.resource.models import GROUP, PLURAL, VERSION, DataProductStatus, parse_spec, parse_status
@@ -41,11 +42,17 @@ def post_event(body: Mapping[str, Any], event: Event) -> None:
 
 
 def kopf_settings(settings: OperatorSettings, namespaces: list[str] | None = None) -> kopf.OperatorSettings:
-    """kopf's own settings: our finalizer and annotation prefix, and watch timeouts."""
+    """kopf's own settings: our finalizer and annotation prefix, watch timeouts, and a shard's label selector."""
     ks = kopf.OperatorSettings()
     if namespaces:
         # Fixed namespaces need no observing of namespaces and CRDs (and no cluster-wide RBAC).
         ks.scanning.disabled = True
+    if settings.label_selector:
+        # On the list and the watch themselves: a shard is never sent another shard's products.
+        ks.watching.label_selectors[GROUP, PLURAL] = settings.label_selector
+    # Events say which operator (and shard) wrote them (kubectl describe's "From" column).
+    ks.posting.reporting_component = "datamesh-operator"
+    ks.posting.reporting_instance = settings.shard or "datamesh-operator"
     ks.persistence.finalizer = settings.finalizer
     ks.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=settings.annotation_prefix)
     ks.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -66,6 +73,8 @@ def kopf_settings(settings: OperatorSettings, namespaces: list[str] | None = Non
 def build_registry(settings: OperatorSettings, namespaces: list[str] | None = None) -> kopf.OperatorRegistry:
     """A registry with every handler of the DataProduct operator (``namespaces``: the watched ones, or all)."""
     registry = kopf.OperatorRegistry()
+    selector = settings.selector
+    scope = CatalogScope(frozenset(namespaces) if namespaces else None, by_label=selector is not None)
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -76,10 +85,13 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
         try:
             if getattr(memo, "runtime", None) is None:
                 memo.runtime = await build_runtime(settings, getattr(memo, "store", None))
-            # The catalog is derived state: make it hold exactly the products that exist now.
-            bodies = await memo.runtime.kube.list_products(*RESOURCE, namespaces=namespaces)
+            # The catalog is derived state: make it hold exactly the products that exist now, within
+            # this operator's scope (its namespaces, and with a label selector its own entries only).
+            bodies = await memo.runtime.kube.list_products(
+                *RESOURCE, namespaces=namespaces, label_selector=settings.label_selector
+            )
             entries = [e for e in map(entry_of_object, bodies) if e is not None]
-            await memo.runtime.catalog.replace_all(entries, namespaces=namespaces)
+            await memo.runtime.catalog.replace_all(entries, scope)
         except Exception as exc:
             if retry >= 5:
                 raise kopf.PermanentError(f"cannot start: {exc}") from exc
@@ -160,6 +172,8 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
             product = await runtime.kube.read_product(*RESOURCE, body.metadata.namespace or "default", owner)
             if product is None or (product.get("metadata") or {}).get("deletionTimestamp"):
                 return  # the product is going away; let the garbage collector finish
+            if selector is not None and not selector.matches((product.get("metadata") or {}).get("labels")):
+                return  # children do not carry their product's labels: another shard's product
             if await _repair_children(runtime, product, body, deleted=type == "DELETED"):
                 return
             if body.get("kind") == "Deployment" and _availability_changed(product, body):

@@ -78,7 +78,12 @@ async def build_runtime(settings: OperatorSettings, store: VectorStore | None = 
     observer = PrometheusObserver()
     backend = ConfigMapCatalogBackend(kube, settings.platform_namespace, settings.catalog_prefix)
     catalog = CatalogWriter(
-        backend, settings.catalog_prefix, settings.catalog_shard_bytes, settings.catalog_flush_seconds, observer
+        backend,
+        settings.catalog_prefix,
+        settings.catalog_shard_bytes,
+        settings.catalog_flush_seconds,
+        observer,
+        shard=settings.shard,
     )
     http = httpx.AsyncClient(timeout=settings.url_timeout, limits=httpx.Limits(max_connections=32))
     ports = Ports(

@@ -3,20 +3,40 @@
 The catalog is derived state. The operator rebuilds it from the DataProducts that exist on
 start, and writes are coalesced: every change within a short window becomes one write per
 touched shard, so a thousand products applied at once cause a handful of ConfigMap updates.
+Several operators (shards of the product set) may share one catalog: each stamps its entries
+with its shard's name, and each start-up rebuild replaces only the entries in its own scope.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from datamesh.core.ports import CatalogBackend, Conflict, NullObserver, Observer
 from datamesh.resource.catalog import CatalogEntry, decode_entries, encode_entry
 
 
+@dataclass(frozen=True)
+class CatalogScope:
+    """Which entries one operator's start-up rebuild may replace: those of the products it can see."""
+
+    namespaces: frozenset[str] | None = None  # None: every namespace
+    by_label: bool = False  # it sees only the products matching a label selector
+
+    def owns(self, key: str, entry: CatalogEntry | None, shard: str | None) -> bool:
+        """Whether the entry at ``key`` (``entry`` as read, None if unreadable) is this operator's to replace."""
+        # Keys are "<namespace>.<name>" (or a shortening of it) and namespaces hold no dots.
+        if self.namespaces is not None and key.split(".", 1)[0] not in self.namespaces:
+            return False
+        # A label shard shares its namespaces with other shards: only the entries it stamped are its
+        # own. (An entry written before sharding carries no shard; its product's shard restamps it.)
+        return not self.by_label or (entry is not None and entry.shard == shard)
+
+
 class CatalogWriter:
-    """Coalesces catalog changes into few, conflict-safe shard writes."""
+    """Coalesces catalog changes into few, conflict-safe shard writes (entries stamped with ``shard``)."""
 
     def __init__(
         self,
@@ -25,9 +45,11 @@ class CatalogWriter:
         shard_bytes: int,
         flush_seconds: float,
         observer: Observer | None = None,
+        shard: str | None = None,
     ) -> None:
         self.backend = backend
         self.observer: Observer = observer or NullObserver()
+        self.shard = shard
         self.prefix = prefix
         self.shard_bytes = shard_bytes
         self.flush_seconds = flush_seconds
@@ -44,6 +66,8 @@ class CatalogWriter:
     async def load(self) -> dict[str, CatalogEntry]:
         """Read the shards that exist; learn where each entry lives."""
         entries: dict[str, CatalogEntry] = {}
+        self._location.clear()
+        self._sizes.clear()
         for shard in await self.backend.list_shards():
             self._sizes[shard.name] = _size(shard.data)
             for key in shard.data:
@@ -54,27 +78,30 @@ class CatalogWriter:
 
     async def upsert(self, entry: CatalogEntry) -> None:
         """Put an entry; returns once it is written."""
-        await self._submit(entry.key, encode_entry(entry))
+        await self._submit(entry.key, self._encode(entry))
 
     async def remove(self, key: str) -> None:
         """Remove an entry; returns once it is gone."""
         await self._submit(key, None)
 
-    async def replace_all(self, entries: Iterable[CatalogEntry], namespaces: Collection[str] | None = None) -> None:
-        """Make the catalog hold exactly ``entries`` (the rebuild on start).
+    async def replace_all(self, entries: Iterable[CatalogEntry], scope: CatalogScope | None = None) -> None:
+        """Make the catalog hold exactly ``entries`` within ``scope`` (the rebuild on start; default: all of it).
 
-        With ``namespaces``, only entries of those namespaces are replaced: operators watching
-        other namespaces may share the catalog.
+        Entries outside the scope are left alone, so operators over other namespaces, or other label
+        shards, may share the catalog.
         """
-        if not self._loaded:
-            await self.load()
-        wanted = {e.key: encode_entry(e) for e in entries}
+        scope = scope or CatalogScope()
+        async with self._lock:
+            current = await self.load()  # fresh: another operator may have written since
+        wanted = {e.key: self._encode(e) for e in entries}
         for key in list(self._location):
-            # Keys are "<namespace>.<name>" and namespaces hold no dots.
-            if key not in wanted and (namespaces is None or key.split(".", 1)[0] in namespaces):
+            if key not in wanted and scope.owns(key, current.get(key), self.shard):
                 self._pending[key] = None
         self._pending.update(wanted)
         await self._submit_pending()
+
+    def _encode(self, entry: CatalogEntry) -> str:
+        return encode_entry(entry if self.shard is None else entry.model_copy(update={"shard": self.shard}))
 
     async def _submit(self, key: str, value: str | None) -> None:
         self._pending[key] = value

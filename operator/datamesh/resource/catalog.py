@@ -79,6 +79,7 @@ class CatalogEntry(WireModel):
     consumers: list[str] = Field(default_factory=lambda: ["*"])
     pii_readers: list[str] = Field(default_factory=list)
     generation: int | None = None
+    shard: str | None = None  # the operator shard that wrote the entry (its rebuild replaces only its own)
 
     @property
     def key(self) -> str:
