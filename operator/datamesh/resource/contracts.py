@@ -53,6 +53,7 @@ from datamesh.resource.models import (
     FieldType,
     SchemaField,
     SourceFormat,
+    parse_duration,
 )
 
 # The approved standard (v3.2.0 is a draft); contracts of any v3 version are read.
@@ -73,7 +74,8 @@ FILTERABLE = "filterable"
 DATE_FORMAT = "yyyy-MM-dd"
 
 # SLA properties. ODCS names data freshness `latency` (its list says: "preferred to freshness");
-# the p99 query latency has no ODCS name and keeps the DataProduct's. Synonyms are the standard's.
+# the p99 query latency has no ODCS name and keeps the DataProduct's. Synonyms are the standard's,
+# but `freshness`, which datacontract-cli writes.
 SLA_FRESHNESS = "latency"
 SLA_AVAILABILITY = "availability"
 SLA_QUERY_LATENCY = "queryLatencyP99"
@@ -241,15 +243,8 @@ def _duration_value(duration: str) -> tuple[float | int, str]:
     if single:
         number, unit = single.groups()
         return (float(number) if "." in number else int(number)), _UNIT_OUT[unit]
-    seconds = _duration_seconds(duration)
+    seconds = parse_duration(duration)
     return (int(seconds) if seconds.is_integer() else seconds), "s"
-
-
-def _duration_seconds(duration: str) -> float:
-    return sum(
-        float(number) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
-        for number, unit in re.findall(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)", duration)
-    )
 
 
 def _sla_properties(spec: DataProductSpec) -> list[ServiceLevelAgreementProperty]:
@@ -320,17 +315,15 @@ def product_to_export(documents: Iterable[Any], wanted: str | None) -> CheckedDo
 
     ``wanted`` is ``namespace/name`` or a name; it may be left out when there is one DataProduct.
     """
-    products = [
-        check_document(doc)
-        for doc in _expand_lists(documents)
-        if isinstance(doc, Mapping) and doc.get("kind") == KIND and doc.get("apiVersion") == API_VERSION
-    ]
+    # Documents meant as DataProducts, refused ones included: their refusal says what to fix.
+    products = [c for c in map(check_document, _expand_lists(documents)) if c.verdict is not Verdict.other]
     if wanted is not None:
         products = [p for p in products if wanted in (p.key, p.name)]
     if len(products) == 1:
         product = products[0]
         if product.verdict is not Verdict.product:
-            raise ContractError(f"{product.key} is refused as `kubectl apply` would refuse it: {product.message}")
+            who = product.key if product.name else "its document"
+            raise ContractError(f"{who} is refused as `kubectl apply` would refuse it: {product.message}")
         return product
     if not products:
         raise ContractError(f"no {KIND} ({API_VERSION})" + (f" named {wanted}" if wanted else "") + " in it")
@@ -353,8 +346,29 @@ def _expand_lists(documents: Iterable[Any]) -> Iterable[Any]:
 @cache
 def _validator() -> jsonschema.protocols.Validator:
     schema = json.loads(resources.files("open_data_contract_standard").joinpath("schema.json").read_text())
+    _require_tested_keys(schema)
     cls = jsonschema.validators.validator_for(schema)
     return cls(schema)
+
+
+def _require_tested_keys(node: Any) -> None:
+    """Make each ``if: {properties: {key: {const: ...}}}`` also require the key, as the schema means it.
+
+    Without it the condition holds when the key is absent: the schema shipped with the package
+    (ODCS v3.2.0, a draft) then asks every property that has no logicalType for a `map`. Its
+    conditions on a server's type already require the key; those on logicalType do not.
+    """
+    if isinstance(node, list):
+        for item in node:
+            _require_tested_keys(item)
+    elif isinstance(node, dict):
+        condition = node.get("if")
+        for case in [condition, *(condition.get("anyOf", []) if isinstance(condition, dict) else [])]:
+            tested = [k for k, v in (case or {}).get("properties", {}).items() if isinstance(v, dict) and "const" in v]
+            if tested and "required" not in case:
+                case["required"] = tested
+        for value in node.values():
+            _require_tested_keys(value)
 
 
 def read_contract(data: bytes) -> OpenDataContractStandard:
@@ -534,9 +548,10 @@ def _schema_object(contract: OpenDataContractStandard, wanted: str | None) -> Sc
 
 def _field(prop: SchemaProperty, notes: list[str]) -> dict[str, Any]:
     where = f"property {prop.name}"
+    kind = _field_type(prop, where, notes)
     if prop.properties or prop.items or prop.map:
         raise ContractError(f"{where} has nested properties: DataProduct rows are flat")
-    out: dict[str, Any] = {"name": prop.name, "type": _field_type(prop, where, notes).value}
+    out: dict[str, Any] = {"name": prop.name, "type": kind.value}
     if prop.description:
         out["description"] = prop.description
     flags = {
