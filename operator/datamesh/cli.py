@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from datamesh.resource.models import SourceFormat
 
 app = typer.Typer(
     help="Datamesh Operator: DataProducts on Kubernetes, a discovery catalog and federated queries.",
@@ -275,6 +278,140 @@ def crd(
         typer.echo(render_crd(), nl=False)
     else:
         typer.echo(f"wrote {write_crd(write)}")
+
+
+contract_app = typer.Typer(
+    help="Data contracts: a DataProduct as an Open Data Contract Standard (ODCS) v3 document, and back.",
+    no_args_is_help=True,
+)
+app.add_typer(contract_app, name="contract")
+STDIN = "-"
+
+
+def _read_input(location: str) -> tuple[str, bytes]:
+    """How to name the input in messages, and its bytes (stdin for ``-``); exits 1 when it cannot be read."""
+    if location == STDIN:
+        return "stdin", sys.stdin.buffer.read()
+    try:
+        return location, Path(location).read_bytes()
+    except OSError as exc:
+        _fail(location, exc.strerror or str(exc))
+
+
+def _fail(label: str, problem: object) -> NoReturn:
+    """Say what is wrong with which input, without a traceback, and exit 1."""
+    typer.echo(f"error: {label}: {problem}", err=True)
+    raise typer.Exit(1)
+
+
+def _write(text: str, output: Path | None) -> None:
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        output.write_text(text)
+    except OSError as exc:
+        _fail(str(output), exc.strerror or str(exc))
+    typer.echo(f"wrote {output}", err=True)
+
+
+@contract_app.command("export")
+def contract_export(
+    manifest: Annotated[
+        str,
+        typer.Argument(
+            help="Manifest file holding the DataProduct, or - for stdin: "
+            "`kubectl get dp NAME -n NAMESPACE -o json | datamesh contract export -`."
+        ),
+    ],
+    product: Annotated[
+        str | None,
+        typer.Option("--product", "-p", help="namespace/name or name of the DataProduct, when there are several."),
+    ] = None,
+    contract_version: Annotated[
+        str | None,
+        typer.Option(help="The contract's version (default: the datamesh.io/contract-version annotation, or 1.0.0)."),
+    ] = None,
+    status: Annotated[
+        str | None,
+        typer.Option(
+            help="The contract's status: proposed, draft, active, deprecated or retired "
+            "(default: the datamesh.io/contract-status annotation, or active)."
+        ),
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the contract to this file.")] = None,
+) -> None:
+    """Print the ODCS v3 data contract of a DataProduct: schema, SLA, owner, tags and description."""
+    from datamesh.resource.contracts import ContractError, contract_yaml, export_contract, product_to_export
+    from datamesh.resource.manifest import ManifestFileError, decode, parse_documents
+
+    label, data = _read_input(manifest)
+    try:
+        checked = product_to_export(parse_documents(decode(data)), product)
+        text = contract_yaml(export_contract(checked, version=contract_version, status=status))
+    except (ManifestFileError, ContractError) as exc:
+        _fail(label, exc)
+    _write(text, output)
+
+
+@contract_app.command("import")
+def contract_import(
+    contract: Annotated[str, typer.Argument(help="ODCS v3 contract (YAML or JSON), or - for stdin.")],
+    namespace: Annotated[
+        str | None, typer.Option("--namespace", "-n", help="Namespace of the product (default: its domain).")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Name of the product (default: the contract's name).")] = None,
+    domain: Annotated[str | None, typer.Option(help="Domain of the product (default: the contract's).")] = None,
+    schema_object: Annotated[
+        str | None, typer.Option("--object", help="The schema object that becomes the product, when there are several.")
+    ] = None,
+    source_url: Annotated[str | None, typer.Option(help="Rows from this http(s) URL.")] = None,
+    configmap: Annotated[str | None, typer.Option(help="Rows from this ConfigMap of the namespace.")] = None,
+    configmap_key: Annotated[str | None, typer.Option(help="The ConfigMap key holding the rows.")] = None,
+    source_format: Annotated[
+        SourceFormat | None, typer.Option(help="Encoding of the rows (default: from the URL's or key's suffix).")
+    ] = None,
+    refresh_interval: Annotated[
+        str | None, typer.Option(help="Re-ingest this often, e.g. 1h (default: the contract's SLA frequency).")
+    ] = None,
+    key_fields: Annotated[
+        list[str] | None,
+        typer.Option(help="Fields whose text is embedded for semantic search (repeatable, or comma-separated)."),
+    ] = None,
+    embedding_model: Annotated[
+        str | None, typer.Option(help="Embedding model (default: the platform's, onnx:all-MiniLM-L6-v2).")
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the manifest to this file.")] = None,
+) -> None:
+    """Print the DataProduct manifest of an ODCS v3 data contract, checked as `datamesh local` checks manifests.
+
+    A contract does not say where the rows come from or which fields are embedded: give those as options.
+    """
+    from datamesh.resource.contracts import ContractError, ImportOptions, OptionError, import_contract, read_contract
+
+    label, data = _read_input(contract)
+    options = ImportOptions(
+        namespace=namespace,
+        name=name,
+        domain=domain,
+        schema_object=schema_object,
+        source_url=source_url,
+        configmap=configmap,
+        configmap_key=configmap_key,
+        source_format=source_format.value if source_format else None,
+        refresh_interval=refresh_interval,
+        key_fields=tuple(key_fields or ()),
+        embedding_model=embedding_model,
+    )
+    try:
+        imported = import_contract(read_contract(data), options)
+    except OptionError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    except ContractError as exc:
+        _fail(label, exc)
+    for note in imported.notes:
+        typer.echo(f"note: {label}: {note}", err=True)
+    _write(imported.to_yaml(), output)
 
 
 @app.command()
