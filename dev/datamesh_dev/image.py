@@ -142,6 +142,7 @@ CONFIG = ImageConfig(
         "PYTHONUNBUFFERED": "1",
         "HOME": "/tmp",
         "XDG_CACHE_HOME": "/tmp/.cache",
+        "ORT_DISABLE_TELEMETRY": "1",
         "LANG": "C.UTF-8",
     },
     labels={
