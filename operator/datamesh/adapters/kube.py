@@ -113,8 +113,17 @@ class Kube:
         """Merge ``status`` into a custom object's status subresource."""
         meta = product["metadata"]
         body: Any = {"status": dict(status)}
-        await self.custom.patch_namespaced_custom_object_status(
-            group, version, meta["namespace"], plural, meta["name"], body, _request_timeout=REQUEST_TIMEOUT
+        # _content_type is a keyword of the generated client that its stubs do not declare.
+        await self.custom.patch_namespaced_custom_object_status(  # type: ignore[call-arg]
+            group,
+            version,
+            meta["namespace"],
+            plural,
+            meta["name"],
+            body,
+            # The client would send a dict as a JSON patch, which the API server refuses.
+            _content_type="application/merge-patch+json",
+            _request_timeout=REQUEST_TIMEOUT,
         )
 
     async def read_config_map_key(self, namespace: str, name: str, key: str) -> str | None:

@@ -120,11 +120,21 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
         return {"inFlight": heartbeat.in_flight, "stalledSeconds": round(heartbeat.stalled_for() or 0.0, 1)}
 
     @kopf.on.event(*RESOURCE, registry=registry)
-    def arrived(type: str, body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        # Pending from the first sight of a product, in the patch that adds the finalizer: a
-        # burst waiting for workers and ingestion slots never shows a blank phase.
-        if type != "DELETED" and not body.metadata.deletion_timestamp and not (body.get("status") or {}).get("phase"):
-            patch.status.update(arrival_status().wire_status())
+    async def arrived(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        # Pending from the moment the operator takes a product on (its finalizer is on), written at
+        # once rather than with the first reconcile's result, so products waiting for an ingestion
+        # slot never show a blank phase. Not in the cycle that adds the finalizer: kopf adds it with a
+        # resourceVersion check, which a status write in the same cycle would defeat.
+        if (
+            type != "DELETED"
+            and settings.finalizer in (body.metadata.get("finalizers") or [])
+            and not body.metadata.deletion_timestamp
+            and not (body.get("status") or {}).get("phase")
+        ):
+            try:
+                await memo.runtime.kube.patch_product_status(*RESOURCE, body, arrival_status().wire())
+            except Exception as exc:  # a courtesy: the reconcile writes the real status anyway
+                log.debug("Pending not written for %s/%s: %s", body.metadata.namespace, body.metadata.name, exc)
 
     # No resume handler: after a restart, products already handled are checked by resync below,
     # spread over one period, so products applied meanwhile never queue behind thousands of them.

@@ -43,11 +43,11 @@ def next_check_in(spec: DataProductSpec, last_ingested_at: datetime | None, now:
 
 
 def first_check_in(uid: str, period: float) -> float:
-    """When a product's periodic checks start: a stable point of the first period, spread by uid.
+    """When a product's periodic checks start: a stable point of the first half period, spread by uid.
 
-    After a restart every product is checked once within one period, not all at the same moment.
+    After a restart every product is checked once within half a period, not all at the same moment.
     """
-    return period * int(hashlib.sha256(uid.encode()).hexdigest()[:8], 16) / 2**32
+    return period / 2 * int(hashlib.sha256(uid.encode()).hexdigest()[:8], 16) / 2**32
 
 
 def sla_check(

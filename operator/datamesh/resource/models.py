@@ -49,7 +49,7 @@ DEFAULT_EMBEDDING_MODEL = "onnx:all-MiniLM-L6-v2"
 DURATION_PATTERN = r"^([0-9]+([.][0-9]+)?(ms|s|m|h))+$"
 _DURATION_RE = re.compile(DURATION_PATTERN)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-DURATION_HINT = "must be a duration such as 500ms, 30s, 15m or 24h"
+DURATION_HINT = "must be a duration such as 500ms, 30s, 15m or 24h (units ms, s, m, h: a day is 24h)"
 # A leading underscore is reserved for keys the platform adds to rows (_text, _inference, ...).
 FIELD_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]*$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -87,8 +87,15 @@ def cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
 
 
 def duration_rule() -> JsonDict:
-    """The CEL rule that makes a string field a well-formed duration."""
-    return cel(f"self.matches('{DURATION_PATTERN}')", DURATION_HINT)
+    """The CEL rule that makes a string field a well-formed duration, quoting the value it refuses.
+
+    Without a message expression the API server's answer shows only the field's type
+    (``Invalid value: "string"``), so a user who wrote ``1d`` could not tell which value it was.
+    The value is bounded (maxLength), so the expression's cost is too.
+    """
+    entry = cel(f"self.matches('{DURATION_PATTERN}')", DURATION_HINT)
+    entry["messageExpression"] = f"\"'\" + self + \"' {DURATION_HINT}\""
+    return entry
 
 
 class CRDModel(BaseModel):
@@ -111,8 +118,11 @@ def _check_duration(value: str) -> str:
     return value
 
 
+DURATION_MAX_LENGTH = 64
 Duration = Annotated[
-    str, AfterValidator(_check_duration), Field(json_schema_extra={"x-kubernetes-validations": [duration_rule()]})
+    str,
+    AfterValidator(_check_duration),
+    Field(max_length=DURATION_MAX_LENGTH, json_schema_extra={"x-kubernetes-validations": [duration_rule()]}),
 ]
 
 
