@@ -94,7 +94,7 @@ def duration_rule() -> JsonDict:
     The value is bounded (maxLength), so the expression's cost is too.
     """
     entry = cel(f"self.matches('{DURATION_PATTERN}')", DURATION_HINT)
-    entry["messageExpression"] = f"\"'\" + self + \"' {DURATION_HINT}\""
+    entry["messageExpression"] = f'"\'" + self + "\' {DURATION_HINT}"'
     return entry
 
 
