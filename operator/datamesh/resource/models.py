@@ -236,16 +236,17 @@ class UrlSource(CRDModel):
     )
 
 
-# Inline rows live in the DataProduct object itself, so they share the object's limits: the
-# operator (kopf) keeps a copy of the spec in the last-handled-configuration annotation, and
-# `kubectl apply` another in last-applied-configuration, and all annotations of an object
-# together may hold at most 262,144 bytes. The API server cannot bound a serialized size, and
-# CEL cannot see into rows whose values may be text, numbers or booleans, so the bound is
-# three OpenAPI limits it enforces itself: rows (maxItems), columns per row (maxProperties)
-# and characters per value (maxLength; nested lists and objects refused by maxItems/
-# maxProperties 0). The largest inline spec allowed, 40 rows of 8 columns with 63-character
-# names and 256-character ASCII values, is about 104 kB of JSON: both copies fit in the
-# annotations with room to spare. Larger data belongs in configMapRef or url.
+# Inline rows live in the DataProduct object itself, so they share the object's limits:
+# `kubectl apply` keeps a copy of the object in its last-applied-configuration annotation, and
+# all annotations of an object together may hold at most 262,144 bytes (the operator's own
+# diff-base holds digests of the spec, a few hundred bytes whatever the spec). The API server
+# cannot bound a serialized size, and CEL cannot see into rows whose values may be text,
+# numbers or booleans, so the bound is three OpenAPI limits it enforces itself: rows
+# (maxItems), columns per row (maxProperties) and characters per value (maxLength; nested lists
+# and objects refused by maxItems/maxProperties 0). The largest inline spec allowed, 40 rows of
+# 8 columns with 63-character names and 256-character ASCII values, is about 104 kB of JSON;
+# in 4-byte characters it is about 330 kB, which `kubectl apply --server-side` stores (it keeps
+# no copy) and client-side apply cannot. Larger data belongs in configMapRef or url.
 INLINE_MAX_ROWS = 40
 INLINE_MAX_COLUMNS = 8
 INLINE_MAX_VALUE_LENGTH = 256
