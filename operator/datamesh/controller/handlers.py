@@ -6,6 +6,7 @@ operator command, the tests and a second operator in one process never share glo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -155,7 +156,10 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
         # so each product's period follows its own refresh interval.
         period = settings.sla_check_seconds
         delay = min(first_check_in(body.metadata.uid or "", period), _next_check(body, period))
-        while not await stopped.wait(delay):
+        # Slept with asyncio, and stopped by kopf's cancellation: awaiting stopped.wait() left a
+        # task behind that failed the operator's shutdown with a TimeoutError.
+        while not stopped:
+            await asyncio.sleep(delay)
             spec, status = parse_spec(body), parse_status(body)  # kopf keeps body current
             # Only products whose status answers their spec: the others are the change handlers' own.
             if spec is not None and status.observed_generation == body.metadata.get("generation"):
