@@ -158,7 +158,7 @@ def crd_installed(kubectl: Kubectl) -> None:
         crd = kubectl.get("crd", "dataproducts.datamesh.io", "default") or {}
         return any(
             c["type"] == "Established" and c["status"] == "True"
-            for c in (crd.get("status") or {}).get("conditions", [])
+            for c in (crd.get("status") or {}).get("conditions") or []
         )
 
     wait_for(established, 60, what="the DataProduct CRD to be Established")
