@@ -177,6 +177,7 @@ def operator_settings(**overrides: object) -> OperatorSettings:
         "catalog_flush_seconds": 0.3,
         "url_timeout": 3.0,
         "metrics_port": 0,
+        "liveness_stall_seconds": 5.0,
     }
     values.update(overrides)
     return OperatorSettings(**values)  # type: ignore[arg-type]

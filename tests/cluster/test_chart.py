@@ -144,6 +144,8 @@ def test_template_default(helm: Helm, kube_version: str) -> None:
     assert env["DATAMESH_PLATFORM_NAMESPACE"] == "datamesh"
     assert env["DATAMESH_QDRANT_URL"] == "http://dm-datamesh-qdrant.datamesh.svc:6333"
     assert (env["DATAMESH_WATCH_SERVER_TIMEOUT"], env["DATAMESH_WATCH_CLIENT_TIMEOUT"]) == ("300", "330")
+    # The probe asks kopf's endpoint, which fails when the operator is stuck for this long.
+    assert env["DATAMESH_LIVENESS_STALL_SECONDS"] == "300"
     assert env["DATAMESH_INFERENCE_IMAGE"] == container["image"] == "ghcr.io/datamesh-io/datamesh:0.1.0"
     assert "DATAMESH_QDRANT_API_KEY" not in env
     # The holder identity is the pod's name (downward API); one Lease per release.

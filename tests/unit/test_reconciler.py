@@ -201,6 +201,27 @@ async def test_a_source_that_is_down_degrades_with_backoff_then_recovers(world: 
     assert up.status.phase == "Ready" and up.status.records == 3 and up.retry_after is None
 
 
+async def test_collection_ready_says_what_queries_use_and_never_names_one_collection_twice(world: World) -> None:
+    world.rows.error = SourceError("GET http://rows.example answered HTTP 503", transient=True)
+    first = await world.reconcile(product())
+    _, reason, message = conditions(first)["CollectionReady"]
+    index = first.status.index_collection or message.split()[0]
+    assert reason == "CollectionBuilding" and message.count(index) == 1 and "queries find no rows" in message
+    world.rows.error = None
+    ready = await world.reconcile(product(status=wire(first)))
+    assert conditions(ready)["CollectionReady"][2].endswith("(384 dims, Cosine)")
+    world.rows.error = SourceError("GET http://rows.example answered HTTP 503", transient=True)
+    stale = await world.reconcile(product(status=wire(ready)), refresh=True)
+    _, reason, message = conditions(stale)["CollectionReady"]
+    assert stale.status.phase == "Degraded" and reason == "CollectionStale"
+    assert message.count(ready.status.index_collection or "?") == 1
+    moved = product(generation=2, status=wire(stale))
+    moved["spec"]["semanticSearch"]["embeddingModel"] = "builtin:ngram-64"
+    building = await world.reconcile(moved)
+    _, reason, message = conditions(building)["CollectionReady"]
+    assert reason == "CollectionBuilding" and f"queries use {ready.status.index_collection} until" in message
+
+
 async def test_a_permanently_bad_source_fails_without_retry(world: World) -> None:
     world.rows.error = SourceError("cannot parse the source as json: Expecting value", transient=False)
     outcome = await world.reconcile(product())

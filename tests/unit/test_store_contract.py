@@ -162,6 +162,13 @@ async def test_dropping_a_product_removes_its_alias_and_every_index(store: Vecto
     await store.drop("ns.other--a")
     await store.drop("ns.other--a")  # idempotent
     assert not await store.exists("ns.other--a")
+    # Names past the embedded store's 80-character folder prefix, and a product named like the start of another.
+    long = "ns." + "x" * 120
+    for index in (f"{long}--a", f"{long}y--a", "ns.product-2--a"):
+        await store.ensure_index(plan(index, alias=index.rsplit("--", 1)[0]))
+    await store.drop_product(long)
+    assert not await store.exists(f"{long}--a")
+    assert await store.exists(f"{long}y--a") and await store.exists("ns.product-2--a")
 
 
 async def test_a_vector_of_the_wrong_size_is_refused(store: VectorStore) -> None:

@@ -24,9 +24,11 @@ async def run_operator(
     stop_flag: asyncio.Event | None = None,
     ready_flag: asyncio.Event | None = None,
     store: VectorStore | None = None,
+    memo: kopf.Memo | None = None,
 ) -> None:
-    """Run the operator until ``stop_flag`` is set (or forever)."""
-    memo = kopf.Memo(store=store, runtime=None)
+    """Run the operator until ``stop_flag`` is set (or forever); ``memo`` lets a caller see its runtime."""
+    memo = memo if memo is not None else kopf.Memo()
+    memo.store, memo.runtime = store, None
     await kopf.operator(
         registry=build_registry(settings, namespaces),
         settings=kopf_settings(settings, namespaces),

@@ -63,6 +63,10 @@ class Conflict(Exception):
     """A catalog shard changed since it was read (resourceVersion mismatch)."""
 
 
+class CatalogUnavailable(Exception):
+    """A catalog shard could not be read or written; the message says which and why (transient)."""
+
+
 # ==== embeddings ==============================================================================
 
 
