@@ -8,6 +8,7 @@ products their identity may read (``access``). Run it with :func:`serve`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -30,8 +31,9 @@ from datamesh.adapters.stores import open_store
 from datamesh.core.ports import EmbedderResolver, VectorStore
 from datamesh.query import service
 from datamesh.query.access import Authenticator, Identity, Unauthenticated
-from datamesh.query.catalog_sources import CatalogSource, FileCatalogSource, KubeCatalogSource
+from datamesh.query.catalog_sources import CatalogSource, source_of
 from datamesh.query.engine import QueryEngine, elapsed_ms
+from datamesh.query.mcp import McpEndpoint
 from datamesh.query.metrics import Metrics, RequestMetrics
 from datamesh.query.schemas import (
     ERRORS,
@@ -57,6 +59,7 @@ from datamesh.settings import StoreSettings
 from datamesh.web.errors import ApiError, DetailBody, detail_response
 from datamesh.web.json import SafeJSONResponse
 from datamesh.web.limits import BodySizeLimit
+from datamesh.web.serving import LOOPBACK
 
 
 def authenticator_of(settings: QuerySettings) -> Authenticator:
@@ -89,10 +92,20 @@ def create_app(
     settings: QuerySettings,
     authenticator: Authenticator,
     embedders: EmbedderResolver = resolve_provider,
+    *,
+    host: str = LOOPBACK,
 ) -> FastAPI:
-    """The query service over a catalog source and a vector store; starts and stops the source with the app."""
+    """The query service over a catalog source and a vector store; starts and stops the source with the app.
+
+    ``host`` is the address it is served on: with ``settings.mcp``, a loopback one makes /mcp refuse other Hosts.
+    """
     metrics = Metrics(source)
     engine = QueryEngine(store, settings, metrics, embedders)
+    mcp = (
+        McpEndpoint(source, engine, authenticator, host=host, max_body_bytes=settings.max_body_bytes)
+        if settings.mcp
+        else None
+    )
     state: dict[str, httpx.AsyncClient] = {}
 
     def http() -> httpx.AsyncClient:
@@ -111,7 +124,8 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await source.start()
         try:
-            yield
+            async with mcp.running() if mcp is not None else contextlib.nullcontext():
+                yield
         finally:
             await source.stop()
             if "client" in state:
@@ -128,6 +142,8 @@ def create_app(
         default_response_class=SafeJSONResponse,
     )
     app.state.authenticator = authenticator
+    if mcp is not None:
+        app.router.routes.append(mcp.route)  # a plain ASGI route: not part of the REST API's OpenAPI
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes, refuse=_too_large)
     app.add_middleware(RequestMetrics, metrics=metrics)
 
@@ -351,12 +367,7 @@ async def serve(host: str, port: int, settings: QuerySettings | None = None, sto
     if store is None:
         # As many store requests at once as products are asked at once: the store must not be the narrower bound.
         store = open_store(StoreSettings(), concurrency=settings.fanout_concurrency)
-    source: CatalogSource
-    if settings.catalog_file:
-        source = FileCatalogSource(settings.catalog_file)
-    else:
-        source = KubeCatalogSource(settings.catalog_namespace, timeout_seconds=settings.watch_timeout_seconds)
-    app = create_app(source, store, settings, authenticator_of(settings))
+    app = create_app(source_of(settings), store, settings, authenticator_of(settings), host=host)
     config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level, access_log=False, lifespan="on")
     try:
         await uvicorn.Server(config).serve()
