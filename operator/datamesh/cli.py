@@ -118,6 +118,12 @@ def local(
     state_dir: Annotated[Path, typer.Option(help="Where the embedded Qdrant, catalog and status are kept.")] = Path(
         ".datamesh"
     ),
+    mcp: Annotated[
+        bool,
+        typer.Option(
+            "--mcp", help="Also serve the MCP tools for AI agents at /mcp on the same port (streamable HTTP)."
+        ),
+    ] = False,
 ) -> None:
     """Run the product lifecycle on a folder of manifests with an embedded Qdrant, and serve the query API.
 
@@ -131,7 +137,14 @@ def local(
     try:
         asyncio.run(
             run_local(
-                directory, host=host, port=port, serve=serve, state_dir=state_dir, console=console, outcome=outcome
+                directory,
+                host=host,
+                port=port,
+                serve=serve,
+                state_dir=state_dir,
+                console=console,
+                outcome=outcome,
+                mcp=mcp,
             )
         )
     except FileNotFoundError as exc:
@@ -238,6 +251,92 @@ def query_service(
 
     logging.basicConfig(level=logging.INFO)
     asyncio.run(serve(host, port))
+
+
+@app.command("mcp")
+def mcp_server(
+    http: Annotated[
+        bool, typer.Option("--http", help="Serve streamable HTTP at http://HOST:PORT/mcp instead of stdio.")
+    ] = False,
+    host: Annotated[str, typer.Option(help="Address to listen on (with --http).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (with --http).")] = 8090,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="DATAMESH_MCP_TOKEN",
+            help="stdio: act as this token's identity (a token of DATAMESH_QUERY_TOKENS_FILE); without it, as "
+            "anonymous when allowed. Not with --http, where every request carries its own bearer token.",
+        ),
+    ] = None,
+    catalog_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Read the catalog from this file (default: DATAMESH_QUERY_CATALOG_FILE, else the catalog "
+            "ConfigMaps of DATAMESH_QUERY_CATALOG_NAMESPACE through the Kubernetes API); the store from "
+            "DATAMESH_QDRANT_*."
+        ),
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Use a `datamesh local` state folder (its catalog and embedded store) while no `datamesh local` "
+            "runs on it; anonymous callers allowed, as in local mode."
+        ),
+    ] = None,
+) -> None:
+    """Serve the mesh as MCP tools for AI agents (list_products, describe_product, ask, ask_product) over stdio, or
+    streamable HTTP with --http. Exits 2 when it cannot start."""
+    from datamesh.core.ports import VectorStore
+    from datamesh.local import PreflightError, StateInUse, local_state
+    from datamesh.query.access import Unauthenticated
+    from datamesh.query.app import authenticator_of
+    from datamesh.query.mcp import serve_mcp, stdio_identity
+    from datamesh.query.settings import QuerySettings
+
+    # stdout is the protocol on stdio: everything else goes to stderr.
+    errors = Console(stderr=True)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if http and token:
+        raise typer.BadParameter("--token (DATAMESH_MCP_TOKEN) is for stdio; on HTTP each request carries its token")
+    if state_dir is not None and catalog_file is not None:
+        raise typer.BadParameter("use either --state-dir or --catalog-file, not both")
+
+    def cannot_start(message: str) -> typer.Exit:
+        errors.print(f"[red]cannot start[/]: {message}", soft_wrap=True, highlight=False)
+        return typer.Exit(2)
+
+    async def serve(settings: QuerySettings, store: VectorStore | None = None) -> None:
+        try:
+            authenticator = authenticator_of(settings)
+            if not http:
+                stdio_identity(authenticator, token)
+        except (OSError, ValueError, Unauthenticated) as exc:
+            raise cannot_start(str(exc)) from None
+        await serve_mcp(settings, authenticator, store=store, http=(host, port) if http else None, token=token)
+
+    async def main() -> None:
+        if state_dir is None:
+            settings = QuerySettings()
+            if catalog_file is not None:
+                settings = settings.model_copy(update={"catalog_file": str(catalog_file)})
+            await serve(settings)
+            return
+        try:
+            async with local_state(state_dir, "datamesh mcp") as (store, catalog):
+                await serve(QuerySettings(allow_anonymous=True, catalog_file=str(catalog)), store)
+        except StateInUse as exc:
+            raise cannot_start(
+                f"the state folder {state_dir} is in use by another {exc.holder or 'process'}, and its embedded "
+                "store opens in one process only: serve the tools from that process instead with "
+                "`datamesh local DIR --mcp` (agents then connect to http://127.0.0.1:8080/mcp), or stop it first"
+            ) from None
+        except PreflightError as exc:
+            raise cannot_start(str(exc)) from None
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command("inference-server")

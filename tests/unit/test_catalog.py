@@ -8,7 +8,7 @@ from pathlib import Path
 
 from datamesh.adapters.files import FileCatalogBackend, read_catalog_file
 from datamesh.engine.catalog_writer import CatalogWriter
-from datamesh.resource.catalog import CatalogEntry, card_text, decode_entries
+from datamesh.resource.catalog import CatalogEntry, card_text, decode_entries, encode_entry, entry_of_object
 from datamesh.resource.models import DataProductSpec
 
 
@@ -77,3 +77,38 @@ def test_an_entry_from_a_newer_operator_is_read_not_dropped() -> None:
     (entry,) = decode_entries({"sales.customer-churn": json.dumps(newer)}).values()
     assert entry.product == "sales/customer-churn" and entry.primary_key == ["id"]
     assert entry.sla is not None and entry.sla.freshness == "24h"
+
+
+def test_an_entry_keeps_only_the_conditions_that_are_not_true() -> None:
+    """A healthy product's entry carries no conditions; a Degraded one says which failed and why, briefly."""
+    spec = {"domain": "sales", "description": "Why B2B customers cancel.", "schema": {"fields": [{"name": "id"}]}}
+    at = "2026-01-01T00:00:00Z"
+    conditions = [
+        {"type": "CollectionReady", "status": "True", "reason": "Created", "message": "ok", "lastTransitionTime": at},
+        {
+            "type": "InferenceReady",
+            "status": "False",
+            "reason": "Unreachable",
+            "message": "x" * 5000,
+            "lastTransitionTime": at,
+        },
+        {"type": "SLAMet", "status": "Unknown", "reason": "NotChecked", "message": "", "lastTransitionTime": at},
+        {
+            "type": "Ready",
+            "status": "False",
+            "reason": "Degraded",
+            "message": "restates the others",
+            "lastTransitionTime": at,
+        },
+    ]
+    body = {"metadata": {"name": "churn", "namespace": "sales"}, "spec": spec, "status": {"conditions": conditions}}
+    entry = entry_of_object(body)
+    assert entry is not None and entry.conditions is not None
+    assert [(c.type, c.status, c.reason) for c in entry.conditions] == [
+        ("InferenceReady", "False", "Unreachable"),
+        ("SLAMet", "Unknown", "NotChecked"),
+    ]
+    assert entry.conditions[0].message == "x" * 300 and entry.conditions[1].message is None
+    healthy = entry_of_object({**body, "status": {"conditions": conditions[:1]}})
+    assert healthy is not None and healthy.conditions is None
+    assert "conditions" not in encode_entry(healthy), "a healthy entry is as small as before"

@@ -42,6 +42,11 @@ class Check:
     transient: bool = False  # a failure expected to heal by itself (Degraded, retried)
     permanent: bool = False  # a failure only a spec change can fix (Failed)
 
+    @property
+    def status(self) -> ConditionStatus:
+        """True, False or Unknown, as the condition will say."""
+        return _status_of(self.ok)
+
 
 @dataclass(frozen=True)
 class Transition:

@@ -241,7 +241,10 @@ class Reconciler:
         provisional = status.model_copy(update={"phase": phase_of([*checks, Check(ConditionType.cataloged, True, "")])})
         key = entry_key(ref.namespace, ref.name)
         try:
-            await self.ports.catalog.upsert(catalog_entry(ref.namespace, ref.name, ref.generation, spec, provisional))
+            # Its open conditions are this reconcile's, not the ones the status held before it.
+            conditions = [(c.type.value, c.status.value, c.reason, c.message) for c in checks]
+            entry = catalog_entry(ref.namespace, ref.name, ref.generation, spec, provisional, conditions)
+            await self.ports.catalog.upsert(entry)
             checks.append(Check(ConditionType.cataloged, True, "Cataloged", f"entry {key} is in the discovery catalog"))
         except Exception as exc:
             cause = f"{type(exc).__name__}: {exc}".rstrip(": ")

@@ -34,39 +34,51 @@ def _encodable(text: str) -> str:
 
 
 Question = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000), AfterValidator(_encodable)
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=2000),
+    AfterValidator(_encodable),
+    Field(description="The question, in plain words (1..2000 characters)."),
 ]
 Limit = Annotated[int, Field(ge=1, le=100, description="Hits per product.")]
 ProductRef = Annotated[str, StringConstraints(min_length=1, max_length=317, pattern=_PRODUCT_PATTERN)]
 DomainName = Annotated[str, StringConstraints(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)]
 NamespaceParam = Annotated[str, Path(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN, examples=["sales"])]
 NameParam = Annotated[str, Path(min_length=1, max_length=253, pattern=_NAME_PATTERN, examples=["customer-churn"])]
+# A question's options, shared by POST /v1/query and the MCP tool `ask`.
+Domains = Annotated[
+    list[DomainName], Field(max_length=50, description="Only products of these domains (routing chooses among them).")
+]
+Products = Annotated[
+    list[ProductRef],
+    Field(
+        max_length=50,
+        description="Only these products, all of them asked: 'namespace/name', or a bare name when it is unambiguous.",
+    ),
+]
+MergedLimit = Annotated[int, Field(ge=1, le=100, description="Hits in the merged ranking.")]
+MaxProducts = Annotated[
+    int, Field(ge=1, le=50, description="Ask at most this many products (default from the service settings).")
+]
+MERGED_LIMIT = 10
+PER_PRODUCT = 5
 
 
 class QueryRequest(ApiModel):
     """A question for the whole mesh."""
 
-    question: Question = Field(description="The question, in plain words (1..2000 characters).")
-    domains: list[DomainName] | None = Field(
-        None, max_length=50, description="Only products of these domains (routing chooses among them)."
-    )
-    products: list[ProductRef] | None = Field(
-        None,
-        max_length=50,
-        description="Only these products, all of them asked: 'namespace/name', or a bare name when it is unambiguous.",
-    )
-    limit: Annotated[int, Field(ge=1, le=100, description="Hits in the merged ranking.")] = 10
-    per_product: Annotated[int, Field(ge=1, le=100, description="Hits per product.")] = 5
-    max_products: int | None = Field(
-        None, ge=1, le=50, description="Ask at most this many products (default from the service settings)."
-    )
+    question: Question
+    domains: Domains | None = None
+    products: Products | None = None
+    limit: MergedLimit = MERGED_LIMIT
+    per_product: Limit = PER_PRODUCT
+    max_products: MaxProducts | None = None
 
 
 class ProductQueryRequest(ApiModel):
     """A question for one product."""
 
-    question: Question = Field(description="The question, in plain words (1..2000 characters).")
-    limit: Limit = 5
+    question: Question
+    limit: Limit = PER_PRODUCT
 
 
 class TransformRequest(BaseModel):

@@ -8,13 +8,20 @@ older reader keeps every product a newer writer describes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from datamesh.resource.models import DataProductSpec, DataProductStatus, parse_spec, parse_status, qualified_name
+from datamesh.resource.models import (
+    ConditionStatus,
+    DataProductSpec,
+    DataProductStatus,
+    parse_spec,
+    parse_status,
+    qualified_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,15 @@ class FieldSummary(WireModel):
     pii: bool = False
 
 
+class ConditionSummary(WireModel):
+    """A condition of the product that is not True: what is wrong with it, or not known yet."""
+
+    type: str
+    status: str
+    reason: str
+    message: str | None = None
+
+
 class CatalogEntry(WireModel):
     """What the mesh knows about one product: enough to route a question and query it."""
 
@@ -74,6 +90,9 @@ class CatalogEntry(WireModel):
     phase: str | None = None
     records: int | None = None
     sla: SLASummary | None = None
+    # Only the conditions that are not True (None when all are): why a product is not Ready, while
+    # a healthy product's entry stays as small, and as rarely rewritten, as before.
+    conditions: list[ConditionSummary] | None = None
     routing_collection: str | None = None
     calibration: Calibration | None = None
     consumers: list[str] = Field(default_factory=lambda: ["*"])
@@ -107,10 +126,32 @@ def entry_key(namespace: str, name: str) -> str:
     return qualified_name(namespace, name, 253)
 
 
+_CONDITION_MESSAGE_CHARS = 300  # enough to say why; a long message stays in the product's status
+
+
+def open_conditions(conditions: Iterable[tuple[str, str, str, str]]) -> list[ConditionSummary] | None:
+    """The (type, status, reason, message) conditions that are not True, as the catalog keeps them (None if none)."""
+    summary = [
+        ConditionSummary(type=kind, status=status, reason=reason, message=message[:_CONDITION_MESSAGE_CHARS] or None)
+        for kind, status, reason, message in conditions
+        # Ready only restates the others (and the phase).
+        if status != "True" and kind != "Ready"
+    ]
+    return summary or None
+
+
 def catalog_entry(
-    namespace: str, name: str, generation: int, spec: DataProductSpec, status: DataProductStatus
+    namespace: str,
+    name: str,
+    generation: int,
+    spec: DataProductSpec,
+    status: DataProductStatus,
+    conditions: Iterable[tuple[str, str, str, str]] | None = None,
 ) -> CatalogEntry:
-    """The catalog entry of a product from its spec and status."""
+    """The catalog entry of a product from its spec and status; ``conditions`` as (type, status, reason,
+    message) replace the status' own when it does not hold this reconcile's yet."""
+    if conditions is None:
+        conditions = ((c.type, ConditionStatus(c.status).value, c.reason, c.message) for c in status.conditions)
     search = spec.semantic_search if spec.semantic_search and spec.semantic_search.enabled else None
     return CatalogEntry(
         namespace=namespace,
@@ -132,6 +173,7 @@ def catalog_entry(
         phase=status.phase,
         records=status.records,
         sla=SLASummary.model_validate(spec.sla.wire()) if spec.sla else None,
+        conditions=open_conditions(conditions),
         consumers=spec.access.consumers,
         pii_readers=spec.access.pii_readers,
         routing_collection=status.routing_collection if search else None,
