@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from datamesh.core.backoff import backoff_delay
-from datamesh.core.conditions import Check, ConditionType, Transition, apply_checks, phase_of, utcnow
+from datamesh.core.conditions import Check, ConditionType, Transition, apply_checks, utcnow
 from datamesh.core.plan import collection_alias, collection_plan, product_ref, routing_plan
 from datamesh.core.ports import (
     EmbedderResolver,
@@ -223,12 +223,13 @@ class Reconciler:
         )
         checks = [rows.collection, rows.ingest.check, inference_check, sla]
 
-        # The catalog entry carries the phase the product will have if the write succeeds.
-        provisional = status.model_copy(update={"phase": phase_of([*checks, Check(ConditionType.cataloged, True, "")])})
         key = entry_key(ref.namespace, ref.name)
+        cataloged = Check(ConditionType.cataloged, True, "Cataloged", f"entry {key} is in the discovery catalog")
+        # The catalog entry carries the phase and conditions the product will have if the write succeeds.
+        provisional, _ = apply_checks(status, [*checks, cataloged], ref.generation, now)
         try:
             await self.ports.catalog.upsert(catalog_entry(ref.namespace, ref.name, ref.generation, spec, provisional))
-            checks.append(Check(ConditionType.cataloged, True, "Cataloged", f"entry {key} is in the discovery catalog"))
+            checks.append(cataloged)
         except Exception as exc:
             cause = f"{type(exc).__name__}: {exc}".rstrip(": ")
             checks.append(
