@@ -361,6 +361,45 @@ async def test_single_product_query(mesh: Mesh) -> None:
     assert "price" in result["hits"][0]["text"].lower()
 
 
+async def test_sample_rows_are_the_same_each_time_and_masked_as_hits_are(mesh: Mesh) -> None:
+    url = f"{mesh.url}/v1/products/sales/customer-churn/sample"
+    response = await mesh.client.get(url, params={"limit": 3}, headers=ALICE)
+    assert response.status_code == 200, response.text
+    sample = response.json()
+    assert sample["product"] == "sales/customer-churn" and len(sample["rows"]) == 3 and sample["latencyMs"] >= 0
+    assert (await mesh.client.get(url, params={"limit": 3}, headers=ALICE)).json()["rows"] == sample["rows"]
+    for row in sample["rows"]:
+        assert row["masked"] == ["primary_contact_email"] and row["fields"]["primary_contact_email"] is None
+        assert row["key"] == row["fields"]["customer_id"] and row["text"] == row["fields"]["churn_reason"]
+        assert not any(k.startswith("_") for k in row["fields"])
+    first = sample["rows"][0]
+    found = await mesh.client.post(
+        f"{mesh.url}/v1/products/sales/customer-churn/query",
+        json={"question": first["text"], "limit": 1},
+        headers=ALICE,
+    )
+    hit = found.json()["hits"][0]
+    assert {k: v for k, v in hit.items() if k not in ("score", "similarity")} == first, "a sample row is shown as a hit"
+    assert len((await mesh.client.get(url, headers=ALICE)).json()["rows"]) == 5, "five rows unless asked"
+    assert (await mesh.client.get(url, params={"limit": 0}, headers=ALICE)).status_code == 422
+
+
+async def test_pii_readers_see_sample_values_others_see_them_masked(mesh: Mesh) -> None:
+    body = next(b for b in example_bodies() if b["metadata"]["name"] == "customer-churn")
+    body["metadata"].update(name="churn-pii", uid="uid-pii")
+    body["spec"]["access"] = {"consumers": ["*"], "piiReaders": ["group:sales"]}
+    await mesh.reconciler.reconcile(body)
+    try:
+        url = f"{mesh.url}/v1/products/sales/churn-pii/sample"
+        granted = (await mesh.client.get(url, headers=BOB)).json()["rows"]
+        refused = (await mesh.client.get(url, headers=CFO)).json()["rows"]
+    finally:
+        await mesh.reconciler.finalize(body)
+    assert all(r["masked"] == [] and "@" in r["fields"]["primary_contact_email"] for r in granted)
+    assert all(r["masked"] == ["primary_contact_email"] for r in refused)
+    assert [r["key"] for r in granted] == [r["key"] for r in refused]
+
+
 async def test_transform_merges_runtime_output_under_inference_key(mesh: Mesh) -> None:
     records = [
         {"ticket_id": "T-1", "summary": "Cannot log in after the password reset, the page keeps reloading"},
@@ -493,6 +532,7 @@ async def test_caller_without_access_never_sees_the_restricted_product(mesh: Mes
         for path, body in (("query", {"question": "hotel"}), ("transform", {"records": [{"a": 1}]})):
             response = await mesh.client.post(f"{url}/v1/products/{RESTRICTED}/{path}", json=body, headers=headers)
             assert response.status_code == 404
+        assert (await mesh.client.get(f"{url}/v1/products/{RESTRICTED}/sample", headers=headers)).status_code == 404
 
 
 async def test_callers_with_access_see_the_restricted_product(mesh: Mesh) -> None:
@@ -500,6 +540,8 @@ async def test_callers_with_access_see_the_restricted_product(mesh: Mesh) -> Non
         answer = (await ask(mesh, headers, question="which expense rules are broken most?")).json()
         assert answer["routedTo"][0]["product"] == RESTRICTED and answer["results"][0]["hits"]
         assert (await mesh.client.get(f"{mesh.url}/v1/products/{RESTRICTED}", headers=headers)).status_code == 200
+        sample = (await mesh.client.get(f"{mesh.url}/v1/products/{RESTRICTED}/sample", headers=headers)).json()
+        assert sample["rows"] and all(r["masked"] == ["employee_name"] for r in sample["rows"])
 
 
 async def test_authentication_is_required_unless_anonymous_is_allowed(mesh: Mesh) -> None:
@@ -650,6 +692,7 @@ async def test_openapi_documents_endpoints_examples_and_security(mesh: Mesh) -> 
         "/v1/products/{namespace}/{name}",
         "/v1/products/{namespace}/{name}/query",
         "/v1/products/{namespace}/{name}/transform",
+        "/v1/products/{namespace}/{name}/sample",
         "/healthz",
         "/readyz",
         "/metrics",

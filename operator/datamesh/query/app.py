@@ -30,7 +30,7 @@ from datamesh.adapters.stores import open_store
 from datamesh.core.ports import EmbedderResolver, VectorStore
 from datamesh.query.access import Authenticator, Identity, Unauthenticated, can_read
 from datamesh.query.catalog_sources import CatalogSource, FileCatalogSource, KubeCatalogSource
-from datamesh.query.engine import QueryEngine, elapsed_ms
+from datamesh.query.engine import ProductFailure, QueryEngine, elapsed_ms
 from datamesh.query.metrics import Metrics, RequestMetrics
 from datamesh.query.routing import ProductNameError, candidates, product_ref
 from datamesh.query.schemas import (
@@ -48,6 +48,7 @@ from datamesh.query.schemas import (
     QueryFailure,
     QueryRequest,
     QueryResponse,
+    SampleResponse,
     TransformRequest,
     TransformResponse,
 )
@@ -148,6 +149,19 @@ def create_app(
             # The same answer for "missing" and "not yours": existence is not disclosed.
             raise ApiError(404, f"product {namespace}/{name} not found")
         return entry
+
+    def searchable(identity: Identity, namespace: str, name: str) -> CatalogEntry:
+        entry = one_product(identity, namespace, name)
+        if not entry.collection:
+            raise ApiError(
+                409, f"product {namespace}/{name} has no semantic search collection (phase {entry.phase or 'unknown'})"
+            )
+        return entry
+
+    def failed(entry: CatalogEntry, failure: ProductFailure) -> ApiError:
+        return ApiError(
+            504 if failure.kind == "timeout" else 502, f"product {entry.product}: {failure}", kind=failure.kind
+        )
 
     @app.get("/healthz", tags=["health"], response_class=PlainTextResponse)
     async def healthz() -> str:
@@ -279,20 +293,43 @@ def create_app(
         body: Annotated[ProductQueryRequest, Body(openapi_examples=PRODUCT_QUERY_EXAMPLES)],
     ) -> Any:
         """Semantic search on one product."""
-        entry = one_product(identity, namespace, name)
-        if not entry.collection:
-            raise ApiError(
-                409, f"product {namespace}/{name} has no semantic search collection (phase {entry.phase or 'unknown'})"
-            )
+        entry = searchable(identity, namespace, name)
         vectors = engine.question(body.question)
         try:
             asked = await engine.ask(entry, vectors, body.limit, identity)
         finally:
             await vectors.close()
         if asked.error is not None:
-            status = 504 if asked.error.kind == "timeout" else 502
-            raise ApiError(status, f"product {namespace}/{name}: {asked.error}", kind=asked.error.kind)
+            raise failed(entry, asked.error)
         return SafeJSONResponse({"product": entry.product, "hits": asked.hits, "latencyMs": asked.latency_ms})
+
+    @app.get(
+        "/v1/products/{namespace}/{name}/sample",
+        tags=["catalog"],
+        response_model=SampleResponse,
+        response_model_by_alias=True,
+        responses={
+            **ERRORS,
+            **NOT_FOUND,
+            409: {"model": DetailBody, "description": "The product has no semantic search collection."},
+            502: {"model": DetailBody},
+            504: {"model": DetailBody},
+        },
+    )
+    async def sample_product(
+        identity: Caller,
+        namespace: NamespaceParam,
+        name: NameParam,
+        limit: Annotated[int, Query(ge=1, le=50, description="Rows to return.")] = 5,
+    ) -> Any:
+        """A few of the product's rows, the same ones every time, with PII masked as in answers."""
+        entry = searchable(identity, namespace, name)
+        started = time.perf_counter()
+        try:
+            rows = await engine.sample(entry, limit, identity)
+        except ProductFailure as failure:
+            raise failed(entry, failure) from None
+        return SafeJSONResponse({"product": entry.product, "rows": rows, "latencyMs": elapsed_ms(started)})
 
     @app.post(
         "/v1/products/{namespace}/{name}/transform",
