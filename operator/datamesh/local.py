@@ -20,7 +20,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import httpx
 from rich.console import Console
@@ -42,6 +42,11 @@ from datamesh.resource.manifest import Verdict, check_file
 from datamesh.resource.models import Inference
 from datamesh.settings import OperatorSettings, StoreSettings
 from datamesh.web.serving import ServerStartError, bind_socket, serve_app, serve_forever
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from datamesh.query.access import Authenticator
 
 STATE_DIR = Path(".datamesh")
 LOCK_FILE = "datamesh-local.lock"
@@ -449,14 +454,21 @@ def print_summary(
         console.print(f"[red]{'; '.join(problems)}[/]: exit status 1", highlight=False)
 
 
-async def serve_query_api(run: LocalRun, host: str, port: int, console: Console) -> None:
-    """The query service over this run's store and catalog file, until interrupted."""
+def query_app(run: LocalRun, authenticator: Authenticator | None = None) -> FastAPI:
+    """The query service over this run's store and catalog file; anonymous callers unless ``authenticator`` says."""
     from datamesh.query.app import authenticator_of, create_app
     from datamesh.query.catalog_sources import FileCatalogSource
     from datamesh.query.settings import QuerySettings
 
     settings = QuerySettings(allow_anonymous=True, catalog_file=str(run.catalog_path))
-    app = create_app(FileCatalogSource(run.catalog_path), run.store, settings, authenticator_of(settings))
+    authenticator = authenticator or authenticator_of(settings)
+    return create_app(FileCatalogSource(run.catalog_path), run.store, settings, authenticator)
+
+
+async def serve_query_api(run: LocalRun, host: str, port: int, console: Console) -> None:
+    """The query service (and its catalog page at ``/``) over this run's store and catalog file, until interrupted."""
+    app = query_app(run)
+    console.print(f"catalog page on http://{host}:{port}/", highlight=False)
     console.print(f'query API on http://{host}:{port}  (try: datamesh ask "why do customers churn?")')
     try:
         await serve_forever(app, host=host, port=port)

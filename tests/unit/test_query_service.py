@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -703,6 +704,29 @@ async def test_openapi_documents_endpoints_examples_and_security(mesh: Mesh) -> 
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     schema = spec["components"]["schemas"]["QueryRequest"]
     assert schema["properties"]["question"]["maxLength"] == 2000 and "maxProducts" in schema["properties"]
+
+
+async def test_the_catalog_page_is_served_with_a_strict_content_security_policy(mesh: Mesh) -> None:
+    for url in (mesh.url, mesh.anonymous_url):  # the page holds no data: served without a token either way
+        page = await mesh.client.get(f"{url}/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert (await mesh.client.head(f"{url}/")).status_code == 200
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert "unsafe-inline" not in policy and "unsafe-eval" not in policy
+    # Without 'unsafe-inline' an inline script or style would not run: the page has none.
+    assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>|\sstyle=|\son[a-z]+=", page.text)
+    assets = re.findall(r'(?:src|href)="(/ui/[^"]+)"', page.text)
+    assert {"/ui/catalog.js", "/ui/catalog.css"} <= set(assets)
+    for asset in assets:
+        response = await mesh.client.get(f"{mesh.url}{asset}")
+        assert response.status_code == 200, asset
+        assert response.headers["content-security-policy"] == policy and response.headers["x-content-type-options"]
+    script = (await mesh.client.get(f"{mesh.url}/ui/catalog.js")).text
+    assert "innerHTML" not in script and "insertAdjacentHTML" not in script and "eval(" not in script
+    docs = await mesh.client.get(f"{mesh.url}/docs")
+    assert docs.status_code == 200 and "content-security-policy" not in docs.headers, "the API's own pages keep theirs"
+    assert "/" not in (await mesh.client.get(f"{mesh.url}/openapi.json")).json()["paths"]
 
 
 async def test_serve_sizes_the_store_for_the_fan_out(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 ``POST /v1/query`` routes a question to the relevant products (``routing``), asks them
 concurrently, each with its own embedding model and a timeout from its SLA (``engine``), and
 returns hits per product, one merged ranking and per-product errors. Callers only ever see
-products their identity may read (``access``). Run it with :func:`serve`.
+products their identity may read (``access``); ``/`` is a catalog page over this API (``page``).
+Run it with :func:`serve`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from datamesh.query.access import Authenticator, Identity, Unauthenticated, can_
 from datamesh.query.catalog_sources import CatalogSource, FileCatalogSource, KubeCatalogSource
 from datamesh.query.engine import ProductFailure, QueryEngine, elapsed_ms
 from datamesh.query.metrics import Metrics, RequestMetrics
+from datamesh.query.page import add_catalog_page
 from datamesh.query.routing import ProductNameError, candidates, product_ref
 from datamesh.query.schemas import (
     ERRORS,
@@ -129,6 +131,7 @@ def create_app(
         default_response_class=SafeJSONResponse,
     )
     app.state.authenticator = authenticator
+    add_catalog_page(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes, refuse=_too_large)
     app.add_middleware(RequestMetrics, metrics=metrics)
 
