@@ -8,8 +8,6 @@ also be someone. One browser per module; a fresh context (own sessionStorage) pe
 from __future__ import annotations
 
 import io
-import os
-import shutil
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from rich.console import Console
 from datamesh.local import LocalRun, load_manifests, query_app
 from datamesh.query.access import Authenticator
 from datamesh.web.serving import serve_app
+from datamesh_dev.browser import ChromiumMissing, chromium_executable
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENS = {
@@ -34,23 +33,20 @@ ALICE = {"Authorization": "Bearer alice-token"}
 Manifest = tuple[Path, dict[str, Any]]
 
 
-def chromium_executable() -> str:
-    """The Chromium to drive: ``$DATAMESH_CHROMIUM``, else ``chromium`` on PATH. Fails, never skips, without one."""
-    found = os.environ.get("DATAMESH_CHROMIUM") or shutil.which("chromium")
-    if not found or not os.access(found, os.X_OK):
-        pytest.fail(
-            "no Chromium for the browser tests: run `sudo hack/browser/install-deps.sh` (Debian's chromium), "
-            "or set DATAMESH_CHROMIUM to a Chromium executable",
-            pytrace=False,
-        )
-    return found
+def chromium() -> str:
+    """The Chromium to drive; fails the test (never skips it) without one."""
+    try:
+        return chromium_executable()
+    except ChromiumMissing as exc:
+        missing = str(exc)
+    pytest.fail(missing, pytrace=False)  # outside the except: the message alone, no chained traceback
 
 
 @pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Browser]:
     """One headless Chromium for the module (Playwright's browser downloads are never used)."""
     async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=chromium_executable())
+        launched = await playwright.chromium.launch(executable_path=chromium())
         try:
             yield launched
         finally:
