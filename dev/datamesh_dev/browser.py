@@ -71,7 +71,7 @@ async def _photograph(url: str, out: Path) -> None:
             await page.fill("#question", SHOT_QUESTION)
             await page.press("#question", "Enter")
             await expect(page.locator("#answer-status")).to_have_text(re.compile(r"^Answered in"))
-            await page.evaluate("window.scrollTo(0, 0)")
+            await page.locator("#question").blur()  # no focus ring in the picture
             await page.screenshot(path=str(out), full_page=True)
         finally:
             await browser.close()
