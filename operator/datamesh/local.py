@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import httpx
 from rich.console import Console
@@ -45,6 +45,11 @@ from datamesh.resource.manifest import Verdict, check_file
 from datamesh.resource.models import Inference
 from datamesh.settings import OperatorSettings, StoreSettings
 from datamesh.web.serving import ServerStartError, bind_socket, serve_app, serve_forever
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from datamesh.query.access import Authenticator
 
 STATE_DIR = Path(".datamesh")
 LOCK_FILE = "datamesh-local.lock"
@@ -498,15 +503,24 @@ def print_summary(
         console.print(f"[red]{'; '.join(problems)}[/]: exit status 1", highlight=False)
 
 
-async def serve_query_api(run: LocalRun, host: str, port: int, console: Console, *, mcp: bool = False) -> None:
-    """The query service (with ``mcp``, its MCP tools at /mcp) over this run's store and catalog, until interrupted."""
+def query_app(
+    run: LocalRun, authenticator: Authenticator | None = None, *, mcp: bool = False, host: str = "127.0.0.1"
+) -> FastAPI:
+    """The query service over this run's store and catalog file (with ``mcp``, its MCP tools at /mcp);
+    anonymous callers unless ``authenticator`` says."""
     from datamesh.query.app import authenticator_of, create_app
     from datamesh.query.catalog_sources import FileCatalogSource
     from datamesh.query.settings import QuerySettings
 
     settings = QuerySettings(allow_anonymous=True, catalog_file=str(run.catalog_path), mcp=mcp)
-    source = FileCatalogSource(run.catalog_path)
-    app = create_app(source, run.store, settings, authenticator_of(settings), host=host)
+    authenticator = authenticator or authenticator_of(settings)
+    return create_app(FileCatalogSource(run.catalog_path), run.store, settings, authenticator, host=host)
+
+
+async def serve_query_api(run: LocalRun, host: str, port: int, console: Console, *, mcp: bool = False) -> None:
+    """The query service, its catalog page at ``/`` (and with ``mcp`` its MCP tools) over this run, until stopped."""
+    app = query_app(run, mcp=mcp, host=host)
+    console.print(f"catalog page on http://{host}:{port}/", highlight=False)
     console.print(f'query API on http://{host}:{port}  (try: datamesh ask "why do customers churn?")')
     if mcp:
         console.print(f"MCP tools for AI agents on http://{host}:{port}/mcp  (streamable HTTP; see docs/agents.md)")

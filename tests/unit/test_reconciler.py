@@ -153,6 +153,11 @@ async def test_a_new_product_becomes_ready_with_its_rows_searchable_and_cataloge
     assert hits[0].payload["id"] == "b"
     entry = read_catalog_file(world.catalog_path)["sales.churn"]
     assert entry.phase == "Ready" and entry.collection == "sales.churn" and entry.records == 3
+    # The entry shows the status the product got, Cataloged and Ready included; True needs no message.
+    assert [(c.type, c.status, c.message) for c in entry.conditions] == [
+        (t, s, None) for t, (s, _, _) in conditions(outcome).items()
+    ]
+    assert entry.sla_met is None, "no freshness or availability objective: nothing to meet"
 
 
 async def test_an_unchanged_product_is_not_read_or_written_again(world: World) -> None:
@@ -263,6 +268,11 @@ async def test_an_unreachable_inference_endpoint_degrades_and_breaches_availabil
     assert conditions(outcome)["InferenceReady"][:2] == ("False", "EndpointUnreachable")
     assert conditions(outcome)["SLAMet"][:2] == ("False", "SLABreached")
     assert outcome.status.sla is not None and outcome.status.sla.availability_met is False
+    entry = read_catalog_file(world.catalog_path)["sales.churn"]
+    assert entry.phase == "Degraded" and entry.sla_met is False
+    summaries = {c.type: c for c in entry.conditions}
+    assert summaries["SLAMet"].message is not None and "inference endpoint not available" in summaries["SLAMet"].message
+    assert (summaries["Ready"].status, summaries["Ready"].reason) == ("False", "EndpointUnreachable")
 
 
 async def test_a_deployed_model_reports_its_service_url(world: World) -> None:

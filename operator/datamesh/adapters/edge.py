@@ -498,6 +498,14 @@ class EdgeStore:
             ]
         return stable_top(rows, request.limit)
 
+    async def sample(self, collection: str, limit: int) -> list[Mapping[str, Any]]:
+        """The payloads of up to ``limit`` points in point-id order."""
+        name = self._resolve(collection)
+        request = qe.ScrollRequest(limit=limit, with_payload=True, with_vector=False)
+        async with self._use(name) as shard:
+            records, _ = await self._engine(name, shard.engine.scroll, request)
+        return [r.payload or {} for r in records]
+
     @staticmethod
     def _query(
         request: SearchRequest, dense: list[float], words: qe.SparseVector | None, with_vectors: bool

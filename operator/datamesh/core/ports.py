@@ -201,6 +201,10 @@ class VectorStore(Protocol):
         """The best rows for a question, as one Qdrant query (two prefetches fused in hybrid mode)."""
         ...
 
+    async def sample(self, collection: str, limit: int) -> list[Mapping[str, Any]]:
+        """The payloads of up to ``limit`` points in point-id order: the same rows every time, no question needed."""
+        ...
+
     async def close(self) -> None:
         """Release connections (and the embedded store's lock)."""
         ...

@@ -23,7 +23,6 @@ from datamesh.core.conditions import (
     ConditionType,
     Transition,
     apply_checks,
-    phase_of,
     utcnow,
     worth_an_event,
 )
@@ -237,15 +236,13 @@ class Reconciler:
         )
         checks = [rows.collection, rows.ingest.check, inference_check, sla]
 
-        # The catalog entry carries the phase the product will have if the write succeeds.
-        provisional = status.model_copy(update={"phase": phase_of([*checks, Check(ConditionType.cataloged, True, "")])})
         key = entry_key(ref.namespace, ref.name)
+        cataloged = Check(ConditionType.cataloged, True, "Cataloged", f"entry {key} is in the discovery catalog")
+        # The catalog entry carries the phase and conditions the product will have if the write succeeds.
+        provisional, _ = apply_checks(status, [*checks, cataloged], ref.generation, now)
         try:
-            # Its open conditions are this reconcile's, not the ones the status held before it.
-            conditions = [(c.type.value, c.status.value, c.reason, c.message) for c in checks]
-            entry = catalog_entry(ref.namespace, ref.name, ref.generation, spec, provisional, conditions)
-            await self.ports.catalog.upsert(entry)
-            checks.append(Check(ConditionType.cataloged, True, "Cataloged", f"entry {key} is in the discovery catalog"))
+            await self.ports.catalog.upsert(catalog_entry(ref.namespace, ref.name, ref.generation, spec, provisional))
+            checks.append(cataloged)
         except Exception as exc:
             cause = f"{type(exc).__name__}: {exc}".rstrip(": ")
             checks.append(

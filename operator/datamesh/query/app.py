@@ -3,7 +3,8 @@
 ``POST /v1/query`` routes a question to the relevant products (``routing``), asks them
 concurrently, each with its own embedding model and a timeout from its SLA (``engine``), and
 returns hits per product, one merged ranking and per-product errors. Callers only ever see
-products their identity may read (``access``). Run it with :func:`serve`.
+products their identity may read (``access``); ``/`` is a catalog page over this API (``page``).
+Run it with :func:`serve`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from datamesh.query.catalog_sources import CatalogSource, source_of
 from datamesh.query.engine import QueryEngine, elapsed_ms
 from datamesh.query.mcp import McpEndpoint
 from datamesh.query.metrics import Metrics, RequestMetrics
+from datamesh.query.page import add_catalog_page
 from datamesh.query.schemas import (
     ERRORS,
     INFERENCE_KEY,
@@ -50,6 +52,7 @@ from datamesh.query.schemas import (
     QueryFailure,
     QueryRequest,
     QueryResponse,
+    SampleResponse,
     TransformRequest,
     TransformResponse,
 )
@@ -144,6 +147,7 @@ def create_app(
     app.state.authenticator = authenticator
     if mcp is not None:
         app.router.routes.append(mcp.route)  # a plain ASGI route: not part of the REST API's OpenAPI
+    add_catalog_page(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes, refuse=_too_large)
     app.add_middleware(RequestMetrics, metrics=metrics)
 
@@ -254,6 +258,29 @@ def create_app(
         """Semantic search on one product."""
         entry = one_product(identity, namespace, name)
         return SafeJSONResponse(await service.ask_product(engine, entry, body.question, body.limit, identity))
+
+    @app.get(
+        "/v1/products/{namespace}/{name}/sample",
+        tags=["catalog"],
+        response_model=SampleResponse,
+        response_model_by_alias=True,
+        responses={
+            **ERRORS,
+            **NOT_FOUND,
+            409: {"model": DetailBody, "description": "The product has no semantic search collection."},
+            502: {"model": DetailBody},
+            504: {"model": DetailBody},
+        },
+    )
+    async def sample_product(
+        identity: Caller,
+        namespace: NamespaceParam,
+        name: NameParam,
+        limit: Annotated[int, Query(ge=1, le=50, description="Rows to return.")] = 5,
+    ) -> Any:
+        """A few of the product's rows, the same ones every time, with PII masked as in answers."""
+        entry = one_product(identity, namespace, name)
+        return SafeJSONResponse(await service.sample_product(engine, entry, limit, identity))
 
     @app.post(
         "/v1/products/{namespace}/{name}/transform",

@@ -320,7 +320,8 @@ def details(entry: CatalogEntry, identity: Identity) -> ProductDetails:
         primary_key=entry.primary_key,
         key_fields=entry.key_fields,
         sla=entry.sla,
-        conditions=entry.conditions or [],
+        # Only what is wrong: Ready restates the others, and a True condition's message is not kept.
+        conditions=[c for c in entry.conditions if c.status != "True" and c.type != "Ready"],
         consumers=entry.consumers,
         pii_visible=can_read_pii(identity, entry),
         inference=bool(entry.inference_endpoint),

@@ -98,21 +98,34 @@ class TransformRequest(BaseModel):
     )
 
 
-class Hit(ApiModel):
-    """A row that answers, as its product holds it."""
+class Row(ApiModel):
+    """A row as its product holds it."""
 
     product: str = Field(description="The product, 'namespace/name'.")
     key: Any = Field(description="The row's primary key value (a list of values for a composite key).")
-    score: float = Field(description="The product's own ranking score (fused in hybrid mode).")
-    similarity: float | None = Field(None, description="Cosine of the question and the row's key-field text.")
     text: str | None = Field(None, description="The key-field text that was embedded.")
     fields: dict[str, Any] = Field(default_factory=dict, description="The row's fields (PII masked unless granted).")
     masked: list[str] = Field(default_factory=list, description="Fields whose values were masked as personal data.")
 
 
+class Hit(Row):
+    """A row that answers, with its scores."""
+
+    score: float = Field(description="The product's own ranking score (fused in hybrid mode).")
+    similarity: float | None = Field(None, description="Cosine of the question and the row's key-field text.")
+
+
 class ProductResult(ApiModel):
     product: str
     hits: list[Hit]
+    latency_ms: float
+
+
+class SampleResponse(ApiModel):
+    """A few of a product's rows, the same ones every time (the lowest point ids), masked as hits are."""
+
+    product: str
+    rows: list[Row]
     latency_ms: float
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from datamesh.query.access import Identity, can_read
 from datamesh.query.catalog_sources import CatalogSource
-from datamesh.query.engine import QueryEngine, elapsed_ms
+from datamesh.query.engine import ProductFailure, QueryEngine, elapsed_ms
 from datamesh.query.routing import ProductNameError, candidates, product_ref, resolve_names
 from datamesh.query.schemas import QueryRequest
 from datamesh.resource.catalog import CatalogEntry, entry_key
@@ -110,20 +110,40 @@ async def answer_question(
     return Answer(answer)
 
 
-async def ask_product(
-    engine: QueryEngine, entry: CatalogEntry, question: str, limit: int, identity: Identity
-) -> dict[str, Any]:
-    """Semantic search on one product: ``{product, hits, latencyMs}``; ApiError 409, 502 or 504 if it cannot answer."""
+def _searchable(entry: CatalogEntry) -> CatalogEntry:
     if not entry.collection:
         raise ApiError(
             409, f"product {entry.product} has no semantic search collection (phase {entry.phase or 'unknown'})"
         )
+    return entry
+
+
+def _failed(entry: CatalogEntry, failure: ProductFailure) -> ApiError:
+    status = 504 if failure.kind == "timeout" else 502
+    return ApiError(status, f"product {entry.product}: {failure}", kind=failure.kind)
+
+
+async def ask_product(
+    engine: QueryEngine, entry: CatalogEntry, question: str, limit: int, identity: Identity
+) -> dict[str, Any]:
+    """Semantic search on one product: ``{product, hits, latencyMs}``; ApiError 409, 502 or 504 if it cannot answer."""
+    _searchable(entry)
     vectors = engine.question(question)
     try:
         asked = await engine.ask(entry, vectors, limit, identity)
     finally:
         await vectors.close()
     if asked.error is not None:
-        status = 504 if asked.error.kind == "timeout" else 502
-        raise ApiError(status, f"product {entry.product}: {asked.error}", kind=asked.error.kind)
+        raise _failed(entry, asked.error)
     return {"product": entry.product, "hits": asked.hits, "latencyMs": asked.latency_ms}
+
+
+async def sample_product(engine: QueryEngine, entry: CatalogEntry, limit: int, identity: Identity) -> dict[str, Any]:
+    """A few of the product's rows, the same each time, masked as hits are: ``{product, rows, latencyMs}``."""
+    _searchable(entry)
+    started = time.perf_counter()
+    try:
+        rows = await engine.sample(entry, limit, identity)
+    except ProductFailure as failure:
+        raise _failed(entry, failure) from None
+    return {"product": entry.product, "rows": rows, "latencyMs": elapsed_ms(started)}

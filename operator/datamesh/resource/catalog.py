@@ -8,13 +8,14 @@ older reader keeps every product a newer writer describes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from datamesh.resource.models import (
+    Condition,
     ConditionStatus,
     DataProductSpec,
     DataProductStatus,
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 CATALOG_LABEL = "datamesh.io/catalog"
 # Bumped when a field changes meaning; new optional fields need no bump (readers ignore them).
 CATALOG_FORMAT = 1
+# A condition's message in an entry is cut here: the catalog is a summary, the status has it whole.
+CONDITION_MESSAGE_LIMIT = 300
 
 
 class WireModel(BaseModel):
@@ -62,7 +65,7 @@ class FieldSummary(WireModel):
 
 
 class ConditionSummary(WireModel):
-    """A condition of the product that is not True: what is wrong with it, or not known yet."""
+    """One status condition, as the catalog shows it: the message only while the condition is not True."""
 
     type: str
     status: str
@@ -90,9 +93,8 @@ class CatalogEntry(WireModel):
     phase: str | None = None
     records: int | None = None
     sla: SLASummary | None = None
-    # Only the conditions that are not True (None when all are): why a product is not Ready, while
-    # a healthy product's entry stays as small, and as rarely rewritten, as before.
-    conditions: list[ConditionSummary] | None = None
+    sla_met: bool | None = None  # the last SLA check: None when the product declares nothing checkable
+    conditions: list[ConditionSummary] = Field(default_factory=list)
     routing_collection: str | None = None
     calibration: Calibration | None = None
     consumers: list[str] = Field(default_factory=lambda: ["*"])
@@ -114,6 +116,15 @@ class CatalogEntry(WireModel):
         return [f.name for f in self.fields if f.primary_key]
 
 
+def condition_summary(condition: Condition) -> ConditionSummary:
+    """A condition as a catalog entry carries it (compact; a True condition's message is left out)."""
+    status = ConditionStatus(condition.status)
+    # A True condition's message ("last ingestion is 37s old") only ages in the catalog, which is
+    # written per reconcile; a False or Unknown one's is the reason a reader needs.
+    message = None if status is ConditionStatus.true else condition.message[:CONDITION_MESSAGE_LIMIT] or None
+    return ConditionSummary(type=condition.type, status=status.value, reason=condition.reason, message=message)
+
+
 def card_text(namespace: str, name: str, spec: DataProductSpec) -> str:
     """What a product is about, as one text: routed to when a question matches it as well as rows do."""
     columns = "; ".join(f"{f.name.replace('_', ' ')} {f.description or ''}".strip() for f in spec.data_schema.fields)
@@ -126,32 +137,14 @@ def entry_key(namespace: str, name: str) -> str:
     return qualified_name(namespace, name, 253)
 
 
-_CONDITION_MESSAGE_CHARS = 300  # enough to say why; a long message stays in the product's status
-
-
-def open_conditions(conditions: Iterable[tuple[str, str, str, str]]) -> list[ConditionSummary] | None:
-    """The (type, status, reason, message) conditions that are not True, as the catalog keeps them (None if none)."""
-    summary = [
-        ConditionSummary(type=kind, status=status, reason=reason, message=message[:_CONDITION_MESSAGE_CHARS] or None)
-        for kind, status, reason, message in conditions
-        # Ready only restates the others (and the phase).
-        if status != "True" and kind != "Ready"
-    ]
-    return summary or None
-
-
 def catalog_entry(
     namespace: str,
     name: str,
     generation: int,
     spec: DataProductSpec,
     status: DataProductStatus,
-    conditions: Iterable[tuple[str, str, str, str]] | None = None,
 ) -> CatalogEntry:
-    """The catalog entry of a product from its spec and status; ``conditions`` as (type, status, reason,
-    message) replace the status' own when it does not hold this reconcile's yet."""
-    if conditions is None:
-        conditions = ((c.type, ConditionStatus(c.status).value, c.reason, c.message) for c in status.conditions)
+    """The catalog entry of a product from its spec and status."""
     search = spec.semantic_search if spec.semantic_search and spec.semantic_search.enabled else None
     return CatalogEntry(
         namespace=namespace,
@@ -173,7 +166,8 @@ def catalog_entry(
         phase=status.phase,
         records=status.records,
         sla=SLASummary.model_validate(spec.sla.wire()) if spec.sla else None,
-        conditions=open_conditions(conditions),
+        sla_met=status.sla.met if status.sla else None,
+        conditions=[condition_summary(c) for c in status.conditions],
         consumers=spec.access.consumers,
         pii_readers=spec.access.pii_readers,
         routing_collection=status.routing_collection if search else None,
