@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: run cluster-run test test-unit test-cluster e2e e2e-cleanup image lint crd tools clean bench
+.PHONY: run cluster-run test test-unit test-browser browser-deps test-cluster e2e e2e-cleanup image lint crd tools clean bench screenshot
 
 # The runtime package with its test and lint tools, and the development tooling in dev/.
 $(VENV)/.installed: pyproject.toml dev/pyproject.toml
@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml dev/pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,lint]' -e dev/
 	touch $@
 
-# Main job: the examples reconciled into the embedded store, and the query API on 127.0.0.1:8080.
+# Main job: the examples reconciled into the embedded store, and the query API and catalog page on 127.0.0.1:8080.
 run: $(VENV)/.installed
 	$(BIN)/datamesh local examples/
 
@@ -26,13 +26,25 @@ cluster-run: $(VENV)/.installed
 	KUBECONFIG=$$($(BIN)/python -c 'from datamesh_dev import devcluster; print(devcluster.default_workdir() / "kubeconfig")') \
 	  DATAMESH_METRICS_PORT=0 $(BIN)/datamesh operator --liveness http://127.0.0.1:8081/healthz
 
-# Every test: the lint gates first (seconds), then the unit tier, then the cluster and faults tiers.
-# Builds the control plane from the Go module proxy on first use (cached after).
-test: lint test-unit test-cluster
+# Every test: the lint gates first (seconds), then the unit tier, the browser tier, then the cluster
+# and faults tiers. Builds the control plane from the Go module proxy on first use (cached after).
+test: lint test-unit test-browser test-cluster
 
-# The fast loop: no control plane, no Go tools; on every core (the tests share no state).
+# The fast loop: no control plane, no Go tools, no browser; on every core (the tests share no state).
 test-unit: $(VENV)/.installed
-	$(BIN)/pytest -m "not cluster" -n auto
+	$(BIN)/pytest -m "not cluster and not browser" -n auto
+
+# Debian's chromium, for the browser tier and the screenshot (apt, as root or through sudo; a no-op once installed).
+browser-deps:
+	hack/browser/install-deps.sh
+
+# The catalog page in Debian's chromium, driven by Playwright (one browser per module, so not split across workers).
+test-browser: $(VENV)/.installed browser-deps
+	$(BIN)/pytest -m "browser and not cluster"
+
+# docs/catalog-page.png: the page over the examples served as `make run` serves them.
+screenshot: $(VENV)/.installed browser-deps
+	$(BIN)/python -m datamesh_dev.browser screenshot docs/catalog-page.png
 
 # The real control plane, started once for the whole session (so not split across workers).
 test-cluster: $(VENV)/.installed

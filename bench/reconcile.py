@@ -305,21 +305,29 @@ class Operator:
         extra_env: dict[str, str] | None = None,
         verbose: bool = False,
         exe: Path = REPO / ".venv" / "bin" / "datamesh",
+        name: str = "operator",
     ) -> None:
         self.kubeconfig = kubeconfig
         self.exe = exe
         self.verbose = verbose
         self.extra_env = extra_env or {}
-        self.log_path = log_dir / "operator.log"
+        self.log_path = log_dir / f"{name}.log"
         self.metrics_port = free_port()
         self.liveness_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
         self._samples: list[tuple[float, int]] = []
+        self.peak_threads = 0
+        self.peak_fds = 0
         self._sampler: threading.Thread | None = None
         self._stop = threading.Event()
 
     def start(self, timeout: float = 90) -> None:
+        self.spawn()
+        self.wait_live(timeout)
+
+    def spawn(self) -> None:
+        """Start the operator process (without waiting for it)."""
         env = dict(os.environ)
         env.update(
             KUBECONFIG=str(self.kubeconfig),
@@ -344,6 +352,11 @@ class Operator:
             stderr=subprocess.STDOUT,
             cwd=REPO,
         )
+        self._sampler = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
+        self._sampler.start()
+
+    def wait_live(self, timeout: float = 90) -> None:
+        """Return once kopf's liveness endpoint answers 200."""
         deadline = time.monotonic() + timeout
         while True:
             self.check_alive()
@@ -356,8 +369,15 @@ class Operator:
             if time.monotonic() > deadline:
                 raise BenchError(f"operator not live after {timeout} s; log tail:\n{self.log_tail()}")
             time.sleep(0.2)
-        self._sampler = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
-        self._sampler.start()
+
+    def probes(self) -> dict[str, Any]:
+        """What kopf's liveness endpoint answers: the result of every probe (empty when it does not answer)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=5) as r:
+                answer: dict[str, Any] = json.loads(r.read() or b"{}")
+                return answer
+        except (urllib.error.URLError, OSError, ValueError):
+            return {}
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
@@ -376,6 +396,14 @@ class Operator:
             kb = self._status_kb("VmRSS")
             if kb is not None:
                 self._samples.append((time.monotonic(), kb))
+            try:
+                status = Path(f"/proc/{self.proc.pid}/status").read_text()  # type: ignore[union-attr]
+                fds = len(os.listdir(f"/proc/{self.proc.pid}/fd"))  # type: ignore[union-attr]
+            except OSError:
+                continue
+            threads = re.search(r"^Threads:\s+(\d+)", status, re.MULTILINE)
+            self.peak_threads = max(self.peak_threads, int(threads.group(1)) if threads else 0)
+            self.peak_fds = max(self.peak_fds, fds)
 
     def rss_mib(self) -> float:
         return (self._status_kb("VmRSS") or 0) / 1024
@@ -528,11 +556,15 @@ class Bench:
         self.args = args
         self.kubectl = Kubectl(cp)
         self.log_dir = log_dir
-        self.operator = Operator(
-            cp.kubeconfig, log_dir, dict(e.split("=", 1) for e in args.env), args.operator_verbose, args.operator_exe
-        )
+        # The embedded store in a folder of its own, as on a volume: a restarted operator finds its collections.
+        self.operator_env = {"DATAMESH_QDRANT_PATH": str(log_dir / "store"), **dict(e.split("=", 1) for e in args.env)}
+        self.operator = self.new_operator("operator")
         self.dp_watch = ProductWatch(self.kubectl)
         self.cm_watch = CatalogWatch(self.kubectl)
+
+    def new_operator(self, name: str) -> Operator:
+        verbose, exe = self.args.operator_verbose, self.args.operator_exe
+        return Operator(self.cp.kubeconfig, self.log_dir, self.operator_env, verbose, exe, name)
 
     # ---- setup
 
@@ -664,23 +696,10 @@ class Bench:
             "all": lat_start,
         }
 
-    # ---- one size
-
-    def run_size(self, n: int, timeout: float) -> SizeResult:
-        namespaces = [f"bench-n{n}-{j}" for j in range(self.args.namespaces)]
-        for ns in namespaces:
-            self.kubectl.run("create", "namespace", ns, check=False)
-        bodies = [product(f"p-{i:05d}", namespaces[i % len(namespaces)], self.args.rows, i) for i in range(n)]
-        keys = [f"{b['metadata']['namespace']}/{b['metadata']['name']}" for b in bodies]
+    def apply_all(self, bodies: list[dict[str, Any]], timeout: float, label: str) -> float:
+        """Apply ``bodies`` with ``--apply-parallel`` kubectl processes; the time they all returned."""
         chunks = [bodies[j :: self.args.apply_parallel] for j in range(self.args.apply_parallel)]
-        chunks = [c for c in chunks if c]
-        docs = [yaml.safe_dump_all(c) for c in chunks]
-
-        m0 = self.operator.metrics()
-        rss_before = self.operator.rss_mib()
-        load_before = loadavg()
-        cpu0 = self.cpu.read()
-        t0 = time.monotonic()
+        docs = [yaml.safe_dump_all(c) for c in chunks if c]
         procs = [
             subprocess.Popen(
                 self.kubectl.cmd("apply", "-f", "-"),
@@ -705,12 +724,29 @@ class Bench:
             f.start()
         for f in feeders:
             f.join(timeout=timeout)
-        t_applied = time.monotonic()
         failed = [(p.returncode, e) for p, e in zip(procs, errors, strict=True) if p.returncode != 0]
         if failed:
-            raise BenchError(f"kubectl apply of the N={n} batch failed: {failed[0][1].strip()[:2000]}")
+            raise BenchError(f"kubectl apply of the {label} batch failed: {failed[0][1].strip()[:2000]}")
+        return time.monotonic()
+
+    # ---- one size
+
+    def run_size(self, n: int, timeout: float) -> SizeResult:
+        namespaces = [f"bench-n{n}-{j}" for j in range(self.args.namespaces)]
+        for ns in namespaces:
+            self.kubectl.run("create", "namespace", ns, check=False)
+        bodies = [product(f"p-{i:05d}", namespaces[i % len(namespaces)], self.args.rows, i) for i in range(n)]
+        keys = [f"{b['metadata']['namespace']}/{b['metadata']['name']}" for b in bodies]
+
+        m0 = self.operator.metrics()
+        rss_before = self.operator.rss_mib()
+        load_before = loadavg()
+        cpu0 = self.cpu.read()
+        t0 = time.monotonic()
+        t_applied = self.apply_all(bodies, timeout, f"N={n}")
         print(
-            f"  N={n}: applied in {t_applied - t0:.1f} s ({len(procs)} parallel kubectl apply); waiting for Ready ...",
+            f"  N={n}: applied in {t_applied - t0:.1f} s ({self.args.apply_parallel} parallel kubectl apply); "
+            "waiting for Ready ...",
             flush=True,
         )
 
@@ -812,6 +848,125 @@ class Bench:
             delete_cm_writes=del_writes,
         )
 
+    # ---- restart with many products
+
+    def run_restart(self, n: int, timeout: float) -> RestartResult:
+        """N products Ready, the operator restarted, and a new product applied at the restart.
+
+        Steady state is every existing product resumed: the new operator's ``products`` probe (products
+        it has reconciled) reaches N + 1 and the catalog holds every entry, Ready.
+        """
+        namespaces = [f"bench-restart-{j}" for j in range(self.args.namespaces)]
+        for ns in namespaces:
+            self.kubectl.run("create", "namespace", ns, check=False)
+        bodies = [product(f"p-{i:05d}", namespaces[i % len(namespaces)], self.args.rows, i) for i in range(n)]
+        keys = [f"{b['metadata']['namespace']}/{b['metadata']['name']}" for b in bodies]
+        t0 = time.monotonic()
+        self.apply_all(bodies, timeout, f"restart N={n}")
+        snap = self.wait_ready(keys, t0, timeout, f"restart N={n}")
+        ready = sum(1 for s in snap.values() if s is not None and s.ready_at is not None)
+        if ready < n:
+            raise BenchError(f"restart N={n}: only {ready}/{n} Ready after {timeout:.0f} s before the restart")
+        ready_s = max(s.ready_at for s in snap.values() if s is not None and s.ready_at is not None) - t0
+        print(f"  restart N={n}: all Ready {ready_s:.1f} s after the apply; restarting the operator ...", flush=True)
+        time.sleep(2.0)  # trailing catalog writes land before the stop
+
+        t_stop = time.monotonic()
+        self.operator.stop()
+        stop_s = time.monotonic() - t_stop
+        self.operator = self.new_operator("operator-restarted")
+        fresh = product("p-new", namespaces[0], self.args.rows, n)
+        fresh_key = f"{namespaces[0]}/p-new"
+        load_before = loadavg()
+        t_restart = time.monotonic()
+        self.operator.spawn()
+        self.kubectl.run("apply", "-f", "-", input=yaml.safe_dump(fresh))
+        self.operator.wait_live(timeout)
+        live_s = time.monotonic() - t_restart
+        self.cpu = CpuMeter(self.operator.proc.pid)  # type: ignore[union-attr]
+        new_ready_s: float | None = None
+        resumed_s: float | None = None
+        reconciled = 0
+        deadline = t_restart + timeout
+        last_report = time.monotonic()
+        while (new_ready_s is None or resumed_s is None) and time.monotonic() < deadline:
+            self.operator.check_alive()
+            state = self.dp_watch.snapshot([fresh_key])[fresh_key]
+            if new_ready_s is None and state is not None and state.ready_at is not None:
+                new_ready_s = state.ready_at - t_restart
+            reconciled = int(self.operator.probes().get("products") or 0)
+            if resumed_s is None and reconciled >= n + 1:
+                resumed_s = time.monotonic() - t_restart
+            if time.monotonic() - last_report >= 15:
+                print(f"  restart: {reconciled}/{n + 1} products reconciled after {time.monotonic() - t_restart:.0f} s")
+                last_report = time.monotonic()
+            time.sleep(0.25)
+        t_end = time.monotonic()
+        entries = self.catalog()
+        prefixes = tuple(f"{ns}." for ns in namespaces)
+        ready_entries = sum(1 for k, v in entries.items() if k.startswith(prefixes) and v.get("phase") == "Ready")
+        not_ready = sum(
+            1
+            for ns in namespaces
+            for dp in self.kubectl.json("get", "dataproducts", "-n", ns)["items"]
+            if (dp.get("status") or {}).get("phase") != "Ready"
+        )
+        result = RestartResult(
+            n=n,
+            ready_before_s=ready_s,
+            stop_s=stop_s,
+            live_s=live_s,
+            new_ready_s=new_ready_s,
+            resumed_s=resumed_s,
+            reconciled=reconciled,
+            catalog_ready=ready_entries,
+            not_ready=not_ready,
+            operator_cpu_s=self.cpu.read()["operator"],
+            peak_rss=self.operator.peak_rss_mib(t_restart, t_end),
+            peak_threads=self.operator.peak_threads,
+            peak_fds=self.operator.peak_fds,
+            load_before=load_before,
+            load_after=loadavg(),
+        )
+        print(f"  {result.line()}\n  restart N={n}: deleting the products ...", flush=True)
+        result.delete_s = self.delete_products(namespaces, [*keys, fresh_key], max(120.0, timeout / 2))
+        return result
+
+
+@dataclass
+class RestartResult:
+    n: int
+    ready_before_s: float
+    stop_s: float
+    live_s: float
+    new_ready_s: float | None
+    resumed_s: float | None
+    reconciled: int
+    catalog_ready: int
+    not_ready: int
+    operator_cpu_s: float
+    peak_rss: float
+    peak_threads: int
+    peak_fds: int
+    load_before: str
+    load_after: str
+    delete_s: float | None = None
+
+    def line(self) -> str:
+        def secs(v: float | None) -> str:
+            return f"{v:.2f}" if v is not None else "TIMEOUT"
+
+        return (
+            f"restart N={self.n} all_ready_before_s={self.ready_before_s:.2f} operator_stop_s={self.stop_s:.2f} "
+            f"restart_to_live_s={self.live_s:.2f} restart_to_new_product_ready_s={secs(self.new_ready_s)} "
+            f"restart_to_all_resumed_s={secs(self.resumed_s)} reconciled={self.reconciled}/{self.n + 1} "
+            f"catalog_ready_entries={self.catalog_ready}/{self.n + 1} products_not_ready={self.not_ready} "
+            f"operator_cpu_s={self.operator_cpu_s:.1f} operator_peak_rss_mib={self.peak_rss:.0f} "
+            f"operator_peak_threads={self.peak_threads} operator_peak_fds={self.peak_fds} "
+            f"loadavg_before={self.load_before!r} loadavg_after={self.load_after!r} "
+            f"delete_all_s={secs(self.delete_s)}"
+        )
+
 
 # ------------------------------------------------------------------------------------------
 # Report
@@ -835,7 +990,9 @@ def scan_log(path: Path) -> tuple[Counter[str], list[str]]:
     return counts, examples
 
 
-def report(single: dict[str, Any], results: list[SizeResult], wall: float, op: Operator) -> None:
+def report(
+    single: dict[str, Any], results: list[SizeResult], restarts: list[RestartResult], wall: float, op: Operator
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -904,6 +1061,9 @@ def report(single: dict[str, Any], results: list[SizeResult], wall: float, op: O
             f"operator_cpu_ms_per_product={1000 * r.cpu['operator'] / r.n:.1f} loadavg_before={r.load_before!r} "
             f"loadavg_after={r.load_after!r}"
         )
+    for restart in restarts:
+        target = "met" if restart.resumed_s is not None and restart.resumed_s < 60 else "NOT met"
+        print(f"{restart.line()} (target: steady state under 60 s, {target})")
     counts, examples = scan_log(op.log_path)
     print(f"operator log {op.log_path}: {dict(counts) or 'no WARNING/ERROR/Traceback lines'}")
     for line in examples:
@@ -918,6 +1078,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000], help="batch sizes (default: 100 1000)")
     parser.add_argument(
         "--single-repeats", type=int, default=10, help="baseline: products applied alone, one after another"
+    )
+    parser.add_argument(
+        "--restart",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the sizes: N products Ready, the operator restarted, a new product applied at the restart; "
+        "prints restart-to-new-product-Ready and restart-to-all-resumed (0: skipped)",
     )
     parser.add_argument("--rows", type=int, default=4, help="inline rows per product")
     parser.add_argument("--namespaces", type=int, default=4, help="namespaces a batch is spread over")
@@ -955,6 +1123,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     wall0 = time.monotonic()
     results: list[SizeResult] = []
+    restarts: list[RestartResult] = []
     single: dict[str, Any] | None = None
     status = 0
     print(f"starting the control plane (logs of this run: {log_dir}; load average {loadavg()}) ...", flush=True)
@@ -976,6 +1145,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"!! N={n} did not finish within {timeout:.0f} s; larger sizes skipped.", flush=True)
                     status = 1
                     break
+            if args.restart and status == 0:
+                timeout = max(120.0, args.timeout_per_100 * args.restart / 100)
+                print(f"restart: {args.restart} products, then the operator restarted (timeout {timeout:.0f} s) ...")
+                restarts.append(bench.run_restart(args.restart, timeout))
         except BenchError as exc:
             print(f"!! benchmark aborted: {exc}", file=sys.stderr, flush=True)
             status = 2
@@ -987,7 +1160,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.cm_watch.stop()
             bench.operator.stop()
             if single is not None:
-                report(single, results, time.monotonic() - wall0, bench.operator)
+                report(single, results, restarts, time.monotonic() - wall0, bench.operator)
             else:
                 print(f"operator log: {bench.operator.log_path}\n{bench.operator.log_tail()}")
     print(f"done in {time.monotonic() - wall0:.1f} s (control plane stopped)")

@@ -22,9 +22,13 @@ if TYPE_CHECKING:
 #            (tests/e2e/; needs root). Left out unless asked for: pyproject's addopts has
 #            `-m "not e2e"`, and `make e2e` runs `pytest -m e2e tests/e2e`. e2e tests are
 #            cluster tests too, and get a longer timeout (cold image and tool builds).
+#   browser: drives Debian's chromium with Playwright (tests/browser/). `make test-unit` leaves
+#            it out (no system browser needed for the fast loop); `make test-browser` (part of
+#            `make test`) installs chromium first. Without chromium these tests error, never skip.
 
 _TOOL_FIXTURES = {"control_plane", "helm_binary"}
 _E2E_FIXTURES = {"machine_baseline", "datamesh_image", "e2e_cluster"}
+_BROWSER_FIXTURES = {"browser"}
 E2E_TIMEOUT_S = 1800
 _FAULTS = Path(__file__).resolve().parent / "faults"
 
@@ -40,6 +44,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.timeout(E2E_TIMEOUT_S))
         if _FAULTS in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.faults)
+        if _BROWSER_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.browser)
 
 
 # ==== control plane (datamesh_dev.devcluster) ===============================================
@@ -177,6 +183,7 @@ def operator_settings(**overrides: object) -> OperatorSettings:
         "catalog_flush_seconds": 0.3,
         "url_timeout": 3.0,
         "metrics_port": 0,
+        "liveness_stall_seconds": 5.0,
     }
     values.update(overrides)
     return OperatorSettings(**values)  # type: ignore[arg-type]

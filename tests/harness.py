@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -10,14 +11,17 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+
+import kopf
 
 from datamesh.adapters.stores import open_store
 from datamesh.controller.main import run_operator
 from datamesh.core.ports import VectorStore
 from datamesh.settings import OperatorSettings, StoreSettings
+from datamesh.web.serving import free_port
 from tests.httpserver import LoopThread
 
 T = TypeVar("T")
@@ -96,13 +100,16 @@ class OperatorThread(LoopThread):
 
     The store outlives restarts of the operator (``stop()`` then ``start()``), as a Qdrant
     server would; ``call()`` runs a coroutine on the operator's loop (the store's owner), and
-    ``serving()`` serves an app there (e.g. the query service sharing the store).
+    ``serving()`` serves an app there (e.g. the query service sharing the store). kopf's liveness
+    endpoint is served at ``liveness_url``; ``memo`` is the running operator's (``memo.runtime``).
     """
 
     def __init__(self, settings: OperatorSettings) -> None:
         super().__init__("operator-loop")
         self.settings = settings
         self.store: VectorStore = self.call(self._make_store())
+        self.liveness_url = f"http://127.0.0.1:{free_port()}/healthz"
+        self.memo = kopf.Memo()
         self._task: asyncio.Future[None] | None = None
         self._stop: asyncio.Event | None = None
 
@@ -115,9 +122,16 @@ class OperatorThread(LoopThread):
             return asyncio.Event(), asyncio.Event()
 
         self._stop, ready = self.call(begin())
-        self._task = asyncio.run_coroutine_threadsafe(
-            run_operator(self.settings, stop_flag=self._stop, ready_flag=ready, store=self.store), self.loop
+        self.memo = kopf.Memo()
+        operator = run_operator(
+            self.settings,
+            stop_flag=self._stop,
+            ready_flag=ready,
+            store=self.store,
+            memo=self.memo,
+            liveness_endpoint=self.liveness_url,
         )
+        self._task = asyncio.run_coroutine_threadsafe(operator, self.loop)
         deadline = time.monotonic() + timeout
         while not ready.is_set():
             if self._task.done():
@@ -126,6 +140,20 @@ class OperatorThread(LoopThread):
             if time.monotonic() > deadline:
                 raise AssertionError("the operator did not become ready")
             time.sleep(0.05)
+
+    @contextlib.contextmanager
+    def reconfigured(self, **overrides: Any) -> Iterator[None]:
+        """Run with other settings for a while (same store): stopped and started with them, then back."""
+        original = self.settings
+        self.stop()
+        self.settings = original.model_copy(update=overrides)
+        self.start()
+        try:
+            yield
+        finally:
+            self.stop()
+            self.settings = original
+            self.start()
 
     def stop(self, timeout: float = 60) -> None:
         if self._task is None or self._stop is None:

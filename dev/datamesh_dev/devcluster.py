@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import base64
+import contextlib
 import ctypes
 import datetime
 import ipaddress
@@ -29,7 +30,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
@@ -620,6 +621,23 @@ class ControlPlane:
             _terminate([proc])
             self._start_apiserver()
 
+    @contextlib.contextmanager
+    def etcd_paused(self) -> Iterator[None]:
+        """etcd frozen (SIGSTOP) for the block, then thawed (SIGCONT), even if the block fails.
+
+        The API server keeps serving watches from its cache, but every write and every quorum
+        read hangs until etcd answers again, as with a stalled disk or a partitioned member.
+        """
+        with self._lock:
+            proc = self._procs.get("etcd")
+            if proc is None:
+                raise ControlPlaneError("control plane not started")
+            os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+
     def stop(self) -> None:
         """Stop all processes (SIGTERM, SIGKILL after 10 s); remove the workdir unless kept."""
         with self._lock:
@@ -809,6 +827,9 @@ class ExternalCluster:
 
     def restart_apiserver(self) -> None:
         raise ControlPlaneError("cannot restart the API server of an external cluster")
+
+    def etcd_paused(self) -> contextlib.AbstractContextManager[None]:
+        raise ControlPlaneError("cannot pause the etcd of an external cluster")
 
 
 # --------------------------------------------------------------------------------------------

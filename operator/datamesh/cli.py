@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from datamesh.resource.models import SourceFormat
 
 if TYPE_CHECKING:
     from datamesh.settings import OperatorSettings
@@ -147,6 +150,12 @@ def local(
     state_dir: Annotated[Path, typer.Option(help="Where the embedded Qdrant, catalog and status are kept.")] = Path(
         ".datamesh"
     ),
+    mcp: Annotated[
+        bool,
+        typer.Option(
+            "--mcp", help="Also serve the MCP tools for AI agents at /mcp on the same port (streamable HTTP)."
+        ),
+    ] = False,
 ) -> None:
     """Run the product lifecycle on a folder of manifests with an embedded Qdrant, and serve the query API.
 
@@ -160,7 +169,14 @@ def local(
     try:
         asyncio.run(
             run_local(
-                directory, host=host, port=port, serve=serve, state_dir=state_dir, console=console, outcome=outcome
+                directory,
+                host=host,
+                port=port,
+                serve=serve,
+                state_dir=state_dir,
+                console=console,
+                outcome=outcome,
+                mcp=mcp,
             )
         )
     except FileNotFoundError as exc:
@@ -269,6 +285,92 @@ def query_service(
     asyncio.run(serve(host, port))
 
 
+@app.command("mcp")
+def mcp_server(
+    http: Annotated[
+        bool, typer.Option("--http", help="Serve streamable HTTP at http://HOST:PORT/mcp instead of stdio.")
+    ] = False,
+    host: Annotated[str, typer.Option(help="Address to listen on (with --http).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (with --http).")] = 8090,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="DATAMESH_MCP_TOKEN",
+            help="stdio: act as this token's identity (a token of DATAMESH_QUERY_TOKENS_FILE); without it, as "
+            "anonymous when allowed. Not with --http, where every request carries its own bearer token.",
+        ),
+    ] = None,
+    catalog_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Read the catalog from this file (default: DATAMESH_QUERY_CATALOG_FILE, else the catalog "
+            "ConfigMaps of DATAMESH_QUERY_CATALOG_NAMESPACE through the Kubernetes API); the store from "
+            "DATAMESH_QDRANT_*."
+        ),
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Use a `datamesh local` state folder (its catalog and embedded store) while no `datamesh local` "
+            "runs on it; anonymous callers allowed, as in local mode."
+        ),
+    ] = None,
+) -> None:
+    """Serve the mesh as MCP tools for AI agents (list_products, describe_product, ask, ask_product) over stdio, or
+    streamable HTTP with --http. Exits 2 when it cannot start."""
+    from datamesh.core.ports import VectorStore
+    from datamesh.local import PreflightError, StateInUse, local_state
+    from datamesh.query.access import Unauthenticated
+    from datamesh.query.app import authenticator_of
+    from datamesh.query.mcp import serve_mcp, stdio_identity
+    from datamesh.query.settings import QuerySettings
+
+    # stdout is the protocol on stdio: everything else goes to stderr.
+    errors = Console(stderr=True)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if http and token:
+        raise typer.BadParameter("--token (DATAMESH_MCP_TOKEN) is for stdio; on HTTP each request carries its token")
+    if state_dir is not None and catalog_file is not None:
+        raise typer.BadParameter("use either --state-dir or --catalog-file, not both")
+
+    def cannot_start(message: str) -> typer.Exit:
+        errors.print(f"[red]cannot start[/]: {message}", soft_wrap=True, highlight=False)
+        return typer.Exit(2)
+
+    async def serve(settings: QuerySettings, store: VectorStore | None = None) -> None:
+        try:
+            authenticator = authenticator_of(settings)
+            if not http:
+                stdio_identity(authenticator, token)
+        except (OSError, ValueError, Unauthenticated) as exc:
+            raise cannot_start(str(exc)) from None
+        await serve_mcp(settings, authenticator, store=store, http=(host, port) if http else None, token=token)
+
+    async def main() -> None:
+        if state_dir is None:
+            settings = QuerySettings()
+            if catalog_file is not None:
+                settings = settings.model_copy(update={"catalog_file": str(catalog_file)})
+            await serve(settings)
+            return
+        try:
+            async with local_state(state_dir, "datamesh mcp") as (store, catalog):
+                await serve(QuerySettings(allow_anonymous=True, catalog_file=str(catalog)), store)
+        except StateInUse as exc:
+            raise cannot_start(
+                f"the state folder {state_dir} is in use by another {exc.holder or 'process'}, and its embedded "
+                "store opens in one process only: serve the tools from that process instead with "
+                "`datamesh local DIR --mcp` (agents then connect to http://127.0.0.1:8080/mcp), or stop it first"
+            ) from None
+        except PreflightError as exc:
+            raise cannot_start(str(exc)) from None
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+
+
 @app.command("inference-server")
 def inference_server(
     host: Annotated[str, typer.Option()] = "0.0.0.0",
@@ -307,6 +409,140 @@ def crd(
         typer.echo(render_crd(), nl=False)
     else:
         typer.echo(f"wrote {write_crd(write)}")
+
+
+contract_app = typer.Typer(
+    help="Data contracts: a DataProduct as an Open Data Contract Standard (ODCS) v3 document, and back.",
+    no_args_is_help=True,
+)
+app.add_typer(contract_app, name="contract")
+STDIN = "-"
+
+
+def _read_input(location: str) -> tuple[str, bytes]:
+    """How to name the input in messages, and its bytes (stdin for ``-``); exits 1 when it cannot be read."""
+    if location == STDIN:
+        return "stdin", sys.stdin.buffer.read()
+    try:
+        return location, Path(location).read_bytes()
+    except OSError as exc:
+        _fail(location, exc.strerror or str(exc))
+
+
+def _fail(label: str, problem: object) -> NoReturn:
+    """Say what is wrong with which input, without a traceback, and exit 1."""
+    typer.echo(f"error: {label}: {problem}", err=True)
+    raise typer.Exit(1)
+
+
+def _write(text: str, output: Path | None) -> None:
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        output.write_text(text)
+    except OSError as exc:
+        _fail(str(output), exc.strerror or str(exc))
+    typer.echo(f"wrote {output}", err=True)
+
+
+@contract_app.command("export")
+def contract_export(
+    manifest: Annotated[
+        str,
+        typer.Argument(
+            help="Manifest file holding the DataProduct, or - for stdin: "
+            "`kubectl get dp NAME -n NAMESPACE -o json | datamesh contract export -`."
+        ),
+    ],
+    product: Annotated[
+        str | None,
+        typer.Option("--product", "-p", help="namespace/name or name of the DataProduct, when there are several."),
+    ] = None,
+    contract_version: Annotated[
+        str | None,
+        typer.Option(help="The contract's version (default: the datamesh.io/contract-version annotation, or 1.0.0)."),
+    ] = None,
+    status: Annotated[
+        str | None,
+        typer.Option(
+            help="The contract's status: proposed, draft, active, deprecated or retired "
+            "(default: the datamesh.io/contract-status annotation, or active)."
+        ),
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the contract to this file.")] = None,
+) -> None:
+    """Print the ODCS v3 data contract of a DataProduct: schema, SLA, owner, tags and description."""
+    from datamesh.resource.contracts import ContractError, contract_yaml, export_contract, product_to_export
+    from datamesh.resource.manifest import ManifestFileError, decode, parse_documents
+
+    label, data = _read_input(manifest)
+    try:
+        checked = product_to_export(parse_documents(decode(data)), product)
+        text = contract_yaml(export_contract(checked, version=contract_version, status=status))
+    except (ManifestFileError, ContractError) as exc:
+        _fail(label, exc)
+    _write(text, output)
+
+
+@contract_app.command("import")
+def contract_import(
+    contract: Annotated[str, typer.Argument(help="ODCS v3 contract (YAML or JSON), or - for stdin.")],
+    namespace: Annotated[
+        str | None, typer.Option("--namespace", "-n", help="Namespace of the product (default: its domain).")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Name of the product (default: the contract's name).")] = None,
+    domain: Annotated[str | None, typer.Option(help="Domain of the product (default: the contract's).")] = None,
+    schema_object: Annotated[
+        str | None, typer.Option("--object", help="The schema object that becomes the product, when there are several.")
+    ] = None,
+    source_url: Annotated[str | None, typer.Option(help="Rows from this http(s) URL.")] = None,
+    configmap: Annotated[str | None, typer.Option(help="Rows from this ConfigMap of the namespace.")] = None,
+    configmap_key: Annotated[str | None, typer.Option(help="The ConfigMap key holding the rows.")] = None,
+    source_format: Annotated[
+        SourceFormat | None, typer.Option(help="Encoding of the rows (default: from the URL's or key's suffix).")
+    ] = None,
+    refresh_interval: Annotated[
+        str | None, typer.Option(help="Re-ingest this often, e.g. 1h (default: the contract's SLA frequency).")
+    ] = None,
+    key_fields: Annotated[
+        list[str] | None,
+        typer.Option(help="Fields whose text is embedded for semantic search (repeatable, or comma-separated)."),
+    ] = None,
+    embedding_model: Annotated[
+        str | None, typer.Option(help="Embedding model (default: the platform's, onnx:all-MiniLM-L6-v2).")
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the manifest to this file.")] = None,
+) -> None:
+    """Print the DataProduct manifest of an ODCS v3 data contract, checked as `datamesh local` checks manifests.
+
+    A contract does not say where the rows come from or which fields are embedded: give those as options.
+    """
+    from datamesh.resource.contracts import ContractError, ImportOptions, OptionError, import_contract, read_contract
+
+    label, data = _read_input(contract)
+    options = ImportOptions(
+        namespace=namespace,
+        name=name,
+        domain=domain,
+        schema_object=schema_object,
+        source_url=source_url,
+        configmap=configmap,
+        configmap_key=configmap_key,
+        source_format=source_format.value if source_format else None,
+        refresh_interval=refresh_interval,
+        key_fields=tuple(key_fields or ()),
+        embedding_model=embedding_model,
+    )
+    try:
+        imported = import_contract(read_contract(data), options)
+    except OptionError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    except ContractError as exc:
+        _fail(label, exc)
+    for note in imported.notes:
+        typer.echo(f"note: {label}: {note}", err=True)
+    _write(imported.to_yaml(), output)
 
 
 @app.command()

@@ -45,10 +45,12 @@ async def run_operator_with_query(
     qs = query_settings or QuerySettings(catalog_namespace=settings.platform_namespace, catalog_file=None)
     store = open_store(store_settings, concurrency=max(store_settings.concurrency, qs.fanout_concurrency))
     source = KubeCatalogSource(qs.catalog_namespace, timeout_seconds=qs.watch_timeout_seconds)
-    app = create_app(source, store, qs, authenticator_of(qs))
+    app = create_app(source, store, qs, authenticator_of(qs), host=host)
     try:
         async with serve_app(app, host=host, port=port, log_level=qs.log_level) as url:
             log.info("query API on %s (catalog of namespace %s)", url, qs.catalog_namespace)
+            if qs.mcp:
+                log.info("MCP tools for AI agents on %s/mcp", url)
             await run_operator(
                 settings,
                 namespaces=namespaces,

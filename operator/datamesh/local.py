@@ -7,7 +7,9 @@ embedded Qdrant under ``.datamesh/``, writes the catalog to a file, and serves t
 127.0.0.1. Operator and query service share one process and one store, since the embedded
 store locks its folder. Before any work starts it makes sure the port is free and no other
 ``datamesh local`` uses the state folder; it exits 1 when a manifest was refused or a product
-is Failed.
+is Failed. With ``--mcp`` the same server also serves the MCP tools for AI agents at /mcp; a
+separate ``datamesh mcp --state-dir`` opens the folder only when no ``datamesh local`` holds it
+(:func:`local_state`).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import hashlib
 import json
 import os
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import httpx
 from rich.console import Console
@@ -43,8 +46,16 @@ from datamesh.resource.models import Inference
 from datamesh.settings import OperatorSettings, StoreSettings
 from datamesh.web.serving import ServerStartError, bind_socket, serve_app, serve_forever
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from datamesh.query.access import Authenticator
+
 STATE_DIR = Path(".datamesh")
 LOCK_FILE = "datamesh-local.lock"
+CATALOG_FILE = "catalog.json"
+STATUS_FILE = "status.json"
+STORE_DIR = "store"
 EVERYONE = "*"
 
 
@@ -125,15 +136,24 @@ def check_port_free(host: str, port: int) -> None:
         ) from None
 
 
-class StateLock:
-    """An exclusive lock on a state folder for one ``datamesh local`` at a time, holding its pid."""
+class StateInUse(PreflightError):
+    """The state folder is held by another process: a `datamesh local` or `datamesh mcp`, or one unknown."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, holder: str | None) -> None:
+        super().__init__(in_use_message(state_dir, holder))
+        self.state_dir, self.holder = state_dir, holder
+
+
+class StateLock:
+    """An exclusive lock on a state folder for one process at a time, holding its pid and command."""
+
+    def __init__(self, state_dir: Path, command: str = "datamesh local") -> None:
         self.path = state_dir / LOCK_FILE
+        self.command = command
         self._file: IO[str] | None = None
 
     def acquire(self) -> None:
-        """Take the lock, or PreflightError naming the process that holds it and --state-dir."""
+        """Take the lock, or StateInUse naming the process that holds it (PreflightError if the folder is unusable)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             handle = self.path.open("a+")
@@ -146,12 +166,15 @@ class StateLock:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.seek(0)
-            holder = handle.read().strip()
+            pid, _, command = handle.read().strip().partition(" ")
             handle.close()
-            raise PreflightError(in_use_message(self.path.parent, f"pid {holder}" if holder else None)) from None
+            # A lock file of an older version holds the pid alone: it was a `datamesh local`.
+            raise StateInUse(
+                self.path.parent, f"`{command or 'datamesh local'}` (pid {pid})" if pid else None
+            ) from None
         handle.seek(0)
         handle.truncate()
-        handle.write(str(os.getpid()))
+        handle.write(f"{os.getpid()} {self.command}")
         handle.flush()
         self._file = handle
 
@@ -162,8 +185,55 @@ class StateLock:
 
 
 def in_use_message(state_dir: Path, holder: str | None) -> str:
-    who = f"another `datamesh local` ({holder})" if holder else "another process (another `datamesh local`?)"
+    who = f"another {holder}" if holder else "another process (another `datamesh local`?)"
     return f"the state folder {state_dir} is in use by {who}: stop it, or choose another folder with --state-dir"
+
+
+async def probe_store(store: ports.VectorStore, state_dir: Path) -> None:
+    """StateInUse if another process holds the embedded store's files (its WAL lock).
+
+    The state lock finds another ``datamesh local`` or ``datamesh mcp`` of this version; this finds
+    any other process that opened the store, by opening one collection of the last run.
+    """
+    try:
+        saved = json.loads((state_dir / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    for kept in saved.values():
+        collection = ((kept or {}).get("status") or {}).get("collection")
+        if not collection:
+            continue
+        try:
+            await store.count(collection)
+        except VectorStoreError as exc:
+            if "WAL" in str(exc) or "lock" in str(exc).lower():
+                raise StateInUse(state_dir, None) from exc
+        return
+
+
+@contextlib.asynccontextmanager
+async def local_state(state_dir: Path, command: str) -> AsyncIterator[tuple[ports.VectorStore, Path]]:
+    """A local mode state folder for another command (``datamesh mcp``): locked, its store open, its catalog file.
+
+    PreflightError (StateInUse when a running ``datamesh local`` holds it) or when no run has written a catalog.
+    """
+    lock = StateLock(state_dir, command)
+    lock.acquire()
+    try:
+        catalog = state_dir / CATALOG_FILE
+        if not catalog.is_file():
+            raise PreflightError(
+                f"the state folder {state_dir} holds no catalog ({catalog}): reconcile manifests into it first "
+                f"with `datamesh local DIR --state-dir {state_dir} --no-serve`"
+            )
+        store = open_store(StoreSettings(url=None, path=str(state_dir / STORE_DIR)))
+        try:
+            await probe_store(store, state_dir)
+            yield store, catalog
+        finally:
+            await store.close()
+    finally:
+        lock.release()
 
 
 @dataclass
@@ -241,8 +311,8 @@ class LocalRun:
         self.state_dir = state_dir
         self.console = console or Console()
         self.settings = OperatorSettings(catalog_flush_seconds=0.05, metrics_port=0)
-        self.store = open_store(StoreSettings(url=None, path=str(state_dir / "store")))
-        self.catalog_path = state_dir / "catalog.json"
+        self.store = open_store(StoreSettings(url=None, path=str(state_dir / STORE_DIR)))
+        self.catalog_path = state_dir / CATALOG_FILE
         self.catalog = CatalogWriter(
             FileCatalogBackend(self.catalog_path),
             "catalog",
@@ -251,32 +321,15 @@ class LocalRun:
         )
         self.http = httpx.AsyncClient(timeout=self.settings.url_timeout)
         self.inference = LocalInferenceBackend()
-        self._status_path = state_dir / "status.json"
+        self._status_path = state_dir / STATUS_FILE
 
     def _saved_status(self) -> dict[str, Any]:
         # Status survives between runs, so a second run over unchanged manifests writes nothing.
         return json.loads(self._status_path.read_text()) if self._status_path.exists() else {}
 
     async def probe_store(self) -> None:
-        """PreflightError if another process holds the embedded store's files (its WAL lock).
-
-        The state lock finds another ``datamesh local`` of this version; this finds any other
-        process that opened the store, by opening one collection of the last run.
-        """
-        try:
-            saved = self._saved_status()
-        except (OSError, ValueError):
-            return
-        for kept in saved.values():
-            collection = ((kept or {}).get("status") or {}).get("collection")
-            if not collection:
-                continue
-            try:
-                await self.store.count(collection)
-            except VectorStoreError as exc:
-                if "WAL" in str(exc) or "lock" in str(exc).lower():
-                    raise PreflightError(in_use_message(self.state_dir, None)) from exc
-            return
+        """StateInUse if another process holds the embedded store's files (see :func:`probe_store`)."""
+        await probe_store(self.store, self.state_dir)
 
     async def reconcile_all(self, products: list[tuple[Path, dict[str, Any]]]) -> list[tuple[dict[str, Any], Outcome]]:
         """Reconcile every product with progress bars; returns each body with its outcome."""
@@ -386,8 +439,9 @@ async def run_local(
     state_dir: Path = STATE_DIR,
     console: Console | None = None,
     outcome: LocalOutcome | None = None,
+    mcp: bool = False,
 ) -> LocalOutcome:
-    """Check, reconcile and (unless ``serve`` is off) serve a folder of manifests.
+    """Check, reconcile and (unless ``serve`` is off) serve a folder of manifests (``mcp``: MCP tools at /mcp too).
 
     The port and the state folder are checked before anything else (PreflightError); the
     outcome is filled in before serving starts, so it is known even if serving is interrupted.
@@ -407,7 +461,7 @@ async def run_local(
             outcome.products = len(results)
             print_summary(console, directory, run.catalog_path, outcome, loaded.others)
             if serve:
-                await serve_query_api(run, host, port, console)
+                await serve_query_api(run, host, port, console, mcp=mcp)
         finally:
             await run.close()
     finally:
@@ -449,15 +503,27 @@ def print_summary(
         console.print(f"[red]{'; '.join(problems)}[/]: exit status 1", highlight=False)
 
 
-async def serve_query_api(run: LocalRun, host: str, port: int, console: Console) -> None:
-    """The query service over this run's store and catalog file, until interrupted."""
+def query_app(
+    run: LocalRun, authenticator: Authenticator | None = None, *, mcp: bool = False, host: str = "127.0.0.1"
+) -> FastAPI:
+    """The query service over this run's store and catalog file (with ``mcp``, its MCP tools at /mcp);
+    anonymous callers unless ``authenticator`` says."""
     from datamesh.query.app import authenticator_of, create_app
     from datamesh.query.catalog_sources import FileCatalogSource
     from datamesh.query.settings import QuerySettings
 
-    settings = QuerySettings(allow_anonymous=True, catalog_file=str(run.catalog_path))
-    app = create_app(FileCatalogSource(run.catalog_path), run.store, settings, authenticator_of(settings))
+    settings = QuerySettings(allow_anonymous=True, catalog_file=str(run.catalog_path), mcp=mcp)
+    authenticator = authenticator or authenticator_of(settings)
+    return create_app(FileCatalogSource(run.catalog_path), run.store, settings, authenticator, host=host)
+
+
+async def serve_query_api(run: LocalRun, host: str, port: int, console: Console, *, mcp: bool = False) -> None:
+    """The query service, its catalog page at ``/`` (and with ``mcp`` its MCP tools) over this run, until stopped."""
+    app = query_app(run, mcp=mcp, host=host)
+    console.print(f"catalog page on http://{host}:{port}/", highlight=False)
     console.print(f'query API on http://{host}:{port}  (try: datamesh ask "why do customers churn?")')
+    if mcp:
+        console.print(f"MCP tools for AI agents on http://{host}:{port}/mcp  (streamable HTTP; see docs/agents.md)")
     try:
         await serve_forever(app, host=host, port=port)
     except OSError as exc:  # taken since the check before reconciling

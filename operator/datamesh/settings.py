@@ -112,7 +112,22 @@ class OperatorSettings(BaseSettings):
         2.0, gt=0, description="First retry delay after a transient error; doubles per attempt."
     )
     retry_max_seconds: float = Field(300.0, gt=0, description="Longest retry delay.")
-    sla_check_seconds: float = Field(60.0, gt=0, description="How often SLAs and refresh intervals are checked.")
+    sla_check_seconds: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "How often each product's SLA, endpoints and drift are re-checked (a source.refreshInterval shorter than "
+            "this is kept too); after a restart the checks are spread over one period."
+        ),
+    )
+    liveness_stall_seconds: float = Field(
+        300.0,
+        gt=0,
+        description=(
+            "The liveness endpoint fails when reconciles are in flight and none has finished (nor written an "
+            "ingestion batch) for this long."
+        ),
+    )
 
     inference_image: str = Field(
         "ghcr.io/datamesh-io/datamesh:0.1.0", description="Image of operator-deployed inference runtimes."

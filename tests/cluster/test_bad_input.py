@@ -144,13 +144,16 @@ the other products: local mode reconciles them and exits 1.
 Local mode is stricter in one place, on purpose: kubectl takes a file that is not UTF-8 and
 silently turns each invalid byte into U+FFFD, changing the data; local mode refuses the file.
 
-Inline rows are bounded because they live in the object: kopf keeps a copy of the spec in an
-annotation, `kubectl apply` another, and all annotations of an object together may hold
-262,144 bytes. The bounds are ones the API server enforces itself: at most {INLINE_MAX_ROWS} rows
-(`maxItems`), {INLINE_MAX_COLUMNS} columns a row (`maxProperties`) and {INLINE_MAX_VALUE_LENGTH} characters a value
-(`maxLength`; nested lists and objects are refused). The largest spec they allow is about 40%
-of the annotations' room. Larger data goes in a ConfigMap (`source.configMapRef`) or a file
-served over http(s) (`source.url`).
+Inline rows are bounded because they live in the object: `kubectl apply` keeps a copy of the
+object in an annotation, and all annotations of an object together may hold 262,144 bytes
+(the operator keeps only digests of the spec there). The bounds are ones the API server
+enforces itself: at most {INLINE_MAX_ROWS} rows (`maxItems`), {INLINE_MAX_COLUMNS} columns a row (`maxProperties`) and
+{INLINE_MAX_VALUE_LENGTH} characters a value (`maxLength`; nested lists and objects are refused). The largest spec
+they allow is about 40% of the annotations' room in ASCII; in 4-byte characters it is more than
+the room, and only `kubectl apply --server-side` (which keeps no copy) stores it. The API
+server's message for too many rows names `spec.source.inline` but cannot say where larger data
+goes (it cannot look into untyped rows): a ConfigMap (`source.configMapRef`) or a file served
+over http(s) (`source.url`), as `kubectl explain dataproducts.spec.source.inline` says.
 
 | file | what is wrong | named | `kubectl apply --dry-run=server` | `datamesh local` |
 |---|---|---|---|---|

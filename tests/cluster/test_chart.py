@@ -144,6 +144,8 @@ def test_template_default(helm: Helm, kube_version: str) -> None:
     assert env["DATAMESH_PLATFORM_NAMESPACE"] == "datamesh"
     assert env["DATAMESH_QDRANT_URL"] == "http://dm-datamesh-qdrant.datamesh.svc:6333"
     assert (env["DATAMESH_WATCH_SERVER_TIMEOUT"], env["DATAMESH_WATCH_CLIENT_TIMEOUT"]) == ("300", "330")
+    # The probe asks kopf's endpoint, which fails when the operator is stuck for this long.
+    assert env["DATAMESH_LIVENESS_STALL_SECONDS"] == "300"
     assert env["DATAMESH_INFERENCE_IMAGE"] == container["image"] == "ghcr.io/datamesh-io/datamesh:0.1.0"
     assert "DATAMESH_QDRANT_API_KEY" not in env
     # The holder identity is the pod's name (downward API); one Lease per release.
@@ -182,6 +184,7 @@ def test_template_default(helm: Helm, kube_version: str) -> None:
     assert qc["readinessProbe"]["httpGet"]["path"] == "/readyz" and qc["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert env_of(qc)["DATAMESH_QUERY_CATALOG_NAMESPACE"] == "datamesh"
     assert env_of(qc)["DATAMESH_QUERY_ALLOW_ANONYMOUS"] == "false"
+    assert "DATAMESH_QUERY_MCP" not in env_of(qc), "the MCP tools are off by default"
 
     sts = one(objs, "StatefulSet", "-qdrant")
     assert sts["spec"]["replicas"] == 1
@@ -242,6 +245,9 @@ def test_template_query_ingress_autoscaling(helm: Helm, kube_version: str) -> No
     assert one(objs, "PodDisruptionBudget", "-query")["spec"]["maxUnavailable"] == "50%"
     query = one(objs, "Deployment", "-query")["spec"]["template"]["spec"]
     assert env_of(query["containers"][0])["DATAMESH_QUERY_TOKENS_FILE"] == "/etc/datamesh/tokens/tokens.yaml"
+    # mcp.enabled: the query service serves /mcp on its own port, with the same tokens; no new objects.
+    assert env_of(query["containers"][0])["DATAMESH_QUERY_MCP"] == "true"
+    assert not [o for o in objs if "mcp" in o["metadata"]["name"]]
     assert next(v for v in query["volumes"] if v["name"] == "tokens")["secret"]["secretName"] == "datamesh-query-tokens"
     policies = {o["metadata"]["name"]: o for o in find(objs, "NetworkPolicy")}
     assert set(policies) == {"dm-datamesh-qdrant", "dm-datamesh-operator", "dm-datamesh-query"}
@@ -270,6 +276,7 @@ def test_template_embedded_store(helm: Helm, kube_version: str) -> None:
     env = env_of(container)
     assert env["DATAMESH_QDRANT_PATH"] == "/var/lib/datamesh/store" and "DATAMESH_QDRANT_URL" not in env
     assert env["DATAMESH_QUERY_TOKENS_FILE"] == "/etc/datamesh/tokens/tokens.yaml"
+    assert env["DATAMESH_QUERY_MCP"] == "true", "the operator's query API serves the MCP tools too"
     assert {"name": "http", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
@@ -401,6 +408,10 @@ def test_schema_refuses_wrong_values(
             ["--set", "operator.leaderElection.retryPeriodSeconds=4"],
             "operator.leaderElection.retryPeriodSeconds (4) must be at most half of renewDeadlineSeconds (7)",
         ),
+        (
+            ["--set", "mcp.enabled=true", "--set", "queryService.enabled=false"],
+            "mcp.enabled needs queryService.enabled: the query service serves the MCP tools at /mcp",
+        ),
     ],
     ids=[
         "watch-timeouts",
@@ -409,6 +420,7 @@ def test_schema_refuses_wrong_values(
         "replicas-without-election",
         "renew-deadline-not-below-lease",
         "retry-above-half-deadline",
+        "mcp-without-query-service",
     ],
 )
 def test_template_refuses_inconsistent_values(helm: Helm, kube_version: str, args: list[str], message: str) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from datamesh.adapters.files import FileCatalogBackend, read_catalog_file
 from datamesh.engine.catalog_writer import CatalogWriter
-from datamesh.resource.catalog import CatalogEntry, card_text, decode_entries
+from datamesh.resource.catalog import CatalogEntry, card_text, decode_entries, entry_of_object
 from datamesh.resource.models import DataProductSpec
 
 
@@ -77,3 +77,38 @@ def test_an_entry_from_a_newer_operator_is_read_not_dropped() -> None:
     (entry,) = decode_entries({"sales.customer-churn": json.dumps(newer)}).values()
     assert entry.product == "sales/customer-churn" and entry.primary_key == ["id"]
     assert entry.sla is not None and entry.sla.freshness == "24h"
+
+
+def test_an_entry_keeps_every_condition_and_the_messages_of_those_not_true() -> None:
+    """Every condition is listed (the catalog page shows them); only one that is not True keeps its message, briefly."""
+    spec = {"domain": "sales", "description": "Why B2B customers cancel.", "schema": {"fields": [{"name": "id"}]}}
+    at = "2026-01-01T00:00:00Z"
+    conditions = [
+        {"type": "CollectionReady", "status": "True", "reason": "Created", "message": "ok", "lastTransitionTime": at},
+        {
+            "type": "InferenceReady",
+            "status": "False",
+            "reason": "Unreachable",
+            "message": "x" * 5000,
+            "lastTransitionTime": at,
+        },
+        {"type": "SLAMet", "status": "Unknown", "reason": "NotChecked", "message": "", "lastTransitionTime": at},
+        {
+            "type": "Ready",
+            "status": "False",
+            "reason": "Degraded",
+            "message": "restates the others",
+            "lastTransitionTime": at,
+        },
+    ]
+    body = {"metadata": {"name": "churn", "namespace": "sales"}, "spec": spec, "status": {"conditions": conditions}}
+    entry = entry_of_object(body)
+    assert entry is not None
+    assert [(c.type, c.status, c.reason) for c in entry.conditions] == [
+        ("CollectionReady", "True", "Created"),
+        ("InferenceReady", "False", "Unreachable"),
+        ("SLAMet", "Unknown", "NotChecked"),
+        ("Ready", "False", "Degraded"),
+    ]
+    messages = [c.message for c in entry.conditions]
+    assert messages == [None, "x" * 300, None, "restates the others"], "a True condition's message only ages"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -361,6 +362,45 @@ async def test_single_product_query(mesh: Mesh) -> None:
     assert "price" in result["hits"][0]["text"].lower()
 
 
+async def test_sample_rows_are_the_same_each_time_and_masked_as_hits_are(mesh: Mesh) -> None:
+    url = f"{mesh.url}/v1/products/sales/customer-churn/sample"
+    response = await mesh.client.get(url, params={"limit": 3}, headers=ALICE)
+    assert response.status_code == 200, response.text
+    sample = response.json()
+    assert sample["product"] == "sales/customer-churn" and len(sample["rows"]) == 3 and sample["latencyMs"] >= 0
+    assert (await mesh.client.get(url, params={"limit": 3}, headers=ALICE)).json()["rows"] == sample["rows"]
+    for row in sample["rows"]:
+        assert row["masked"] == ["primary_contact_email"] and row["fields"]["primary_contact_email"] is None
+        assert row["key"] == row["fields"]["customer_id"] and row["text"] == row["fields"]["churn_reason"]
+        assert not any(k.startswith("_") for k in row["fields"])
+    first = sample["rows"][0]
+    found = await mesh.client.post(
+        f"{mesh.url}/v1/products/sales/customer-churn/query",
+        json={"question": first["text"], "limit": 1},
+        headers=ALICE,
+    )
+    hit = found.json()["hits"][0]
+    assert {k: v for k, v in hit.items() if k not in ("score", "similarity")} == first, "a sample row is shown as a hit"
+    assert len((await mesh.client.get(url, headers=ALICE)).json()["rows"]) == 5, "five rows unless asked"
+    assert (await mesh.client.get(url, params={"limit": 0}, headers=ALICE)).status_code == 422
+
+
+async def test_pii_readers_see_sample_values_others_see_them_masked(mesh: Mesh) -> None:
+    body = next(b for b in example_bodies() if b["metadata"]["name"] == "customer-churn")
+    body["metadata"].update(name="churn-pii", uid="uid-pii")
+    body["spec"]["access"] = {"consumers": ["*"], "piiReaders": ["group:sales"]}
+    await mesh.reconciler.reconcile(body)
+    try:
+        url = f"{mesh.url}/v1/products/sales/churn-pii/sample"
+        granted = (await mesh.client.get(url, headers=BOB)).json()["rows"]
+        refused = (await mesh.client.get(url, headers=CFO)).json()["rows"]
+    finally:
+        await mesh.reconciler.finalize(body)
+    assert all(r["masked"] == [] and "@" in r["fields"]["primary_contact_email"] for r in granted)
+    assert all(r["masked"] == ["primary_contact_email"] for r in refused)
+    assert [r["key"] for r in granted] == [r["key"] for r in refused]
+
+
 async def test_transform_merges_runtime_output_under_inference_key(mesh: Mesh) -> None:
     records = [
         {"ticket_id": "T-1", "summary": "Cannot log in after the password reset, the page keeps reloading"},
@@ -493,6 +533,7 @@ async def test_caller_without_access_never_sees_the_restricted_product(mesh: Mes
         for path, body in (("query", {"question": "hotel"}), ("transform", {"records": [{"a": 1}]})):
             response = await mesh.client.post(f"{url}/v1/products/{RESTRICTED}/{path}", json=body, headers=headers)
             assert response.status_code == 404
+        assert (await mesh.client.get(f"{url}/v1/products/{RESTRICTED}/sample", headers=headers)).status_code == 404
 
 
 async def test_callers_with_access_see_the_restricted_product(mesh: Mesh) -> None:
@@ -500,6 +541,8 @@ async def test_callers_with_access_see_the_restricted_product(mesh: Mesh) -> Non
         answer = (await ask(mesh, headers, question="which expense rules are broken most?")).json()
         assert answer["routedTo"][0]["product"] == RESTRICTED and answer["results"][0]["hits"]
         assert (await mesh.client.get(f"{mesh.url}/v1/products/{RESTRICTED}", headers=headers)).status_code == 200
+        sample = (await mesh.client.get(f"{mesh.url}/v1/products/{RESTRICTED}/sample", headers=headers)).json()
+        assert sample["rows"] and all(r["masked"] == ["employee_name"] for r in sample["rows"])
 
 
 async def test_authentication_is_required_unless_anonymous_is_allowed(mesh: Mesh) -> None:
@@ -650,6 +693,7 @@ async def test_openapi_documents_endpoints_examples_and_security(mesh: Mesh) -> 
         "/v1/products/{namespace}/{name}",
         "/v1/products/{namespace}/{name}/query",
         "/v1/products/{namespace}/{name}/transform",
+        "/v1/products/{namespace}/{name}/sample",
         "/healthz",
         "/readyz",
         "/metrics",
@@ -660,6 +704,29 @@ async def test_openapi_documents_endpoints_examples_and_security(mesh: Mesh) -> 
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     schema = spec["components"]["schemas"]["QueryRequest"]
     assert schema["properties"]["question"]["maxLength"] == 2000 and "maxProducts" in schema["properties"]
+
+
+async def test_the_catalog_page_is_served_with_a_strict_content_security_policy(mesh: Mesh) -> None:
+    for url in (mesh.url, mesh.anonymous_url):  # the page holds no data: served without a token either way
+        page = await mesh.client.get(f"{url}/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert (await mesh.client.head(f"{url}/")).status_code == 200
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert "unsafe-inline" not in policy and "unsafe-eval" not in policy
+    # Without 'unsafe-inline' an inline script or style would not run: the page has none.
+    assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>|\sstyle=|\son[a-z]+=", page.text)
+    assets = re.findall(r'(?:src|href)="(/ui/[^"]+)"', page.text)
+    assert {"/ui/catalog.js", "/ui/catalog.css"} <= set(assets)
+    for asset in assets:
+        response = await mesh.client.get(f"{mesh.url}{asset}")
+        assert response.status_code == 200, asset
+        assert response.headers["content-security-policy"] == policy and response.headers["x-content-type-options"]
+    script = (await mesh.client.get(f"{mesh.url}/ui/catalog.js")).text
+    assert "innerHTML" not in script and "insertAdjacentHTML" not in script and "eval(" not in script
+    docs = await mesh.client.get(f"{mesh.url}/docs")
+    assert docs.status_code == 200 and "content-security-policy" not in docs.headers, "the API's own pages keep theirs"
+    assert "/" not in (await mesh.client.get(f"{mesh.url}/openapi.json")).json()["paths"]
 
 
 async def test_serve_sizes_the_store_for_the_fan_out(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

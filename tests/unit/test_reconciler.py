@@ -153,6 +153,11 @@ async def test_a_new_product_becomes_ready_with_its_rows_searchable_and_cataloge
     assert hits[0].payload["id"] == "b"
     entry = read_catalog_file(world.catalog_path)["sales.churn"]
     assert entry.phase == "Ready" and entry.collection == "sales.churn" and entry.records == 3
+    # The entry shows the status the product got, Cataloged and Ready included; True needs no message.
+    assert [(c.type, c.status, c.message) for c in entry.conditions] == [
+        (t, s, None) for t, (s, _, _) in conditions(outcome).items()
+    ]
+    assert entry.sla_met is None, "no freshness or availability objective: nothing to meet"
 
 
 async def test_an_unchanged_product_is_not_read_or_written_again(world: World) -> None:
@@ -201,6 +206,27 @@ async def test_a_source_that_is_down_degrades_with_backoff_then_recovers(world: 
     assert up.status.phase == "Ready" and up.status.records == 3 and up.retry_after is None
 
 
+async def test_collection_ready_says_what_queries_use_and_never_names_one_collection_twice(world: World) -> None:
+    world.rows.error = SourceError("GET http://rows.example answered HTTP 503", transient=True)
+    first = await world.reconcile(product())
+    _, reason, message = conditions(first)["CollectionReady"]
+    index = first.status.index_collection or message.split()[0]
+    assert reason == "CollectionBuilding" and message.count(index) == 1 and "queries find no rows" in message
+    world.rows.error = None
+    ready = await world.reconcile(product(status=wire(first)))
+    assert conditions(ready)["CollectionReady"][2].endswith("(384 dims, Cosine)")
+    world.rows.error = SourceError("GET http://rows.example answered HTTP 503", transient=True)
+    stale = await world.reconcile(product(status=wire(ready)), refresh=True)
+    _, reason, message = conditions(stale)["CollectionReady"]
+    assert stale.status.phase == "Degraded" and reason == "CollectionStale"
+    assert message.count(ready.status.index_collection or "?") == 1
+    moved = product(generation=2, status=wire(stale))
+    moved["spec"]["semanticSearch"]["embeddingModel"] = "builtin:ngram-64"
+    building = await world.reconcile(moved)
+    _, reason, message = conditions(building)["CollectionReady"]
+    assert reason == "CollectionBuilding" and f"queries use {ready.status.index_collection} until" in message
+
+
 async def test_a_permanently_bad_source_fails_without_retry(world: World) -> None:
     world.rows.error = SourceError("cannot parse the source as json: Expecting value", transient=False)
     outcome = await world.reconcile(product())
@@ -242,6 +268,11 @@ async def test_an_unreachable_inference_endpoint_degrades_and_breaches_availabil
     assert conditions(outcome)["InferenceReady"][:2] == ("False", "EndpointUnreachable")
     assert conditions(outcome)["SLAMet"][:2] == ("False", "SLABreached")
     assert outcome.status.sla is not None and outcome.status.sla.availability_met is False
+    entry = read_catalog_file(world.catalog_path)["sales.churn"]
+    assert entry.phase == "Degraded" and entry.sla_met is False
+    summaries = {c.type: c for c in entry.conditions}
+    assert summaries["SLAMet"].message is not None and "inference endpoint not available" in summaries["SLAMet"].message
+    assert (summaries["Ready"].status, summaries["Ready"].reason) == ("False", "EndpointUnreachable")
 
 
 async def test_a_deployed_model_reports_its_service_url(world: World) -> None:

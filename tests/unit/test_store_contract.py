@@ -90,6 +90,8 @@ async def test_a_missing_collection_is_reported_as_such(store: VectorStore) -> N
         await store.count("nowhere.product")
     with pytest.raises(CollectionMissing):
         await store.search("nowhere.product", request(unit(0), "anything"))
+    with pytest.raises(CollectionMissing):
+        await store.sample("nowhere.product", 5)
     assert not await store.exists("nowhere.product")
 
 
@@ -112,6 +114,18 @@ async def test_the_alias_switches_atomically_and_queries_follow_it(store: Vector
     assert await store.count("ns.product") == 1
     hits = await store.search("ns.product", request(VECTORS[0], TEXTS[0]))
     assert [h.id for h in hits] == [IDS[0]]
+
+
+async def test_a_sample_is_the_first_points_by_id_whatever_order_they_were_written_in(store: VectorStore) -> None:
+    index = "ns.product--a"
+    await store.ensure_index(plan(index))
+    order = [3, 0, 5, 1, 4, 2]
+    payloads = [{"text": TEXTS[i], DIGEST_KEY: "d1"} for i in order]
+    await store.upsert(index, [IDS[i] for i in order], [VECTORS[i] for i in order], [TEXTS[i] for i in order], payloads)
+    await store.point_alias("ns.product", index)
+    sample = await store.sample("ns.product", 3)
+    assert [p["text"] for p in sample] == TEXTS[:3], "the same rows every time: the lowest point ids"
+    assert len(await store.sample("ns.product", 100)) == len(TEXTS)
 
 
 async def test_dense_search_ranks_by_cosine_and_reports_it(store: VectorStore) -> None:
@@ -162,6 +176,13 @@ async def test_dropping_a_product_removes_its_alias_and_every_index(store: Vecto
     await store.drop("ns.other--a")
     await store.drop("ns.other--a")  # idempotent
     assert not await store.exists("ns.other--a")
+    # Names past the embedded store's 80-character folder prefix, and a product named like the start of another.
+    long = "ns." + "x" * 120
+    for index in (f"{long}--a", f"{long}y--a", "ns.product-2--a"):
+        await store.ensure_index(plan(index, alias=index.rsplit("--", 1)[0]))
+    await store.drop_product(long)
+    assert not await store.exists(f"{long}--a")
+    assert await store.exists(f"{long}y--a") and await store.exists("ns.product-2--a")
 
 
 async def test_a_vector_of_the_wrong_size_is_refused(store: VectorStore) -> None:

@@ -176,6 +176,14 @@ vectors live in a Qdrant server (built in or external).
 {{- end }}
 {{- end }}
 
+{{/* The query API's MCP endpoint (/mcp), when mcp.enabled. */}}
+{{- define "datamesh.query.mcpEnv" -}}
+{{- if .Values.mcp.enabled }}
+- name: DATAMESH_QUERY_MCP
+  value: "true"
+{{- end }}
+{{- end }}
+
 {{/* A name: value map as a list of EnvVar (values quoted: env values are strings). */}}
 {{- define "datamesh.envMap" -}}
 {{- range $name, $value := . }}
@@ -209,6 +217,9 @@ Checks of combinations the JSON schema cannot express well; each fails with the 
 {{- end }}
 {{- if and .Values.queryService.ingress.enabled (not .Values.queryService.ingress.hosts) }}
 {{- fail "queryService.ingress.hosts needs at least one host when queryService.ingress.enabled is true" }}
+{{- end }}
+{{- if and .Values.mcp.enabled (not .Values.queryService.enabled) }}
+{{- fail "mcp.enabled needs queryService.enabled: the query service serves the MCP tools at /mcp" }}
 {{- end }}
 {{- if and .Values.queryService.ingress.enabled (not .Values.queryService.enabled) }}
 {{- fail "queryService.ingress.enabled needs queryService.enabled" }}

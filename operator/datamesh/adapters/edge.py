@@ -129,10 +129,13 @@ def _shown(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:80].strip("._-")
+
+
 def safe_dirname(name: str) -> str:
     """A directory name for any collection name: readable start, unique by the hash of the whole."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:80].strip("._-") or "c"
-    return f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    return f"{_slug(name) or 'c'}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
 
 
 def _finite(vector: Sequence[float], size: int) -> list[float]:
@@ -403,13 +406,17 @@ class EdgeStore:
                 aliases = {k: v for k, v in self._aliases.items() if k != alias}
                 await self._engine(alias, atomic_write, self.root / ALIASES_FILE, json.dumps(aliases, sort_keys=True))
                 self._aliases = aliases
-        for name in await self._engine(alias, self._collections):
+        for name in await self._engine(alias, self._collections, _slug(alias)):
             if name.startswith(f"{alias}--"):
                 await self.drop(name)
 
-    def _collections(self) -> list[str]:
+    def _collections(self, slug: str = "") -> list[str]:
+        # Only the folders whose name starts like the collections asked for are read: deleting a
+        # thousand products must not read every collection's metadata a thousand times.
         names = []
         for directory in (self.root / "collections").iterdir():
+            if not directory.name.startswith(slug):
+                continue
             try:
                 names.append(json.loads((directory / META_FILE).read_text())["name"])
             except (FileNotFoundError, NotADirectoryError):
@@ -490,6 +497,14 @@ class EdgeStore:
                 for p, sim in zip(points, similarities, strict=True)
             ]
         return stable_top(rows, request.limit)
+
+    async def sample(self, collection: str, limit: int) -> list[Mapping[str, Any]]:
+        """The payloads of up to ``limit`` points in point-id order."""
+        name = self._resolve(collection)
+        request = qe.ScrollRequest(limit=limit, with_payload=True, with_vector=False)
+        async with self._use(name) as shard:
+            records, _ = await self._engine(name, shard.engine.scroll, request)
+        return [r.payload or {} for r in records]
 
     @staticmethod
     def _query(

@@ -8,18 +8,20 @@ Every call has a timeout; conflicts and server errors are the caller's to retry.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import aiohttp
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from datamesh.core.children import RuntimeDefaults, deployment_available, desired_objects, inference_name, service_url
 from datamesh.core.conditions import Check, ConditionType
 from datamesh.core.election import LeaseConflict, LeaseRecord
-from datamesh.core.ports import Conflict, Shard
+from datamesh.core.ports import CatalogUnavailable, Conflict, Shard
 from datamesh.resource.catalog import CATALOG_LABEL
 from datamesh.resource.models import Inference
 
@@ -36,6 +38,36 @@ async def api_client() -> client.ApiClient:
     # The library reads KUBECONFIG once at import; read it now so a later export counts.
     await config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
     return client.ApiClient(configuration)
+
+
+def api_error(exc: BaseException) -> str:
+    """What went wrong with an API call, in one line: the status and the API server's own message.
+
+    An ApiException's text is its headers and body on many lines, which cut to an Event's length
+    often lost the cause itself; a timeout's text is empty.
+    """
+    if isinstance(exc, ApiException):
+        try:
+            message = json.loads(exc.body or "{}").get("message")
+        except (ValueError, AttributeError):
+            message = None
+        detail = message or " ".join(str(exc.body or "").split())[:300]
+        return f"HTTP {exc.status} {exc.reason}" + (f": {detail}" if detail else "")
+    if isinstance(exc, TimeoutError):
+        return f"no answer from the API server within {REQUEST_TIMEOUT} s"
+    return f"{type(exc).__name__}: {exc}".rstrip(": ")
+
+
+async def _catalog_call(what: str, call: Awaitable[T]) -> T:
+    """A catalog API call whose failure names the shard and the cause (a 409 is a Conflict to retry)."""
+    try:
+        return await call
+    except ApiException as exc:
+        if exc.status == 409:
+            raise Conflict(what) from exc
+        raise CatalogUnavailable(f"{what}: {api_error(exc)}") from exc
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise CatalogUnavailable(f"{what}: {api_error(exc)}") from exc
 
 
 async def _none_if_missing(call: Awaitable[T]) -> T | None:
@@ -83,8 +115,17 @@ class Kube:
         """Merge ``status`` into a custom object's status subresource."""
         meta = product["metadata"]
         body: Any = {"status": dict(status)}
-        await self.custom.patch_namespaced_custom_object_status(
-            group, version, meta["namespace"], plural, meta["name"], body, _request_timeout=REQUEST_TIMEOUT
+        # _content_type is a keyword of the generated client that its stubs do not declare.
+        await self.custom.patch_namespaced_custom_object_status(  # type: ignore[call-arg]
+            group,
+            version,
+            meta["namespace"],
+            plural,
+            meta["name"],
+            body,
+            # The client would send a dict as a JSON patch, which the API server refuses.
+            _content_type="application/merge-patch+json",
+            _request_timeout=REQUEST_TIMEOUT,
         )
 
     async def read_config_map_key(self, namespace: str, name: str, key: str) -> str | None:
@@ -158,13 +199,18 @@ class ConfigMapCatalogBackend:
         self.prefix = prefix
 
     async def list_shards(self) -> list[Shard]:
-        result = await self.kube.core.list_namespaced_config_map(
-            self.namespace, label_selector=f"{CATALOG_LABEL}=true", _request_timeout=REQUEST_TIMEOUT
+        result = await _catalog_call(
+            f"listing the catalog ConfigMaps in {self.namespace}",
+            self.kube.core.list_namespaced_config_map(
+                self.namespace, label_selector=f"{CATALOG_LABEL}=true", _request_timeout=REQUEST_TIMEOUT
+            ),
         )
         return [Shard(cm.metadata.name, dict(cm.data or {}), cm.metadata.resource_version) for cm in result.items]
 
     async def read_shard(self, name: str) -> Shard:
-        cm = await self.kube.read_config_map(self.namespace, name)
+        cm = await _catalog_call(
+            f"reading ConfigMap {self.namespace}/{name}", self.kube.read_config_map(self.namespace, name)
+        )
         return Shard(name, {}, None) if cm is None else Shard(name, dict(cm.data or {}), cm.metadata.resource_version)
 
     async def write_shard(self, shard: Shard) -> None:
@@ -177,19 +223,19 @@ class ConfigMapCatalogBackend:
             name=shard.name, namespace=self.namespace, labels=labels, resource_version=shard.version
         )
         body = client.V1ConfigMap(api_version="v1", kind="ConfigMap", metadata=meta, data=shard.data)
-        try:
-            if shard.version is None:
-                await self.kube.core.create_namespaced_config_map(
-                    self.namespace, body, _request_timeout=REQUEST_TIMEOUT
-                )
-            else:
-                await self.kube.core.replace_namespaced_config_map(
+        what = f"writing ConfigMap {self.namespace}/{shard.name}"
+        if shard.version is None:
+            await _catalog_call(
+                what,
+                self.kube.core.create_namespaced_config_map(self.namespace, body, _request_timeout=REQUEST_TIMEOUT),
+            )
+        else:
+            await _catalog_call(
+                what,
+                self.kube.core.replace_namespaced_config_map(
                     shard.name, self.namespace, body, _request_timeout=REQUEST_TIMEOUT
-                )
-        except ApiException as exc:
-            if exc.status == 409:
-                raise Conflict(shard.name) from exc
-            raise
+                ),
+            )
 
 
 class KubeInferenceBackend:

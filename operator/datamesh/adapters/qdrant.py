@@ -343,6 +343,13 @@ class QdrantStore:
             ]
         return stable_top(rows, request.limit)
 
+    async def sample(self, collection: str, limit: int) -> list[Mapping[str, Any]]:
+        """The payloads of up to ``limit`` points in point-id order."""
+        records, _ = await self._call(
+            "sample", self.client.scroll(collection, limit=limit, with_payload=True, with_vectors=False)
+        )
+        return [r.payload or {} for r in records]
+
     async def close(self) -> None:
         """Close the client (releases the embedded store's folder lock)."""
         await self.client.close()

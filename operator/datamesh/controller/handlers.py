@@ -6,6 +6,7 @@ operator command, the tests and a second operator in one process never share glo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -13,14 +14,23 @@ from typing import Any
 import kopf
 
 from datamesh.controller import metrics
+from datamesh.controller.diffbase import DigestDiffBaseStorage
 from datamesh.controller.runtime import Runtime, build_runtime
 from datamesh.core.children import MANAGED_BY, deployment_available, desired_objects, drifted
-from datamesh.core.conditions import ConditionType, utcnow
-from datamesh.core.sla import refresh_due
+from datamesh.core.conditions import ConditionType, arrival_status, utcnow
+from datamesh.core.sla import first_check_in, next_check_in, refresh_due
 from datamesh.engine.catalog_writer import CatalogScope
 from datamesh.engine.reconciler import Event, Outcome
 from datamesh.resource.catalog import entry_of_object
-from datamesh.resource.models import GROUP, PLURAL, VERSION, DataProductStatus, parse_spec, parse_status
+from datamesh.resource.models import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    DataProductSpec,
+    DataProductStatus,
+    parse_spec,
+    parse_status,
+)
 from datamesh.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -55,7 +65,8 @@ def kopf_settings(settings: OperatorSettings, namespaces: list[str] | None = Non
     ks.posting.reporting_instance = settings.shard or "datamesh-operator"
     ks.persistence.finalizer = settings.finalizer
     ks.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=settings.annotation_prefix)
-    ks.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    # Digests of the spec, not the spec: the annotation stays small whatever the spec holds.
+    ks.persistence.diffbase_storage = DigestDiffBaseStorage(
         prefix=settings.annotation_prefix, key="last-handled-configuration"
     )
     # Without these a watch can hang forever on a silently dropped connection.
@@ -109,7 +120,38 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
     def probe_products(memo: kopf.Memo, **_: Any) -> int:
         return memo.runtime.reconciler.known_products if getattr(memo, "runtime", None) else 0
 
-    @kopf.on.resume(*RESOURCE, registry=registry)
+    @kopf.on.probe(registry=registry, id="progress")
+    def probe_progress(memo: kopf.Memo, **_: Any) -> dict[str, float]:
+        # A raising probe makes kopf's liveness endpoint answer 500, so the kubelet restarts a stuck operator.
+        runtime: Runtime | None = getattr(memo, "runtime", None)
+        if runtime is None:
+            return {}
+        heartbeat = runtime.reconciler.heartbeat
+        stuck = heartbeat.stall(settings.liveness_stall_seconds)
+        if stuck is not None:
+            raise kopf.PermanentError(stuck)
+        return {"inFlight": heartbeat.in_flight, "stalledSeconds": round(heartbeat.stalled_for() or 0.0, 1)}
+
+    @kopf.on.event(*RESOURCE, registry=registry)
+    async def arrived(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        # Pending from the moment the operator takes a product on (its finalizer is on), written at
+        # once rather than with the first reconcile's result, so products waiting for an ingestion
+        # slot never show a blank phase. Not in the cycle that adds the finalizer: kopf adds it with a
+        # resourceVersion check, which a status write in the same cycle would defeat.
+        if (
+            type != "DELETED"
+            and settings.finalizer in (body.metadata.get("finalizers") or [])
+            and not body.metadata.deletion_timestamp
+            and not (body.get("status") or {}).get("phase")
+        ):
+            try:
+                await memo.runtime.kube.patch_product_status(*RESOURCE, body, arrival_status().wire())
+            except Exception as exc:  # a courtesy: the reconcile writes the real status anyway
+                log.debug("Pending not written for %s/%s: %s", body.metadata.namespace, body.metadata.name, exc)
+
+    # No resume handler: after a restart, products already handled are checked by resync below,
+    # spread over one period, so products applied meanwhile never queue behind thousands of them.
+    # Products a previous run left unfinished (Degraded, retrying) are continued by kopf itself.
     @kopf.on.create(*RESOURCE, registry=registry)
     @kopf.on.update(*RESOURCE, registry=registry, field="spec")
     async def reconcile_product(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int, **_: Any) -> None:
@@ -120,33 +162,24 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
         if outcome.retry_after is not None:
             raise kopf.TemporaryError(outcome.status.message or "transient failure", delay=outcome.retry_after)
 
-    @kopf.timer(
-        *RESOURCE,
-        registry=registry,
-        interval=settings.sla_check_seconds,
-        initial_delay=settings.sla_check_seconds,
-        sharp=False,
-    )
-    async def resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-        # Refresh due sources, re-check endpoints, SLA and drift; nothing is written when nothing changed.
-        status = parse_status(body)
-        spec = parse_spec(body)
-        if spec is None:
-            return
-        refresh = refresh_due(spec, status.last_ingested_at, utcnow())
-        outcome = await memo.runtime.reconciler.reconcile(body, refresh=refresh)
-        if outcome is None:
-            return
-        if outcome.events or _comparable(outcome.status) != _comparable(status):
-            write_outcome(outcome, body, patch)
-        sla = outcome.status.sla
-        for objective, met in (
-            ("freshness", sla and sla.freshness_met),
-            ("availability", sla and sla.availability_met),
-        ):
-            metrics.SLA_BREACHES.labels(
-                namespace=body.metadata.namespace, name=body.metadata.name, objective=objective
-            ).set(1 if met is False else 0)
+    @kopf.daemon(*RESOURCE, registry=registry, cancellation_timeout=5.0)
+    async def resync(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_: Any) -> None:
+        # Periodic checks: due refreshes, endpoints, SLA and drift. A daemon rather than a timer,
+        # so each product's period follows its own refresh interval.
+        period = settings.sla_check_seconds
+        delay = min(first_check_in(body.metadata.uid or "", period), _next_check(body, period))
+        # Slept with asyncio, and stopped by kopf's cancellation: awaiting stopped.wait() left a
+        # task behind that failed the operator's shutdown with a TimeoutError.
+        while not stopped:
+            await asyncio.sleep(delay)
+            spec, status = parse_spec(body), parse_status(body)  # kopf keeps body current
+            # Only products whose status answers their spec: the others are the change handlers' own.
+            if spec is not None and status.observed_generation == body.metadata.get("generation"):
+                try:
+                    await _resync(memo.runtime, body, spec, status)
+                except Exception as exc:  # the next check retries; a failing one must not end the daemon
+                    log.warning("check of %s/%s failed: %s", body.metadata.namespace, body.metadata.name, exc)
+            delay = _next_check(body, period)
 
     @kopf.on.delete(*RESOURCE, registry=registry)
     async def delete_product(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -184,6 +217,31 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
                         post_event(product, event)
 
     return registry
+
+
+def _next_check(body: kopf.Body, period: float) -> float:
+    spec = parse_spec(body)
+    return period if spec is None else next_check_in(spec, parse_status(body).last_ingested_at, utcnow(), period)
+
+
+async def _resync(runtime: Runtime, body: kopf.Body, spec: DataProductSpec, status: DataProductStatus) -> None:
+    """One periodic check of a product whose status reflects its spec; writes status only when it changed."""
+    refresh = refresh_due(spec, status.last_ingested_at, utcnow())
+    outcome = await runtime.reconciler.reconcile(body, refresh=refresh)
+    if outcome is None:
+        return
+    if outcome.events or _comparable(outcome.status) != _comparable(status):
+        await runtime.kube.patch_product_status(*RESOURCE, body, outcome.status.wire_status())
+        for event in outcome.events:
+            post_event(body, event)
+    sla = outcome.status.sla
+    for objective, met in (
+        ("freshness", sla and sla.freshness_met),
+        ("availability", sla and sla.availability_met),
+    ):
+        metrics.SLA_BREACHES.labels(
+            namespace=body.metadata.namespace, name=body.metadata.name, objective=objective
+        ).set(1 if met is False else 0)
 
 
 def _comparable(status: DataProductStatus) -> dict[str, Any]:

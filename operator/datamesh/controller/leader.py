@@ -11,6 +11,7 @@ at the same time. The decisions are the plain functions of :mod:`datamesh.core.e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 EXIT_LOST = 1  # leadership lost, or the operator failed: Kubernetes restarts the container
 Lead = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+LeasesFactory = Callable[[], contextlib.AbstractAsyncContextManager[LeasePort]]
 
 
 def identity_of(environ: Mapping[str, str] = os.environ) -> str:
@@ -318,11 +320,14 @@ async def run_elected(
     stop_flag: asyncio.Event | None = None,
     handle_signals: bool = False,
     hard_exit: Callable[[int], None] = os._exit,
+    keeper_leases: LeasesFactory | None = None,
 ) -> int:
     """Run ``lead(stop)`` only while ``elector`` holds the lease; the process's exit code.
 
     0 when stopped (``stop_flag``, a signal, or ``lead`` returning); 1 when leadership was lost
     or ``lead`` failed. ``hard_exit`` ends the process when a deposed leader would not stop in time.
+    The lease is renewed from a thread of its own, through ``keeper_leases()`` when the elector's
+    port is bound to this loop (a Kubernetes client), else through the elector's port.
     """
     stop = stop_flag or asyncio.Event()
     health = HealthServer(liveness_endpoint, elector) if liveness_endpoint else None
@@ -343,7 +348,7 @@ async def run_elected(
         if not await elector.acquire(stop):
             log.info("stopped while standing by")
             return 0
-        code = await _lead(lead, elector, stop, hard_exit)
+        code = await _lead(lead, elector, stop, hard_exit, keeper_leases)
         if handle_signals:
             _install_signal_handlers(stop)  # kopf's handlers point at its finished run
         return code
@@ -352,23 +357,21 @@ async def run_elected(
             await health.stop()
 
 
-async def _lead(lead: Lead, elector: Elector, stop: asyncio.Event, hard_exit: Callable[[int], None]) -> int:
-    loop = asyncio.get_running_loop()
+async def _lead(
+    lead: Lead,
+    elector: Elector,
+    stop: asyncio.Event,
+    hard_exit: Callable[[int], None],
+    keeper_leases: LeasesFactory | None,
+) -> int:
+    main_loop = asyncio.get_running_loop()
     kopf_stop = asyncio.Event()
-    exit_timer: asyncio.TimerHandle | None = None
 
-    def lost(reason: str) -> None:
-        nonlocal exit_timer
-        kopf_stop.set()
-        deadline = write_deadline(elector.renewed_at, elector.timing)
-        if elector.superseded or loop.time() >= deadline:
-            _exit_now(hard_exit, reason)  # synchronously, before any other task can write
-        else:
-            exit_timer = loop.call_at(deadline, _exit_now, hard_exit, reason)
+    def stop_operator() -> None:
+        main_loop.call_soon_threadsafe(kopf_stop.set)
 
-    # Created before kopf starts: kopf cancels every task that appeared after it, when it stops.
-    keeping = asyncio.Event()
-    keeper = asyncio.create_task(elector.keep(keeping, lost), name="datamesh lease keeper")
+    keeper = _KeeperThread(elector, keeper_leases, hard_exit, stop_operator)
+    keeper.start()
     stopper = asyncio.create_task(stop.wait(), name="datamesh stop waiter")
     leader = asyncio.create_task(lead(kopf_stop), name="datamesh leader")
     try:
@@ -385,10 +388,69 @@ async def _lead(lead: Lead, elector: Elector, stop: asyncio.Event, hard_exit: Ca
             return EXIT_LOST
         return 0
     finally:
-        if exit_timer is not None:
-            exit_timer.cancel()  # kopf stopped in time: exit normally
-        keeping.set()
-        await asyncio.wait({keeper}, timeout=elector.timing.retry_seconds)
-        keeper.cancel()
         stopper.cancel()
-        await elector.release()
+        # kopf has stopped: the keeper cancels its exit timer and releases the lease if it still holds it.
+        await asyncio.to_thread(keeper.finish, elector.timing.retry_seconds * 2)
+
+
+class _KeeperThread:
+    """Renews the lease from a thread and event loop of its own.
+
+    A leader whose loop is busy with hundreds of reconciles is slow, not dead: on the operator's
+    loop its renewals queued behind them and it lost the lease under load. Here they keep their
+    pace, and the watchdog and the exit timer fire on time whatever the operator's loop is doing.
+    """
+
+    def __init__(
+        self,
+        elector: Elector,
+        leases: LeasesFactory | None,
+        hard_exit: Callable[[int], None],
+        stop_operator: Callable[[], None],
+    ) -> None:
+        self.elector = elector
+        self.leases = leases
+        self.hard_exit = hard_exit
+        self.stop_operator = stop_operator
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._finished: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="datamesh-lease-keeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+
+    def finish(self, timeout: float) -> None:
+        """Stop renewing, release the lease if still held, and wait for the thread (blocking)."""
+        if self._loop is not None and self._finished is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._finished.set)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        asyncio.run(self._keep())
+
+    async def _keep(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop, self._finished = loop, asyncio.Event()
+        self._ready.set()
+        exit_timer: asyncio.TimerHandle | None = None
+
+        def lost(reason: str) -> None:
+            nonlocal exit_timer
+            self.stop_operator()
+            deadline = write_deadline(self.elector.renewed_at, self.elector.timing)
+            if self.elector.superseded or loop.time() >= deadline:
+                _exit_now(self.hard_exit, reason)  # before any other write of ours can land
+            else:
+                exit_timer = loop.call_at(deadline, _exit_now, self.hard_exit, reason)
+
+        async with contextlib.AsyncExitStack() as stack:
+            if self.leases is not None:
+                # A client of this loop's own: the operator's is bound to the operator's loop.
+                self.elector.leases = await stack.enter_async_context(self.leases())
+            await self.elector.keep(self._finished, lost)
+            await self._finished.wait()  # kopf has stopped (or exits at the timer)
+            if exit_timer is not None:
+                exit_timer.cancel()  # kopf stopped in time: exit normally
+            await self.elector.release()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import kopf
 
@@ -22,9 +24,11 @@ async def run_operator(
     stop_flag: asyncio.Event | None = None,
     ready_flag: asyncio.Event | None = None,
     store: VectorStore | None = None,
+    memo: kopf.Memo | None = None,
 ) -> None:
-    """Run the operator until ``stop_flag`` is set (or forever)."""
-    memo = kopf.Memo(store=store, runtime=None)
+    """Run the operator until ``stop_flag`` is set (or forever); ``memo`` lets a caller see its runtime."""
+    memo = memo if memo is not None else kopf.Memo()
+    memo.store, memo.runtime = store, None
     await kopf.operator(
         registry=build_registry(settings, namespaces),
         settings=kopf_settings(settings, namespaces),
@@ -66,15 +70,22 @@ async def run_operator_elected(
         await run_operator(settings, namespaces=namespaces, stop_flag=stop)
 
     timing = election_timing(settings)
-    api = await api_client()
-    try:
-        # A call may take up to half the renew deadline, which leaves time for one more attempt.
-        leases = KubeLeases(
-            api,
-            settings.platform_namespace,
-            settings.leader_election_lease_name,
-            timeout=timing.renew_deadline_seconds / 2,
-        )
+
+    @contextlib.asynccontextmanager
+    async def leases_of_this_loop() -> AsyncIterator[KubeLeases]:
+        api = await api_client()
+        try:
+            # A call may take up to half the renew deadline, which leaves time for one more attempt.
+            yield KubeLeases(
+                api,
+                settings.platform_namespace,
+                settings.leader_election_lease_name,
+                timeout=timing.renew_deadline_seconds / 2,
+            )
+        finally:
+            await api.close()
+
+    async with leases_of_this_loop() as leases:
         elector = Elector(
             leases,
             identity_of(),
@@ -87,6 +98,5 @@ async def run_operator_elected(
             liveness_endpoint=liveness_endpoint,
             stop_flag=stop_flag,
             handle_signals=handle_signals,
+            keeper_leases=leases_of_this_loop,
         )
-    finally:
-        await api.close()

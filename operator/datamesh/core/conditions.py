@@ -42,6 +42,11 @@ class Check:
     transient: bool = False  # a failure expected to heal by itself (Degraded, retried)
     permanent: bool = False  # a failure only a spec change can fix (Failed)
 
+    @property
+    def status(self) -> ConditionStatus:
+        """True, False or Unknown, as the condition will say."""
+        return _status_of(self.ok)
+
 
 @dataclass(frozen=True)
 class Transition:
@@ -52,6 +57,17 @@ class Transition:
     reason: str
     message: str
     warning: bool
+    first: bool = False  # the condition did not exist before
+
+
+def worth_an_event(transition: Transition) -> bool:
+    """Whether a transition becomes an Event: not a sub-condition that starts out True.
+
+    A product that comes up healthy then says so once (Ready), not once per condition: at a
+    thousand products applied at once, six Events each were most of the API server's writes.
+    Failures, recoveries, reason changes and every Ready transition are still posted.
+    """
+    return transition.warning or not transition.first or transition.type == ConditionType.ready.value
 
 
 def utcnow() -> datetime:
@@ -87,7 +103,14 @@ def merge_conditions(
         )
         if changed or (old is not None and old.reason != check.reason):
             transitions.append(
-                Transition(check.type.value, status.value, check.reason, check.message, warning=check.ok is False)
+                Transition(
+                    check.type.value,
+                    status.value,
+                    check.reason,
+                    check.message,
+                    warning=check.ok is False,
+                    first=old is None,
+                )
             )
     # Conditions this reconcile did not evaluate (e.g. SLAMet between SLA checks) are kept.
     result.extend(by_type.values())
@@ -107,8 +130,25 @@ def ready_check(checks: list[Check]) -> Check:
         return Check(ConditionType.ready, False, pending.reason, pending.message)
     if not gating:
         # Nothing evaluated yet: Ready must not claim True (kstatus would call it current).
-        return Check(ConditionType.ready, None, "Pending", "not reconciled yet")
+        return Check(ConditionType.ready, None, "Pending", "waiting for the operator to reconcile it")
     return Check(ConditionType.ready, True, "Reconciled", "all resources of the product are in place")
+
+
+def arrival_status(now: datetime | None = None) -> DataProductStatus:
+    """What a product shows from its arrival until its first reconcile ends: Pending, Ready Unknown.
+
+    Written as soon as the operator sees the product, so a burst never shows a blank phase while
+    products wait for a worker or an ingestion slot; no generation is claimed as observed yet.
+    """
+    pending = ready_check([])
+    condition = Condition(
+        type=pending.type.value,
+        status=ConditionStatus.unknown,
+        reason=pending.reason,
+        message=pending.message,
+        last_transition_time=now or utcnow(),
+    )
+    return DataProductStatus(phase=phase_of([]), conditions=[condition], message=pending.message)
 
 
 def phase_of(checks: list[Check]) -> Phase:

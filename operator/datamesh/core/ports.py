@@ -63,6 +63,10 @@ class Conflict(Exception):
     """A catalog shard changed since it was read (resourceVersion mismatch)."""
 
 
+class CatalogUnavailable(Exception):
+    """A catalog shard could not be read or written; the message says which and why (transient)."""
+
+
 # ==== embeddings ==============================================================================
 
 
@@ -195,6 +199,10 @@ class VectorStore(Protocol):
 
     async def search(self, collection: str, request: SearchRequest) -> list[ScoredRow]:
         """The best rows for a question, as one Qdrant query (two prefetches fused in hybrid mode)."""
+        ...
+
+    async def sample(self, collection: str, limit: int) -> list[Mapping[str, Any]]:
+        """The payloads of up to ``limit`` points in point-id order: the same rows every time, no question needed."""
         ...
 
     async def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 
 from datamesh.core.conditions import Check, ConditionType
@@ -26,6 +27,27 @@ def refresh_due(spec: DataProductSpec, last_ingested_at: datetime | None, now: d
     if spec.source is None or spec.source.refresh_interval is None or last_ingested_at is None:
         return False
     return (now - last_ingested_at).total_seconds() >= parse_duration(spec.source.refresh_interval)
+
+
+def next_check_in(spec: DataProductSpec, last_ingested_at: datetime | None, now: datetime, period: float) -> float:
+    """Seconds until a product's next periodic check: the check period, or sooner when a refresh comes due.
+
+    A refresh that did not happen when due (its source failed) is tried again one refresh interval
+    later, not in a tight loop.
+    """
+    if spec.source is None or spec.source.refresh_interval is None or last_ingested_at is None:
+        return period
+    interval = parse_duration(spec.source.refresh_interval)
+    due = interval - (now - last_ingested_at).total_seconds()
+    return max(1.0, min(period, due if due > 0 else interval))
+
+
+def first_check_in(uid: str, period: float) -> float:
+    """When a product's periodic checks start: a stable point of the first half period, spread by uid.
+
+    After a restart every product is checked once within half a period, not all at the same moment.
+    """
+    return period / 2 * int(hashlib.sha256(uid.encode()).hexdigest()[:8], 16) / 2**32
 
 
 def sla_check(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -18,8 +18,15 @@ from typing import Any
 from pydantic import ValidationError
 
 from datamesh.core.backoff import backoff_delay
-from datamesh.core.conditions import Check, ConditionType, Transition, apply_checks, phase_of, utcnow
-from datamesh.core.plan import collection_alias, collection_plan, product_ref, routing_plan
+from datamesh.core.conditions import (
+    Check,
+    ConditionType,
+    Transition,
+    apply_checks,
+    utcnow,
+    worth_an_event,
+)
+from datamesh.core.plan import CollectionPlan, collection_alias, collection_plan, product_ref, routing_plan
 from datamesh.core.ports import (
     EmbedderResolver,
     EmbeddingError,
@@ -39,11 +46,13 @@ from datamesh.core.ports import (
 from datamesh.core.rows import Refusals, RowValidator
 from datamesh.core.sla import sla_check
 from datamesh.engine.catalog_writer import CatalogWriter
+from datamesh.engine.heartbeat import Heartbeat
 from datamesh.engine.ingest import Target, scan, write_card, write_points
 from datamesh.resource.catalog import card_text, catalog_entry, entry_key
 from datamesh.resource.models import (
     DataProductSpec,
     DataProductStatus,
+    Distance,
     Phase,
     ScoreCalibration,
     parse_status,
@@ -163,6 +172,7 @@ class Reconciler:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._phases: dict[tuple[str, str], str] = {}
         self._generations: dict[tuple[str, str], int] = {}
+        self.heartbeat = Heartbeat()
 
     def _lock(self, ref: ProductRef) -> asyncio.Lock:
         # One reconcile per product at a time: handlers, timers and child events may overlap.
@@ -181,11 +191,12 @@ class Reconciler:
         ref = ProductRef.of(body)
         started = time.perf_counter()
         key = (ref.namespace, ref.name)
-        async with self._lock(ref):
-            if ref.generation < self._generations.get(key, 0):
-                return None
-            self._generations[key] = ref.generation
-            outcome = await self._reconcile(ref, body, refresh=refresh, retry=retry)
+        with self.heartbeat.working():
+            async with self._lock(ref):
+                if ref.generation < self._generations.get(key, 0):
+                    return None
+                self._generations[key] = ref.generation
+                outcome = await self._reconcile(ref, body, refresh=refresh, retry=retry)
         phase = outcome.phase.value
         reason = None
         if outcome.phase in (Phase.degraded, Phase.failed):
@@ -225,12 +236,13 @@ class Reconciler:
         )
         checks = [rows.collection, rows.ingest.check, inference_check, sla]
 
-        # The catalog entry carries the phase the product will have if the write succeeds.
-        provisional = status.model_copy(update={"phase": phase_of([*checks, Check(ConditionType.cataloged, True, "")])})
         key = entry_key(ref.namespace, ref.name)
+        cataloged = Check(ConditionType.cataloged, True, "Cataloged", f"entry {key} is in the discovery catalog")
+        # The catalog entry carries the phase and conditions the product will have if the write succeeds.
+        provisional, _ = apply_checks(status, [*checks, cataloged], ref.generation, now)
         try:
             await self.ports.catalog.upsert(catalog_entry(ref.namespace, ref.name, ref.generation, spec, provisional))
-            checks.append(Check(ConditionType.cataloged, True, "Cataloged", f"entry {key} is in the discovery catalog"))
+            checks.append(cataloged)
         except Exception as exc:
             cause = f"{type(exc).__name__}: {exc}".rstrip(": ")
             checks.append(
@@ -312,17 +324,7 @@ class Reconciler:
             failed = _waiting(Check(ConditionType.collection_ready, False, reason, str(exc), transient=True))
             return replace(planned, collection=failed.collection, ingest=failed.ingest, events=tuple(events))
 
-        if switched:
-            detail = f"{plan.alias} -> {plan.index} ({plan.vector_size} dims, {plan.distance})"
-            if layout.ignored:
-                detail += f"; the embedded store keeps its own layout, ignored: {', '.join(layout.ignored)}"
-            collection = Check(ConditionType.collection_ready, True, "CollectionReady", detail)
-        elif current == plan.index:
-            detail = f"{plan.index} keeps the last complete ingestion; the new one has not completed"
-            collection = Check(ConditionType.collection_ready, False, "CollectionStale", detail)
-        else:
-            detail = f"{plan.index} is being built; queries still use {current or 'nothing'}"
-            collection = Check(ConditionType.collection_ready, False, "CollectionBuilding", detail)
+        collection = _collection_check(plan, current, switched, layout.ignored)
         return replace(
             planned,
             collection=collection,
@@ -398,6 +400,7 @@ class Reconciler:
             validator = RowValidator(ref.namespace, ref.name, spec)
 
             async def on_batch(done: int) -> None:
+                self.heartbeat.beat()  # a long ingestion is progress, not a stall
                 await self.ports.progress(ref.namespace, ref.name, done, found.accepted)
 
             result = await write_points(store, target, rows, validator, found.digest, batch, on_batch)
@@ -439,6 +442,13 @@ class Reconciler:
     async def finalize(self, body: Mapping[str, Any]) -> None:
         """Clean up what owner references cannot: the collection (unless Retain) and the catalog entry."""
         ref = ProductRef.of(body)
+        with self.heartbeat.working():
+            await self._finalize(ref, body)
+        self._locks.pop((ref.namespace, ref.name), None)
+        self._generations.pop((ref.namespace, ref.name), None)
+        self._track_phase(ref, None)
+
+    async def _finalize(self, ref: ProductRef, body: Mapping[str, Any]) -> None:
         async with self._lock(ref):
             routing = parse_status(body).routing_collection
             if routing is not None:
@@ -447,9 +457,23 @@ class Reconciler:
             if (body.get("spec") or {}).get("deletionPolicy", "Delete") != "Retain":
                 await self.ports.store.drop_product(collection_alias(ref.namespace, ref.name))
             await self.ports.catalog.remove(entry_key(ref.namespace, ref.name))
-        self._locks.pop((ref.namespace, ref.name), None)
-        self._generations.pop((ref.namespace, ref.name), None)
-        self._track_phase(ref, None)
+
+
+def _collection_check(plan: CollectionPlan, current: str | None, switched: bool, ignored: Sequence[str] = ()) -> Check:
+    """CollectionReady: which collection queries use, what is still being built, what the store ignored."""
+    if switched:
+        detail = f"{plan.alias} -> {plan.index} ({plan.vector_size} dims, {Distance(plan.distance).value})"
+        if ignored:
+            detail += f"; the embedded store keeps its own layout, ignored: {', '.join(ignored)}"
+        return Check(ConditionType.collection_ready, True, "CollectionReady", detail)
+    if current == plan.index:
+        detail = f"{plan.index} keeps the last complete ingestion; the new one has not completed"
+        return Check(ConditionType.collection_ready, False, "CollectionStale", detail)
+    if current is None:
+        detail = f"{plan.index} is being built; until its first ingestion completes, queries find no rows"
+    else:
+        detail = f"{plan.index} is being built; queries use {current} until it is complete"
+    return Check(ConditionType.collection_ready, False, "CollectionBuilding", detail)
 
 
 def _apply_rows(status: DataProductStatus, rows: CollectionResult) -> DataProductStatus:
@@ -497,5 +521,7 @@ def _source_failed(exc: SourceError) -> Check:
 
 def _events(transitions: list[Transition]) -> list[Event]:
     return [
-        Event(t.reason, f"{t.type} is {t.status}: {t.message}".rstrip(": "), warning=t.warning) for t in transitions
+        Event(t.reason, f"{t.type} is {t.status}: {t.message}".rstrip(": "), warning=t.warning)
+        for t in transitions
+        if worth_an_event(t)
     ]

@@ -3,11 +3,13 @@
 ``POST /v1/query`` routes a question to the relevant products (``routing``), asks them
 concurrently, each with its own embedding model and a timeout from its SLA (``engine``), and
 returns hits per product, one merged ranking and per-product errors. Callers only ever see
-products their identity may read (``access``). Run it with :func:`serve`.
+products their identity may read (``access``); ``/`` is a catalog page over this API (``page``).
+Run it with :func:`serve`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -28,11 +30,13 @@ from datamesh.adapters.embeddings.registry import resolve_provider
 from datamesh.adapters.http import api_url, server_message
 from datamesh.adapters.stores import open_store
 from datamesh.core.ports import EmbedderResolver, VectorStore
-from datamesh.query.access import Authenticator, Identity, Unauthenticated, can_read
-from datamesh.query.catalog_sources import CatalogSource, FileCatalogSource, KubeCatalogSource
+from datamesh.query import service
+from datamesh.query.access import Authenticator, Identity, Unauthenticated
+from datamesh.query.catalog_sources import CatalogSource, source_of
 from datamesh.query.engine import QueryEngine, elapsed_ms
+from datamesh.query.mcp import McpEndpoint
 from datamesh.query.metrics import Metrics, RequestMetrics
-from datamesh.query.routing import ProductNameError, candidates, product_ref
+from datamesh.query.page import add_catalog_page
 from datamesh.query.schemas import (
     ERRORS,
     INFERENCE_KEY,
@@ -48,15 +52,17 @@ from datamesh.query.schemas import (
     QueryFailure,
     QueryRequest,
     QueryResponse,
+    SampleResponse,
     TransformRequest,
     TransformResponse,
 )
 from datamesh.query.settings import QuerySettings
-from datamesh.resource.catalog import CatalogEntry, entry_key
+from datamesh.resource.catalog import CatalogEntry
 from datamesh.settings import StoreSettings
 from datamesh.web.errors import ApiError, DetailBody, detail_response
 from datamesh.web.json import SafeJSONResponse
 from datamesh.web.limits import BodySizeLimit
+from datamesh.web.serving import LOOPBACK
 
 
 def authenticator_of(settings: QuerySettings) -> Authenticator:
@@ -89,10 +95,20 @@ def create_app(
     settings: QuerySettings,
     authenticator: Authenticator,
     embedders: EmbedderResolver = resolve_provider,
+    *,
+    host: str = LOOPBACK,
 ) -> FastAPI:
-    """The query service over a catalog source and a vector store; starts and stops the source with the app."""
+    """The query service over a catalog source and a vector store; starts and stops the source with the app.
+
+    ``host`` is the address it is served on: with ``settings.mcp``, a loopback one makes /mcp refuse other Hosts.
+    """
     metrics = Metrics(source)
     engine = QueryEngine(store, settings, metrics, embedders)
+    mcp = (
+        McpEndpoint(source, engine, authenticator, host=host, max_body_bytes=settings.max_body_bytes)
+        if settings.mcp
+        else None
+    )
     state: dict[str, httpx.AsyncClient] = {}
 
     def http() -> httpx.AsyncClient:
@@ -111,7 +127,8 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await source.start()
         try:
-            yield
+            async with mcp.running() if mcp is not None else contextlib.nullcontext():
+                yield
         finally:
             await source.stop()
             if "client" in state:
@@ -128,6 +145,9 @@ def create_app(
         default_response_class=SafeJSONResponse,
     )
     app.state.authenticator = authenticator
+    if mcp is not None:
+        app.router.routes.append(mcp.route)  # a plain ASGI route: not part of the REST API's OpenAPI
+    add_catalog_page(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes, refuse=_too_large)
     app.add_middleware(RequestMetrics, metrics=metrics)
 
@@ -139,15 +159,8 @@ def create_app(
     async def invalid_request(_: Request, exc: RequestValidationError) -> SafeJSONResponse:
         return SafeJSONResponse({"detail": [_validation_item(e) for e in exc.errors()]}, status_code=422)
 
-    def visible(identity: Identity) -> dict[str, CatalogEntry]:
-        return {k: e for k, e in source.entries().items() if can_read(identity, e)}
-
     def one_product(identity: Identity, namespace: str, name: str) -> CatalogEntry:
-        entry = source.entries().get(entry_key(namespace, name))
-        if entry is None or not can_read(identity, entry):
-            # The same answer for "missing" and "not yours": existence is not disclosed.
-            raise ApiError(404, f"product {namespace}/{name} not found")
-        return entry
+        return service.find_product(source, identity, f"{namespace}/{name}")
 
     @app.get("/healthz", tags=["health"], response_class=PlainTextResponse)
     async def healthz() -> str:
@@ -187,38 +200,9 @@ def create_app(
     )
     async def query(identity: Caller, body: Annotated[QueryRequest, Body(openapi_examples=QUERY_EXAMPLES)]) -> Any:
         """Route a question to the relevant products, ask them concurrently, and merge their hits."""
-        started = time.perf_counter()
-        if not source.loaded:
-            raise ApiError(503, "the catalog is not loaded yet")
-        try:
-            chosen = candidates(visible(identity).values(), domains=body.domains, products=body.products)
-        except ProductNameError as exc:
-            raise ApiError(exc.status, str(exc)) from None
-        if not chosen.entries:
-            empty = {"routedTo": [], "lowConfidence": True, "confidenceNote": chosen.note, "results": [], "merged": []}
-            return SafeJSONResponse({**empty, "errors": [], "message": chosen.note, "latencyMs": elapsed_ms(started)})
-        answer = await engine.answer(
-            body.question,
-            chosen.entries,
-            identity,
-            named=chosen.named,
-            limit=body.limit,
-            per_product=body.per_product,
-            max_products=body.max_products,
-            catalog=source.entries().values(),
-        )
-        errors = answer["errors"]
-        if errors and not answer["results"]:
-            status = 503 if all(e["kind"] == "timeout" for e in errors) else 502
-            causes = "; ".join(f"{e['product']}: {e['error']}" for e in errors)
-            detail = f"all {len(errors)} routed products failed: {causes}"
-            failure = {"detail": detail, "routedTo": answer["routedTo"], "errors": errors}
-            return SafeJSONResponse(failure, status_code=status)
-        answer["message"] = (
-            f"{len(errors)} of {len(answer['routedTo'])} products failed; results are partial" if errors else None
-        )
+        answer = await service.answer_question(engine, source, identity, body)
         # Built from plain values on the hot path: no per-hit validation round trip.
-        return SafeJSONResponse(answer)
+        return SafeJSONResponse(answer.body, status_code=answer.status)
 
     @app.get(
         "/v1/products",
@@ -237,14 +221,7 @@ def create_app(
         ] = None,
     ) -> Any:
         """The catalog: every product the caller may read, optionally filtered."""
-        chosen = [
-            e
-            for e in visible(identity).values()
-            if (domain is None or e.domain.lower() == domain.lower())
-            and (tag is None or tag.lower() in (t.lower() for t in e.tags))
-            and (phase is None or (e.phase or "").lower() == phase.lower())
-        ]
-        chosen.sort(key=product_ref)
+        chosen = service.list_products(source, identity, domain=domain, tag=tag, phase=phase)
         return ProductList(products=chosen, count=len(chosen))
 
     @app.get(
@@ -280,19 +257,30 @@ def create_app(
     ) -> Any:
         """Semantic search on one product."""
         entry = one_product(identity, namespace, name)
-        if not entry.collection:
-            raise ApiError(
-                409, f"product {namespace}/{name} has no semantic search collection (phase {entry.phase or 'unknown'})"
-            )
-        vectors = engine.question(body.question)
-        try:
-            asked = await engine.ask(entry, vectors, body.limit, identity)
-        finally:
-            await vectors.close()
-        if asked.error is not None:
-            status = 504 if asked.error.kind == "timeout" else 502
-            raise ApiError(status, f"product {namespace}/{name}: {asked.error}", kind=asked.error.kind)
-        return SafeJSONResponse({"product": entry.product, "hits": asked.hits, "latencyMs": asked.latency_ms})
+        return SafeJSONResponse(await service.ask_product(engine, entry, body.question, body.limit, identity))
+
+    @app.get(
+        "/v1/products/{namespace}/{name}/sample",
+        tags=["catalog"],
+        response_model=SampleResponse,
+        response_model_by_alias=True,
+        responses={
+            **ERRORS,
+            **NOT_FOUND,
+            409: {"model": DetailBody, "description": "The product has no semantic search collection."},
+            502: {"model": DetailBody},
+            504: {"model": DetailBody},
+        },
+    )
+    async def sample_product(
+        identity: Caller,
+        namespace: NamespaceParam,
+        name: NameParam,
+        limit: Annotated[int, Query(ge=1, le=50, description="Rows to return.")] = 5,
+    ) -> Any:
+        """A few of the product's rows, the same ones every time, with PII masked as in answers."""
+        entry = one_product(identity, namespace, name)
+        return SafeJSONResponse(await service.sample_product(engine, entry, limit, identity))
 
     @app.post(
         "/v1/products/{namespace}/{name}/transform",
@@ -406,12 +394,7 @@ async def serve(host: str, port: int, settings: QuerySettings | None = None, sto
     if store is None:
         # As many store requests at once as products are asked at once: the store must not be the narrower bound.
         store = open_store(StoreSettings(), concurrency=settings.fanout_concurrency)
-    source: CatalogSource
-    if settings.catalog_file:
-        source = FileCatalogSource(settings.catalog_file)
-    else:
-        source = KubeCatalogSource(settings.catalog_namespace, timeout_seconds=settings.watch_timeout_seconds)
-    app = create_app(source, store, settings, authenticator_of(settings))
+    app = create_app(source_of(settings), store, settings, authenticator_of(settings), host=host)
     config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level, access_log=False, lifespan="on")
     try:
         await uvicorn.Server(config).serve()

@@ -20,6 +20,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from datamesh.adapters.files import WatchedFile, read_catalog_file
 from datamesh.core.backoff import backoff_delay
+from datamesh.query.settings import QuerySettings
 from datamesh.resource.catalog import CATALOG_LABEL, CatalogEntry, decode_entries
 
 log = logging.getLogger(__name__)
@@ -269,3 +270,10 @@ class KubeCatalogSource:
         else:
             return
         self._publish()
+
+
+def source_of(settings: QuerySettings) -> CatalogSource:
+    """The catalog source the settings name: the catalog file, else the ConfigMaps of the catalog namespace."""
+    if settings.catalog_file:
+        return FileCatalogSource(settings.catalog_file)
+    return KubeCatalogSource(settings.catalog_namespace, timeout_seconds=settings.watch_timeout_seconds)

@@ -117,25 +117,28 @@ async def within(call: Awaitable[T], timeout: float) -> T | None:
     return None
 
 
-def hit_of(entry: CatalogEntry, row: ScoredRow, unmask: bool) -> dict[str, Any]:
-    """A search hit as the API shows it: key, scores, text, fields (PII masked unless granted)."""
-    fields = {k: v for k, v in row.payload.items() if not k.startswith("_")}
+def row_of(entry: CatalogEntry, payload: Mapping[str, Any], unmask: bool) -> dict[str, Any]:
+    """A stored row as the API shows it: product, key, embedded text, fields (PII masked unless granted)."""
+    fields = {k: v for k, v in payload.items() if not k.startswith("_")}
     masked: list[str] = []
     if not unmask:
         for field in entry.fields:
             if field.pii and field.name in fields:
                 fields[field.name] = None
                 masked.append(field.name)
-    similarity = None if row.similarity is None else round(row.similarity, 6)
     return {
         "product": entry.product,
-        "key": row_key(row.payload, entry.primary_key),
-        "score": round(row.score, 6),
-        "similarity": similarity,
-        "text": row.payload.get(TEXT_KEY),
+        "key": row_key(payload, entry.primary_key),
+        "text": payload.get(TEXT_KEY),
         "fields": fields,
         "masked": masked,
     }
+
+
+def hit_of(entry: CatalogEntry, row: ScoredRow, unmask: bool) -> dict[str, Any]:
+    """A search hit as the API shows it: the row (as :func:`row_of` shows it) with its scores."""
+    similarity = None if row.similarity is None else round(row.similarity, 6)
+    return {**row_of(entry, row.payload, unmask), "score": round(row.score, 6), "similarity": similarity}
 
 
 @dataclass
@@ -203,10 +206,7 @@ class QueryEngine:
                 except VectorStoreError as exc:
                     raise ProductFailure("vector_store", str(exc)) from None
             if rows is None:
-                p99 = entry.sla.query_latency_p99 if entry.sla else None
-                basis = f"sla.queryLatencyP99 {p99}" if p99 else "the default timeout"
-                cap = self.settings.timeout_cap_seconds
-                raise ProductFailure("timeout", f"no answer within {timeout * 1000:.0f} ms ({basis}, cap {cap:g} s)")
+                raise self._timed_out(entry, timeout)
             unmask = can_read_pii(caller, entry)
             return Asked(entry, [hit_of(entry, r, unmask) for r in rows], _ms(started))
         except ProductFailure as failure:
@@ -223,6 +223,30 @@ class QueryEngine:
             self.metrics.product_seconds.labels(outcome).observe(time.perf_counter() - started)
             if outcome not in ("ok", "cancelled"):
                 self.metrics.product_errors.labels(outcome).inc()
+
+    async def sample(self, entry: CatalogEntry, limit: int, caller: Identity) -> list[dict[str, Any]]:
+        """Up to ``limit`` of the product's rows (the same ones every time), shown and masked as hits are.
+
+        Raises ProductFailure (vector_store or timeout) when the store cannot give them in the product's time.
+        """
+        if not entry.collection:
+            raise ProductFailure("vector_store", "the product has no collection")
+        timeout = self.timeout_for(entry)
+        async with self._store_slots():
+            try:
+                payloads = await within(self.store.sample(entry.collection, limit), timeout)
+            except VectorStoreError as exc:
+                raise ProductFailure("vector_store", str(exc)) from None
+        if payloads is None:
+            raise self._timed_out(entry, timeout)
+        unmask = can_read_pii(caller, entry)
+        return [row_of(entry, payload, unmask) for payload in payloads]
+
+    def _timed_out(self, entry: CatalogEntry, timeout: float) -> ProductFailure:
+        p99 = entry.sla.query_latency_p99 if entry.sla else None
+        basis = f"sla.queryLatencyP99 {p99}" if p99 else "the default timeout"
+        cap = self.settings.timeout_cap_seconds
+        return ProductFailure("timeout", f"no answer within {timeout * 1000:.0f} ms ({basis}, cap {cap:g} s)")
 
     # ---- routing ------------------------------------------------------------------------------
 

@@ -34,39 +34,51 @@ def _encodable(text: str) -> str:
 
 
 Question = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000), AfterValidator(_encodable)
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=2000),
+    AfterValidator(_encodable),
+    Field(description="The question, in plain words (1..2000 characters)."),
 ]
 Limit = Annotated[int, Field(ge=1, le=100, description="Hits per product.")]
 ProductRef = Annotated[str, StringConstraints(min_length=1, max_length=317, pattern=_PRODUCT_PATTERN)]
 DomainName = Annotated[str, StringConstraints(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)]
 NamespaceParam = Annotated[str, Path(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN, examples=["sales"])]
 NameParam = Annotated[str, Path(min_length=1, max_length=253, pattern=_NAME_PATTERN, examples=["customer-churn"])]
+# A question's options, shared by POST /v1/query and the MCP tool `ask`.
+Domains = Annotated[
+    list[DomainName], Field(max_length=50, description="Only products of these domains (routing chooses among them).")
+]
+Products = Annotated[
+    list[ProductRef],
+    Field(
+        max_length=50,
+        description="Only these products, all of them asked: 'namespace/name', or a bare name when it is unambiguous.",
+    ),
+]
+MergedLimit = Annotated[int, Field(ge=1, le=100, description="Hits in the merged ranking.")]
+MaxProducts = Annotated[
+    int, Field(ge=1, le=50, description="Ask at most this many products (default from the service settings).")
+]
+MERGED_LIMIT = 10
+PER_PRODUCT = 5
 
 
 class QueryRequest(ApiModel):
     """A question for the whole mesh."""
 
-    question: Question = Field(description="The question, in plain words (1..2000 characters).")
-    domains: list[DomainName] | None = Field(
-        None, max_length=50, description="Only products of these domains (routing chooses among them)."
-    )
-    products: list[ProductRef] | None = Field(
-        None,
-        max_length=50,
-        description="Only these products, all of them asked: 'namespace/name', or a bare name when it is unambiguous.",
-    )
-    limit: Annotated[int, Field(ge=1, le=100, description="Hits in the merged ranking.")] = 10
-    per_product: Annotated[int, Field(ge=1, le=100, description="Hits per product.")] = 5
-    max_products: int | None = Field(
-        None, ge=1, le=50, description="Ask at most this many products (default from the service settings)."
-    )
+    question: Question
+    domains: Domains | None = None
+    products: Products | None = None
+    limit: MergedLimit = MERGED_LIMIT
+    per_product: Limit = PER_PRODUCT
+    max_products: MaxProducts | None = None
 
 
 class ProductQueryRequest(ApiModel):
     """A question for one product."""
 
-    question: Question = Field(description="The question, in plain words (1..2000 characters).")
-    limit: Limit = 5
+    question: Question
+    limit: Limit = PER_PRODUCT
 
 
 class TransformRequest(BaseModel):
@@ -86,21 +98,34 @@ class TransformRequest(BaseModel):
     )
 
 
-class Hit(ApiModel):
-    """A row that answers, as its product holds it."""
+class Row(ApiModel):
+    """A row as its product holds it."""
 
     product: str = Field(description="The product, 'namespace/name'.")
     key: Any = Field(description="The row's primary key value (a list of values for a composite key).")
-    score: float = Field(description="The product's own ranking score (fused in hybrid mode).")
-    similarity: float | None = Field(None, description="Cosine of the question and the row's key-field text.")
     text: str | None = Field(None, description="The key-field text that was embedded.")
     fields: dict[str, Any] = Field(default_factory=dict, description="The row's fields (PII masked unless granted).")
     masked: list[str] = Field(default_factory=list, description="Fields whose values were masked as personal data.")
 
 
+class Hit(Row):
+    """A row that answers, with its scores."""
+
+    score: float = Field(description="The product's own ranking score (fused in hybrid mode).")
+    similarity: float | None = Field(None, description="Cosine of the question and the row's key-field text.")
+
+
 class ProductResult(ApiModel):
     product: str
     hits: list[Hit]
+    latency_ms: float
+
+
+class SampleResponse(ApiModel):
+    """A few of a product's rows, the same ones every time (the lowest point ids), masked as hits are."""
+
+    product: str
+    rows: list[Row]
     latency_ms: float
 
 

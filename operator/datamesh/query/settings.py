@@ -21,6 +21,10 @@ class QuerySettings(BaseSettings):
     allow_anonymous: bool = Field(
         False, description="Serve callers without a token as 'anonymous' (they see products open to '*')."
     )
+    mcp: bool = Field(
+        False,
+        description="Also serve the mesh as MCP tools for AI agents at /mcp (streamable HTTP), with the same tokens.",
+    )
     timeout_cap_seconds: float = Field(
         5.0, gt=0, description="Longest per-product query timeout, whatever the product's SLA says."
     )

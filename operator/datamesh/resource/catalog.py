@@ -14,13 +14,23 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from datamesh.resource.models import DataProductSpec, DataProductStatus, parse_spec, parse_status, qualified_name
+from datamesh.resource.models import (
+    Condition,
+    ConditionStatus,
+    DataProductSpec,
+    DataProductStatus,
+    parse_spec,
+    parse_status,
+    qualified_name,
+)
 
 log = logging.getLogger(__name__)
 
 CATALOG_LABEL = "datamesh.io/catalog"
 # Bumped when a field changes meaning; new optional fields need no bump (readers ignore them).
 CATALOG_FORMAT = 1
+# A condition's message in an entry is cut here: the catalog is a summary, the status has it whole.
+CONDITION_MESSAGE_LIMIT = 300
 
 
 class WireModel(BaseModel):
@@ -54,6 +64,15 @@ class FieldSummary(WireModel):
     pii: bool = False
 
 
+class ConditionSummary(WireModel):
+    """One status condition, as the catalog shows it: the message only while the condition is not True."""
+
+    type: str
+    status: str
+    reason: str
+    message: str | None = None
+
+
 class CatalogEntry(WireModel):
     """What the mesh knows about one product: enough to route a question and query it."""
 
@@ -74,6 +93,8 @@ class CatalogEntry(WireModel):
     phase: str | None = None
     records: int | None = None
     sla: SLASummary | None = None
+    sla_met: bool | None = None  # the last SLA check: None when the product declares nothing checkable
+    conditions: list[ConditionSummary] = Field(default_factory=list)
     routing_collection: str | None = None
     calibration: Calibration | None = None
     consumers: list[str] = Field(default_factory=lambda: ["*"])
@@ -96,6 +117,15 @@ class CatalogEntry(WireModel):
         return [f.name for f in self.fields if f.primary_key]
 
 
+def condition_summary(condition: Condition) -> ConditionSummary:
+    """A condition as a catalog entry carries it (compact; a True condition's message is left out)."""
+    status = ConditionStatus(condition.status)
+    # A True condition's message ("last ingestion is 37s old") only ages in the catalog, which is
+    # written per reconcile; a False or Unknown one's is the reason a reader needs.
+    message = None if status is ConditionStatus.true else condition.message[:CONDITION_MESSAGE_LIMIT] or None
+    return ConditionSummary(type=condition.type, status=status.value, reason=condition.reason, message=message)
+
+
 def card_text(namespace: str, name: str, spec: DataProductSpec) -> str:
     """What a product is about, as one text: routed to when a question matches it as well as rows do."""
     columns = "; ".join(f"{f.name.replace('_', ' ')} {f.description or ''}".strip() for f in spec.data_schema.fields)
@@ -109,7 +139,11 @@ def entry_key(namespace: str, name: str) -> str:
 
 
 def catalog_entry(
-    namespace: str, name: str, generation: int, spec: DataProductSpec, status: DataProductStatus
+    namespace: str,
+    name: str,
+    generation: int,
+    spec: DataProductSpec,
+    status: DataProductStatus,
 ) -> CatalogEntry:
     """The catalog entry of a product from its spec and status."""
     search = spec.semantic_search if spec.semantic_search and spec.semantic_search.enabled else None
@@ -133,6 +167,8 @@ def catalog_entry(
         phase=status.phase,
         records=status.records,
         sla=SLASummary.model_validate(spec.sla.wire()) if spec.sla else None,
+        sla_met=status.sla.met if status.sla else None,
+        conditions=[condition_summary(c) for c in status.conditions],
         consumers=spec.access.consumers,
         pii_readers=spec.access.pii_readers,
         routing_collection=status.routing_collection if search else None,

@@ -49,7 +49,7 @@ DEFAULT_EMBEDDING_MODEL = "onnx:all-MiniLM-L6-v2"
 DURATION_PATTERN = r"^([0-9]+([.][0-9]+)?(ms|s|m|h))+$"
 _DURATION_RE = re.compile(DURATION_PATTERN)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-DURATION_HINT = "must be a duration such as 500ms, 30s, 15m or 24h"
+DURATION_HINT = "must be a duration such as 500ms, 30s, 15m or 24h (units ms, s, m, h: a day is 24h)"
 # A leading underscore is reserved for keys the platform adds to rows (_text, _inference, ...).
 FIELD_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]*$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -87,8 +87,15 @@ def cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
 
 
 def duration_rule() -> JsonDict:
-    """The CEL rule that makes a string field a well-formed duration."""
-    return cel(f"self.matches('{DURATION_PATTERN}')", DURATION_HINT)
+    """The CEL rule that makes a string field a well-formed duration, quoting the value it refuses.
+
+    Without a message expression the API server's answer shows only the field's type
+    (``Invalid value: "string"``), so a user who wrote ``1d`` could not tell which value it was.
+    The value is bounded (maxLength), so the expression's cost is too.
+    """
+    entry = cel(f"self.matches('{DURATION_PATTERN}')", DURATION_HINT)
+    entry["messageExpression"] = f'"\'" + self + "\' {DURATION_HINT}"'
+    return entry
 
 
 class CRDModel(BaseModel):
@@ -111,8 +118,11 @@ def _check_duration(value: str) -> str:
     return value
 
 
+DURATION_MAX_LENGTH = 64
 Duration = Annotated[
-    str, AfterValidator(_check_duration), Field(json_schema_extra={"x-kubernetes-validations": [duration_rule()]})
+    str,
+    AfterValidator(_check_duration),
+    Field(max_length=DURATION_MAX_LENGTH, json_schema_extra={"x-kubernetes-validations": [duration_rule()]}),
 ]
 
 
@@ -226,16 +236,17 @@ class UrlSource(CRDModel):
     )
 
 
-# Inline rows live in the DataProduct object itself, so they share the object's limits: the
-# operator (kopf) keeps a copy of the spec in the last-handled-configuration annotation, and
-# `kubectl apply` another in last-applied-configuration, and all annotations of an object
-# together may hold at most 262,144 bytes. The API server cannot bound a serialized size, and
-# CEL cannot see into rows whose values may be text, numbers or booleans, so the bound is
-# three OpenAPI limits it enforces itself: rows (maxItems), columns per row (maxProperties)
-# and characters per value (maxLength; nested lists and objects refused by maxItems/
-# maxProperties 0). The largest inline spec allowed, 40 rows of 8 columns with 63-character
-# names and 256-character ASCII values, is about 104 kB of JSON: both copies fit in the
-# annotations with room to spare. Larger data belongs in configMapRef or url.
+# Inline rows live in the DataProduct object itself, so they share the object's limits:
+# `kubectl apply` keeps a copy of the object in its last-applied-configuration annotation, and
+# all annotations of an object together may hold at most 262,144 bytes (the operator's own
+# diff-base holds digests of the spec, a few hundred bytes whatever the spec). The API server
+# cannot bound a serialized size, and CEL cannot see into rows whose values may be text,
+# numbers or booleans, so the bound is three OpenAPI limits it enforces itself: rows
+# (maxItems), columns per row (maxProperties) and characters per value (maxLength; nested lists
+# and objects refused by maxItems/maxProperties 0). The largest inline spec allowed, 40 rows of
+# 8 columns with 63-character names and 256-character ASCII values, is about 104 kB of JSON;
+# in 4-byte characters it is about 330 kB, which `kubectl apply --server-side` stores (it keeps
+# no copy) and client-side apply cannot. Larger data belongs in configMapRef or url.
 INLINE_MAX_ROWS = 40
 INLINE_MAX_COLUMNS = 8
 INLINE_MAX_VALUE_LENGTH = 256
