@@ -129,7 +129,7 @@ def reconciled(dp: dict[str, Any]) -> bool:
 def make_shards(kubectl: Kubectl, crd_installed: None, tmp_path: Path) -> Iterator[Callable[..., Shards]]:
     started: list[Shards] = []
 
-    def start(tag: str, namespaces: list[str], shard_args: dict[str, list[str]]) -> Shards:
+    def start(tag: str, namespaces: list[str], shard_args: dict[str, list[str]], check_seconds: float = 60) -> Shards:
         platform = f"dm-shard-{tag}-platform"
         for ns in (*namespaces, platform):
             kubectl.run("create", "namespace", ns, check=False)
@@ -145,6 +145,8 @@ def make_shards(kubectl: Kubectl, crd_installed: None, tmp_path: Path) -> Iterat
                 "DATAMESH_CATALOG_FLUSH_SECONDS": "0.2",
                 "DATAMESH_RETRY_BASE_SECONDS": "0.5",
                 "DATAMESH_RETRY_MAX_SECONDS": "4",
+                # Each product's periodic checks (a reconcile of its own) run at this pace.
+                "DATAMESH_SLA_CHECK_SECONDS": str(check_seconds),
                 "DATAMESH_QDRANT_PATH": str(tmp_path / f"{tag}-{name}-store"),
             }
             processes[name] = OperatorProcess(
@@ -243,7 +245,10 @@ def test_label_shards_split_one_namespace_and_follow_a_relabel(make_shards: Call
     t0 = time.monotonic()
     ns = "dm-shard-labels"
     # Every namespace, each shard by label: the API server sends each shard only its own products.
-    shards = make_shards("label", [ns], {n: ["--label-selector", f"{LABEL}={n}", "--verbose"] for n in ("a", "b")})
+    # Periodic checks every second: a shard that kept checking a product it gave up would show within seconds.
+    shards = make_shards(
+        "label", [ns], {n: ["--label-selector", f"{LABEL}={n}", "--verbose"] for n in ("a", "b")}, check_seconds=1
+    )
     shards.wait_leading()
     bodies = []
     for i in range(6):
@@ -282,6 +287,19 @@ def test_label_shards_split_one_namespace_and_follow_a_relabel(make_shards: Call
         if m["product"] == f"{ns}/q0"
     }
     assert after == {"b"}, f"the relabelled product's edit was reconciled by {sorted(after)}"
+    # Nor do a's periodic checks go on with it (they would reconcile it from a's stale copy): they stop,
+    # and for several check periods its entry stays b's.
+    a = shards.processes["a"]
+    wait_for(
+        lambda: f"{ns}/q0 left this operator's watch" in a.log_text()[logged["a"] :],
+        10,
+        what="shard a to stop checking the product it gave up",
+    )
+    stamps = set()
+    for _ in range(12):
+        stamps |= {e.shard for k, e in shards.catalog() if k == entry_key(ns, "q0")}
+        time.sleep(0.5)
+    assert stamps == {"b"}, f"the relabelled product's catalog entry was stamped by {sorted(map(str, stamps))}"
 
     # A product of b deleted: a's entries stay as they were.
     shards.kubectl.run("delete", "dataproduct", "q5", "-n", ns, "--wait=false")
