@@ -1127,6 +1127,46 @@ def token_kubeconfig(admin_kubeconfig: Path, token: str, path: Path) -> Path:
     return path
 
 
+def test_scale_out_release_is_accepted_and_each_shard_may_use_only_leases_of_the_release(
+    cluster_helm: Helm, kubectl: Kubectl
+) -> None:
+    """ci/scale-values.yaml installed on the API server: every object accepted, and each shard's Lease usable."""
+    namespace, release = "datamesh-chart-scale", "dm-scale"
+    try:
+        cluster_helm.run(
+            "install",
+            release,
+            str(CHART),
+            "-n",
+            namespace,
+            "--create-namespace",
+            "-f",
+            str(CHART / "ci" / "scale-values.yaml"),
+        )
+        _, objs = manifest_objects(cluster_helm, release, namespace)
+        missing = [
+            f"{o['kind']}/{o['metadata']['name']}"
+            for o in objs
+            if "namespace" in o["metadata"] and kubectl.get(o["kind"], o["metadata"]["name"], namespace) is None
+        ]
+        assert not missing, missing
+        sts = kubectl.get("statefulset", "dm-scale-datamesh-qdrant", namespace)
+        assert sts and sts["spec"]["replicas"] == 3 and sts["spec"]["podManagementPolicy"] == "Parallel"
+        pdb = kubectl.get("poddisruptionbudget", "dm-scale-datamesh-qdrant", namespace)
+        assert pdb and pdb["spec"]["minAvailable"] == 2
+        # Both shards' pods run as the operator's account: it may renew either shard's Lease, no other.
+        operator = f"system:serviceaccount:{namespace}:dm-scale-datamesh-operator"
+        for shard in ("a", "b"):
+            lease = f"leases.coordination.k8s.io/dm-scale-datamesh-operator-{shard}"
+            assert can_i(kubectl, operator, "update", lease, namespace), lease
+        assert not can_i(
+            kubectl, operator, "update", "leases.coordination.k8s.io/dm-scale-datamesh-operator", namespace
+        )
+    finally:
+        cluster_helm.run("uninstall", release, "-n", namespace, "--timeout", "60s", check=False)
+        kubectl.run("delete", "namespace", namespace, "--wait=false", check=False)
+
+
 def test_operator_with_the_charts_account_reconciles_an_example_and_nothing_more(
     cluster_helm: Helm, kubectl: Kubectl, control_plane: Any, tmp_path: Path
 ) -> None:
