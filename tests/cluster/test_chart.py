@@ -678,6 +678,17 @@ def test_schema_refuses_wrong_values(
             ["--set", "qdrant.external.tls.ca.configMapName=c"],
             'qdrant.external.tls.ca is for qdrant.mode "external"',
         ),
+        (
+            [
+                "--set",
+                "qdrant.mode=external",
+                "--set",
+                "qdrant.external.url=https://q:6333",
+                "--set",
+                "qdrant.cluster.enabled=true",
+            ],
+            'qdrant.replicas and qdrant.cluster are for the built-in Qdrant (qdrant.mode "builtin")',
+        ),
     ],
     ids=[
         "watch-timeouts",
@@ -700,6 +711,7 @@ def test_schema_refuses_wrong_values(
         "ca-from-secret-and-configmap",
         "ca-with-http-url",
         "ca-for-builtin-qdrant",
+        "cluster-for-external-qdrant",
     ],
 )
 def test_template_refuses_inconsistent_values(helm: Helm, kube_version: str, args: list[str], message: str) -> None:

@@ -371,6 +371,9 @@ Checks of combinations the JSON schema cannot express well; each fails with the 
 {{- fail "qdrant.cluster.enabled needs qdrant.builtin.persistence.enabled: a node restarted without its volume loses its Raft state and cannot rejoin the cluster" }}
 {{- end }}
 {{- end }}
+{{- if and (eq $qd.mode "external") (or $qd.cluster.enabled (gt (int $qd.replicas) 1)) }}
+{{- fail "qdrant.replicas and qdrant.cluster are for the built-in Qdrant (qdrant.mode \"builtin\"); an external Qdrant's cluster is configured where it runs" }}
+{{- end }}
 {{- $ca := $qd.external.tls.ca }}
 {{- if and $ca.secretName $ca.configMapName }}
 {{- fail "qdrant.external.tls.ca: set secretName or configMapName, not both" }}
