@@ -358,7 +358,6 @@ def test_template_scale_out(helm: Helm, kube_version: str) -> None:
     (qd,) = spec["containers"]
     env = env_of(qd)
     assert env["QDRANT__CLUSTER__ENABLED"] == "true" and env["QDRANT__CLUSTER__P2P__PORT"] == "6335"
-    assert env["QDRANT__STORAGE__COLLECTION__REPLICATION_FACTOR"] == "2"
     assert {"name": "p2p", "containerPort": 6335, "protocol": "TCP"} in qd["ports"]
     # Pod 0 starts the cluster; every other pod joins it through pod 0's stable DNS name.
     assert qd["command"] == ["/bin/bash", "-c"]
@@ -516,7 +515,7 @@ def test_chart_managed_tokens_secret(helm: Helm, kube_version: str) -> None:
             "at '/image/pullPolicy': value must be one of 'Always', 'IfNotPresent', 'Never'",
         ),
         ({"qdrant": {"replicas": 0}}, "at '/qdrant/replicas': minimum: got 0, want 1"),
-        ({"qdrant": {"cluster": {"replicationFactor": 0}}}, "at '/qdrant/cluster/replicationFactor': minimum"),
+        ({"qdrant": {"cluster": {"replicationFactor": 2}}}, "at '/qdrant/cluster': additional properties"),
         ({"qdrant": {"cluster": {"antiAffinity": "strict"}}}, "at '/qdrant/cluster/antiAffinity'"),
         ({"operator": {"shards": [{"name": "Shard_A", "namespaces": ["x"]}]}}, "at '/operator/shards/0/name'"),
         (
@@ -536,7 +535,7 @@ def test_chart_managed_tokens_secret(helm: Helm, kube_version: str) -> None:
         "pdb-not-a-number",
         "pull-policy",
         "qdrant-no-nodes",
-        "replication-factor-zero",
+        "replication-factor-is-per-product",
         "anti-affinity-unknown",
         "shard-name-uppercase",
         "shard-misspelled-key",
@@ -636,17 +635,6 @@ def test_schema_refuses_wrong_values(
             "qdrant.replicas (3) above 1 needs qdrant.cluster.enabled",
         ),
         (
-            [
-                "--set",
-                "qdrant.replicas=2",
-                "--set",
-                "qdrant.cluster.enabled=true",
-                "--set",
-                "qdrant.cluster.replicationFactor=3",
-            ],
-            "qdrant.cluster.replicationFactor (3) cannot be above qdrant.replicas (2)",
-        ),
-        (
             ["--set", "qdrant.cluster.enabled=true", "--set", "qdrant.builtin.persistence.enabled=false"],
             "qdrant.cluster.enabled needs qdrant.builtin.persistence.enabled",
         ),
@@ -706,7 +694,6 @@ def test_schema_refuses_wrong_values(
         "namespace-in-two-shards",
         "watch-namespaces-with-namespace-shards",
         "qdrant-replicas-without-cluster",
-        "replication-above-nodes",
         "cluster-without-persistence",
         "ca-from-secret-and-configmap",
         "ca-with-http-url",

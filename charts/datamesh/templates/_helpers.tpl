@@ -364,9 +364,6 @@ Checks of combinations the JSON schema cannot express well; each fails with the 
 {{- if and (gt (int $qd.replicas) 1) (not $qd.cluster.enabled) }}
 {{- fail (printf "qdrant.replicas (%v) above 1 needs qdrant.cluster.enabled: separate single-node Qdrants behind one Service would each hold different collections" $qd.replicas) }}
 {{- end }}
-{{- if and $qd.cluster.enabled (gt (int $qd.cluster.replicationFactor) (int $qd.replicas)) }}
-{{- fail (printf "qdrant.cluster.replicationFactor (%v) cannot be above qdrant.replicas (%v): each copy of a shard needs a node of its own" $qd.cluster.replicationFactor $qd.replicas) }}
-{{- end }}
 {{- if and $qd.cluster.enabled (not $qd.builtin.persistence.enabled) }}
 {{- fail "qdrant.cluster.enabled needs qdrant.builtin.persistence.enabled: a node restarted without its volume loses its Raft state and cannot rejoin the cluster" }}
 {{- end }}
