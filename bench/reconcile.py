@@ -306,8 +306,10 @@ class Operator:
         verbose: bool = False,
         exe: Path = REPO / ".venv" / "bin" / "datamesh",
         name: str = "operator",
+        args: tuple[str, ...] = (),
     ) -> None:
         self.kubeconfig = kubeconfig
+        self.args = args
         self.exe = exe
         self.verbose = verbose
         self.extra_env = extra_env or {}
@@ -345,6 +347,7 @@ class Operator:
                 "--liveness",
                 f"http://127.0.0.1:{self.liveness_port}/healthz",
                 *(["--verbose"] if self.verbose else []),
+                *self.args,
             ],
             env=env,
             stdin=subprocess.DEVNULL,
@@ -452,6 +455,75 @@ class Operator:
             self._log.close()
 
 
+class Fleet:
+    """The operator processes of a run: one, or one per shard (``--shards``), measured as one operator.
+
+    Metrics and reconciled products are summed over the shards; RSS, threads and file descriptors are
+    the largest of one process (the figure that must fit a pod's limit); the total RSS is kept apart.
+    """
+
+    def __init__(self, members: list[Operator]) -> None:
+        self.members = members
+        self.log_path = members[0].log_path
+
+    @property
+    def pids(self) -> list[int]:
+        return [m.proc.pid for m in self.members if m.proc is not None]
+
+    def start(self, timeout: float = 90) -> None:
+        self.spawn()
+        self.wait_live(timeout)
+
+    def spawn(self) -> None:
+        for m in self.members:
+            m.spawn()
+
+    def wait_live(self, timeout: float = 90) -> None:
+        for m in self.members:
+            m.wait_live(timeout)
+
+    def check_alive(self) -> None:
+        for m in self.members:
+            m.check_alive()
+
+    def probes(self) -> dict[str, Any]:
+        return {"products": sum(int(m.probes().get("products") or 0) for m in self.members)}
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for m in self.members:
+            for k, v in m.metrics().items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    def rss_mib(self) -> float:
+        return max(m.rss_mib() for m in self.members)
+
+    def total_rss_mib(self) -> float:
+        return sum(m.rss_mib() for m in self.members)
+
+    def hwm_mib(self) -> float:
+        return max(m.hwm_mib() for m in self.members)
+
+    def peak_rss_mib(self, t0: float, t1: float) -> float:
+        return max(m.peak_rss_mib(t0, t1) for m in self.members)
+
+    @property
+    def peak_threads(self) -> int:
+        return max(m.peak_threads for m in self.members)
+
+    @property
+    def peak_fds(self) -> int:
+        return max(m.peak_fds for m in self.members)
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(f"[{m.log_path.name}]\n{m.log_tail(lines)}" for m in self.members)
+
+    def stop(self) -> None:
+        for m in self.members:
+            m.stop()
+
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -491,11 +563,13 @@ def loadavg() -> str:
 class CpuMeter:
     """CPU seconds used by the operator and by the control plane between start() and stop()."""
 
-    def __init__(self, operator_pid: int) -> None:
-        self.pids = {"operator": operator_pid, **control_plane_pids()}
+    def __init__(self, operator_pids: list[int]) -> None:
+        self.operator_pids = operator_pids
+        self.pids = control_plane_pids()
 
     def read(self) -> dict[str, float]:
-        return {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        cp = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        return {"operator": sum(cpu_seconds(pid) for pid in self.operator_pids), **cp}
 
 
 def metric_sum(m: dict[str, float], name: str) -> float:
@@ -557,14 +631,28 @@ class Bench:
         self.kubectl = Kubectl(cp)
         self.log_dir = log_dir
         # The embedded store in a folder of its own, as on a volume: a restarted operator finds its collections.
-        self.operator_env = {"DATAMESH_QDRANT_PATH": str(log_dir / "store"), **dict(e.split("=", 1) for e in args.env)}
+        self.operator_env = dict(e.split("=", 1) for e in args.env)
         self.operator = self.new_operator("operator")
         self.dp_watch = ProductWatch(self.kubectl)
         self.cm_watch = CatalogWatch(self.kubectl)
 
-    def new_operator(self, name: str) -> Operator:
-        verbose, exe = self.args.operator_verbose, self.args.operator_exe
-        return Operator(self.cp.kubeconfig, self.log_dir, self.operator_env, verbose, exe, name)
+    def new_operator(self, name: str) -> Fleet:
+        """The run's operator, or with ``--shards K`` K of them, shard k owning the namespaces ending ``-s<k>``."""
+        verbose, exe, shards = self.args.operator_verbose, self.args.operator_exe, self.args.shards
+        members = []
+        for k in range(shards):
+            # The embedded store in a folder of its own, as on a volume: a restarted operator finds its collections.
+            env = {"DATAMESH_QDRANT_PATH": str(self.log_dir / (f"store-s{k}" if shards > 1 else "store"))}
+            args = ("--shard", f"s{k}", "--namespace", f"*-s{k}") if shards > 1 else ()
+            label = f"{name}-s{k}" if shards > 1 else name
+            members.append(
+                Operator(self.cp.kubeconfig, self.log_dir, {**env, **self.operator_env}, verbose, exe, label, args)
+            )
+        return Fleet(members)
+
+    def namespace(self, prefix: str, j: int) -> str:
+        """The j-th namespace of a batch; with shards, named for the shard that owns it."""
+        return f"{prefix}-{j}-s{j % self.args.shards}" if self.args.shards > 1 else f"{prefix}-{j}"
 
     # ---- setup
 
@@ -580,11 +668,11 @@ class Bench:
             time.sleep(0.2)
         self.kubectl.run("create", "namespace", PLATFORM_NAMESPACE, check=False)
         self.operator.start()
-        self.cpu = CpuMeter(self.operator.proc.pid)  # type: ignore[union-attr]
+        self.cpu = CpuMeter(self.operator.pids)
         self.dp_watch.start()
         self.cm_watch.start()
         print(
-            f"  operator live (pid {self.operator.proc.pid}, RSS {self.operator.rss_mib():.0f} MiB) "  # type: ignore[union-attr]
+            f"  operator live (pids {self.operator.pids}, RSS {self.operator.rss_mib():.0f} MiB) "
             f"in {time.monotonic() - t0:.1f} s; log: {self.operator.log_path}"
         )
 
@@ -643,7 +731,7 @@ class Bench:
     # ---- baseline
 
     def baseline(self) -> dict[str, Any]:
-        ns = "bench-single"
+        ns = "bench-single-s0" if self.args.shards > 1 else "bench-single"
         self.kubectl.run("create", "namespace", ns, check=False)
         lat_start: list[float] = []
         lat_return: list[float] = []
@@ -732,7 +820,7 @@ class Bench:
     # ---- one size
 
     def run_size(self, n: int, timeout: float) -> SizeResult:
-        namespaces = [f"bench-n{n}-{j}" for j in range(self.args.namespaces)]
+        namespaces = [self.namespace(f"bench-n{n}", j) for j in range(self.args.namespaces)]
         for ns in namespaces:
             self.kubectl.run("create", "namespace", ns, check=False)
         bodies = [product(f"p-{i:05d}", namespaces[i % len(namespaces)], self.args.rows, i) for i in range(n)]
@@ -786,6 +874,9 @@ class Bench:
             ready_entries = sum(1 for v in batch.values() if v.get("phase") == "Ready")
             if entries == n and ready_entries == n:
                 complete_s = time.monotonic() - t0
+                if self.args.shards > 1:
+                    owners = Counter(str(v.get("shard")) for v in batch.values())
+                    print(f"  N={n}: catalog entries by shard: {dict(sorted(owners.items()))}", flush=True)
                 break
             if time.monotonic() > cat_deadline:
                 break
@@ -856,7 +947,7 @@ class Bench:
         Steady state is every existing product resumed: the new operator's ``products`` probe (products
         it has reconciled) reaches N + 1 and the catalog holds every entry, Ready.
         """
-        namespaces = [f"bench-restart-{j}" for j in range(self.args.namespaces)]
+        namespaces = [self.namespace("bench-restart", j) for j in range(self.args.namespaces)]
         for ns in namespaces:
             self.kubectl.run("create", "namespace", ns, check=False)
         bodies = [product(f"p-{i:05d}", namespaces[i % len(namespaces)], self.args.rows, i) for i in range(n)]
@@ -883,7 +974,7 @@ class Bench:
         self.kubectl.run("apply", "-f", "-", input=yaml.safe_dump(fresh))
         self.operator.wait_live(timeout)
         live_s = time.monotonic() - t_restart
-        self.cpu = CpuMeter(self.operator.proc.pid)  # type: ignore[union-attr]
+        self.cpu = CpuMeter(self.operator.pids)
         new_ready_s: float | None = None
         resumed_s: float | None = None
         reconciled = 0
@@ -991,7 +1082,7 @@ def scan_log(path: Path) -> tuple[Counter[str], list[str]]:
 
 
 def report(
-    single: dict[str, Any], results: list[SizeResult], restarts: list[RestartResult], wall: float, op: Operator
+    single: dict[str, Any], results: list[SizeResult], restarts: list[RestartResult], wall: float, op: Fleet
 ) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -1064,10 +1155,11 @@ def report(
     for restart in restarts:
         target = "met" if restart.resumed_s is not None and restart.resumed_s < 60 else "NOT met"
         print(f"{restart.line()} (target: steady state under 60 s, {target})")
-    counts, examples = scan_log(op.log_path)
-    print(f"operator log {op.log_path}: {dict(counts) or 'no WARNING/ERROR/Traceback lines'}")
-    for line in examples:
-        print(f"  | {line}")
+    for member in op.members:
+        counts, examples = scan_log(member.log_path)
+        print(f"operator log {member.log_path}: {dict(counts) or 'no WARNING/ERROR/Traceback lines'}")
+        for line in examples:
+            print(f"  | {line}")
     print(f"wall time {wall:.1f} s")
 
 
@@ -1088,6 +1180,12 @@ def main(argv: list[str] | None = None) -> int:
         "prints restart-to-new-product-Ready and restart-to-all-resumed (0: skipped)",
     )
     parser.add_argument("--rows", type=int, default=4, help="inline rows per product")
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="operator processes, each owning its own namespaces (--shard s<k> --namespace '*-s<k>'; default 1)",
+    )
     parser.add_argument("--namespaces", type=int, default=4, help="namespaces a batch is spread over")
     parser.add_argument("--apply-parallel", type=int, default=4, help="kubectl apply processes a batch is split over")
     parser.add_argument(

@@ -45,7 +45,7 @@ def test_products_of_a_source_that_is_down_degrade_naming_it_and_recover_when_it
             assert conditions["Ingested"]["reason"] == "SourceUnavailable", name
             assert url in conditions["Ingested"]["message"] and url in conditions["Ready"]["message"], name
             collection = conditions["CollectionReady"]["message"]
-            index = dp["status"]["indexCollection"] or collection.split()[0]
+            index = dp["status"].get("indexCollection") or collection.split()[0]
             assert collection.count(index) == 1, f"{name}: {collection}"
         events = kubectl.json("get", "events", "-n", NS, "--field-selector", "reason=SourceUnavailable")["items"]
         assert events and all(url in e["message"] for e in events)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from datamesh import cli
 from datamesh.adapters.files import FileCatalogBackend, read_catalog_file
 from datamesh.controller.handlers import kopf_settings
-from datamesh.core.selector import LabelSelector, Operator, SelectorError
+from datamesh.core.selector import LabelSelector, NamespacePatterns, Operator, SelectorError
 from datamesh.engine.catalog_writer import CatalogScope, CatalogWriter
 from datamesh.resource.catalog import CatalogEntry
 from datamesh.resource.models import GROUP, PLURAL, VERSION
@@ -153,10 +153,10 @@ async def test_namespace_shards_rebuild_only_their_namespaces(tmp_path: Path) ->
     a, b = writer(path, "a"), writer(path, "b")
     await asyncio.gather(a.upsert(entry("ns1", "p")), a.upsert(entry("ns2", "gone")), b.upsert(entry("ns3", "q")))
     # Shard a restarts: ns2/gone was deleted meanwhile; b's ns3 is not a's to judge.
-    await writer(path, "a").replace_all([entry("ns1", "p")], CatalogScope(frozenset({"ns1", "ns2"})))
+    await writer(path, "a").replace_all([entry("ns1", "p")], CatalogScope(NamespacePatterns(("ns1", "ns2"))))
     assert sorted(read_catalog_file(path)) == ["ns1.p", "ns3.q"]
     # A namespace handed over from another shard (or an unsharded operator) belongs to its new shard.
-    await writer(path, "c").replace_all([], CatalogScope(frozenset({"ns3"})))
+    await writer(path, "c").replace_all([], CatalogScope(NamespacePatterns(("ns3",))))
     assert sorted(read_catalog_file(path)) == ["ns1.p"]
 
 
@@ -188,3 +188,39 @@ async def test_a_rebuild_reads_the_catalog_afresh(tmp_path: Path) -> None:
     await writer(path, "b").upsert(entry("sales", "q"))
     await a.replace_all([], CatalogScope(by_label=True))
     assert sorted(read_catalog_file(path)) == ["sales.q"]
+
+
+# ==== namespace globs ==========================================================================
+
+
+@pytest.mark.parametrize(
+    ("patterns", "namespace", "in_scope"),
+    [
+        (("sales",), "sales", True),
+        (("sales",), "sales-eu", False),
+        (("*-s0",), "bench-3-s0", True),
+        (("*-s0",), "bench-3-s1", False),
+        (("team-*,ops",), "ops", True),
+        (("team-*", "!team-legacy"), "team-legacy", False),
+        (("!kube-*",), "sales", True),
+        (("!kube-*",), "kube-system", False),
+    ],
+)
+def test_namespace_patterns_match_as_kopf_reads_them(patterns: tuple[str, ...], namespace: str, in_scope: bool) -> None:
+    assert NamespacePatterns(patterns).matches(namespace) is in_scope
+
+
+async def test_a_glob_shard_rebuilds_the_namespaces_its_glob_matches(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.json"
+    await asyncio.gather(
+        writer(path, "s0").upsert(entry("a-s0", "gone")), writer(path, "s1").upsert(entry("a-s1", "q"))
+    )
+    await writer(path, "s0").replace_all([], CatalogScope(NamespacePatterns(("*-s0",))))
+    assert sorted(read_catalog_file(path)) == ["a-s1.q"]
+
+
+def test_globs_keep_kopf_observing_namespaces_and_names_do_not() -> None:
+    """With globs kopf must resolve namespaces (scanning on); plain names need no cluster-wide watch."""
+    settings = OperatorSettings()
+    assert kopf_settings(settings, ["*-s0"]).scanning.disabled is False
+    assert kopf_settings(settings, ["sales", "ops"]).scanning.disabled is True

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import qdrant_edge as qe
 
 from datamesh.adapters.edge import EdgeStore
 from datamesh.adapters.qdrant import QdrantStore
@@ -282,6 +283,40 @@ async def test_embedded_store_keeps_few_collections_open(tmp_path: Path) -> None
         assert len(store._open) <= 2
         threads = len(os.listdir("/proc/self/task"))
         assert threads < 64, "one search thread per open collection, not eight"
+    finally:
+        await store.close()
+
+
+async def test_counts_follow_every_write_and_checking_closed_collections_does_not_reopen_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Periodic checks count every product's points: with more products than open collections, a
+    count must not reopen a collection the store has closed, and must still be exact after writes."""
+    store = EdgeStore(tmp_path, max_open=2)
+    try:
+        names = [f"ns.p{i}--a" for i in range(5)]
+        for name in names:
+            await filled(store, name)
+            assert await store.count(name) == len(TEXTS)
+        loads = 0
+        real_load = qe.EdgeShard.load
+
+        def counting_load(*args: Any) -> Any:
+            nonlocal loads
+            loads += 1
+            return real_load(*args)
+
+        monkeypatch.setattr(qe.EdgeShard, "load", counting_load)
+        for name in names:
+            assert await store.count(name) == len(TEXTS)
+        assert loads == 0, "counting unchanged collections reopened them"
+        await store.delete_other_ingests(names[0], "another-digest")
+        assert await store.count(names[0]) == 0, "a count after a delete is exact"
+        await store.upsert(names[0], IDS[:2], VECTORS[:2], TEXTS[:2], [{DIGEST_KEY: "d2"}] * 2)
+        assert await store.count(names[0]) == 2, "a count after an upsert is exact"
+        await store.drop(names[1])
+        with pytest.raises(CollectionMissing):
+            await store.count(names[1])
     finally:
         await store.close()
 

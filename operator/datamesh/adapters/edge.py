@@ -200,6 +200,12 @@ class EdgeStore:
         self._aliases = self._read_aliases()
         self._alias_lock = asyncio.Lock()
         self._closed = False
+        # Point counts of collections, kept between writes: this process is the store's only writer,
+        # so a count changes only through its own writes. A periodic check of an unchanged product
+        # then reads its count without reopening a collection the open-collection cache has closed
+        # (with thousands of products those reopenings were most of the operator's work).
+        self._counts: dict[str, int] = {}
+        self._writes: dict[str, int] = {}
 
     # ---- plumbing ------------------------------------------------------------------------------
 
@@ -282,6 +288,22 @@ class EdgeStore:
             await asyncio.to_thread(shard.engine.close)
         except Exception as exc:  # the shard is gone either way; say why it did not close cleanly
             log.warning("closing embedded collection %s: %s", name, exc)
+
+    def _changed(self, name: str) -> None:
+        """A write to ``name`` begins or ends: its cached count is stale, and so is any count in flight."""
+        for key in {name, self._resolve(name)}:
+            self._writes[key] = self._writes.get(key, 0) + 1
+            self._counts.pop(key, None)
+
+    @contextlib.asynccontextmanager
+    async def _writing(self, name: str) -> AsyncIterator[_Shard]:
+        """An open shard for one write, the only writer on it; its cached count dropped before and after."""
+        self._changed(name)
+        try:
+            async with self._use(name) as shard, shard.writing:
+                yield shard
+        finally:
+            self._changed(name)
 
     def _resolve(self, name: str) -> str:
         # Aliases first, as a Qdrant server resolves them.
@@ -382,12 +404,20 @@ class EdgeStore:
     async def count(self, collection: str) -> int:
         """Exact number of points in a collection or alias."""
         name = self._resolve(collection)
+        cached = self._counts.get(name)
+        if cached is not None:
+            return cached
+        before = self._writes.get(name, 0)
         async with self._use(name) as shard:
-            return await self._engine(name, shard.engine.count, qe.CountRequest(exact=True))
+            counted = await self._engine(name, shard.engine.count, qe.CountRequest(exact=True))
+        if self._writes.get(name, 0) == before:  # no write began or ended meanwhile
+            self._counts[name] = counted
+        return counted
 
     async def drop(self, collection: str) -> None:
         """Close and delete a collection if it exists (aliases pointing at it are left alone)."""
         async with self._lock(collection):
+            self._changed(collection)
             await self._close_locked(collection)
             await self._engine(collection, self._remove, collection)
 
@@ -434,7 +464,7 @@ class EdgeStore:
         payloads: Sequence[Mapping[str, Any]],
     ) -> None:
         """Write points in batches (the engine holds the GIL while it writes, so batches stay small)."""
-        async with self._use(collection) as shard, shard.writing:
+        async with self._writing(collection) as shard:
             for start in range(0, len(ids), self.batch_size):
                 end = start + self.batch_size
                 batch = (ids[start:end], vectors[start:end], texts[start:end], payloads[start:end])
@@ -461,7 +491,7 @@ class EdgeStore:
     async def delete_other_ingests(self, collection: str, digest: str) -> None:
         """Remove points not written by the ingestion with ``digest``."""
         keep = qe.Filter(must_not=[qe.FieldCondition(key=DIGEST_KEY, match=qe.MatchValue(digest))])
-        async with self._use(collection) as shard, shard.writing:
+        async with self._writing(collection) as shard:
             await self._engine(collection, shard.engine.update, qe.UpdateOperation.delete_points_by_filter(keep))
 
     async def remove_product(self, collection: str, product: str, keep_digest: str | None = None) -> None:
@@ -472,7 +502,7 @@ class EdgeStore:
         if keep_digest is not None:
             keep = [qe.FieldCondition(key=DIGEST_KEY, match=qe.MatchValue(keep_digest))]
         doomed = qe.Filter(must=[qe.FieldCondition(key=PRODUCT_KEY, match=qe.MatchValue(product))], must_not=keep)
-        async with self._use(collection) as shard, shard.writing:
+        async with self._writing(collection) as shard:
             await self._engine(collection, shard.engine.update, qe.UpdateOperation.delete_points_by_filter(doomed))
 
     async def search(self, collection: str, request: SearchRequest) -> list[ScoredRow]:

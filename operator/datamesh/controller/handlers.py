@@ -18,6 +18,7 @@ from datamesh.controller.diffbase import DigestDiffBaseStorage
 from datamesh.controller.runtime import Runtime, build_runtime
 from datamesh.core.children import MANAGED_BY, deployment_available, desired_objects, drifted
 from datamesh.core.conditions import ConditionType, arrival_status, utcnow
+from datamesh.core.selector import NamespacePatterns
 from datamesh.core.sla import first_check_in, next_check_in, refresh_due
 from datamesh.engine.catalog_writer import CatalogScope
 from datamesh.engine.reconciler import Event, Outcome
@@ -54,8 +55,9 @@ def post_event(body: Mapping[str, Any], event: Event) -> None:
 def kopf_settings(settings: OperatorSettings, namespaces: list[str] | None = None) -> kopf.OperatorSettings:
     """kopf's own settings: our finalizer and annotation prefix, watch timeouts, and a shard's label selector."""
     ks = kopf.OperatorSettings()
-    if namespaces:
-        # Fixed namespaces need no observing of namespaces and CRDs (and no cluster-wide RBAC).
+    if namespaces and NamespacePatterns(tuple(namespaces)).names_only:
+        # Fixed namespaces need no observing of namespaces and CRDs (and no cluster-wide RBAC); globs
+        # do: kopf resolves them against the namespaces it observes.
         ks.scanning.disabled = True
     if settings.label_selector:
         # On the list and the watch themselves: a shard is never sent another shard's products.
@@ -85,7 +87,8 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
     """A registry with every handler of the DataProduct operator (``namespaces``: the watched ones, or all)."""
     registry = kopf.OperatorRegistry()
     selector = settings.selector
-    scope = CatalogScope(frozenset(namespaces) if namespaces else None, by_label=selector is not None)
+    patterns = NamespacePatterns(tuple(namespaces)) if namespaces else None
+    scope = CatalogScope(patterns, by_label=selector is not None)
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -98,9 +101,13 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
                 memo.runtime = await build_runtime(settings, getattr(memo, "store", None))
             # The catalog is derived state: make it hold exactly the products that exist now, within
             # this operator's scope (its namespaces, and with a label selector its own entries only).
+            # Globs are resolved here as kopf resolves them: list everywhere, keep what matches.
+            listed = namespaces if patterns is not None and patterns.names_only else None
             bodies = await memo.runtime.kube.list_products(
-                *RESOURCE, namespaces=namespaces, label_selector=settings.label_selector
+                *RESOURCE, namespaces=listed, label_selector=settings.label_selector
             )
+            if patterns is not None and listed is None:
+                bodies = [b for b in bodies if patterns.matches(str(b["metadata"].get("namespace", "")))]
             entries = [e for e in map(entry_of_object, bodies) if e is not None]
             await memo.runtime.catalog.replace_all(entries, scope)
         except Exception as exc:

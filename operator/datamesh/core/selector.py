@@ -9,6 +9,7 @@ joined by commas; every requirement must hold.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -134,3 +135,31 @@ def _value(value: str, part: str) -> str:
     if not _VALUE_RE.fullmatch(value):
         raise SelectorError(f"label selector part {part!r}: {value!r} is not a label value")
     return value
+
+
+_GLOB_CHARS = frozenset("*?[!,")
+
+
+@dataclass(frozen=True)
+class NamespacePatterns:
+    """An operator's ``--namespace`` values as kopf reads them: names or globs, ``!`` excluding, commas joining.
+
+    A namespace is in scope when it matches an including pattern (any, if there are only exclusions)
+    and no excluding one; matched locally where the API server cannot filter (the catalog rebuild).
+    """
+
+    patterns: tuple[str, ...]
+
+    @property
+    def names_only(self) -> bool:
+        """Whether every pattern is a plain namespace name (nothing to resolve against the cluster)."""
+        return not any(_GLOB_CHARS & set(p) for p in self.patterns)
+
+    def matches(self, namespace: str) -> bool:
+        """Whether ``namespace`` is in scope."""
+        parts = [part.strip() for p in self.patterns for part in p.split(",") if part.strip()]
+        excluding = [p[1:] for p in parts if p.startswith("!")]
+        including = [p for p in parts if not p.startswith("!")]
+        if any(fnmatch.fnmatchcase(namespace, p) for p in excluding):
+            return False
+        return not including or any(fnmatch.fnmatchcase(namespace, p) for p in including)

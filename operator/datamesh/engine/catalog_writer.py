@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from datamesh.core.ports import CatalogBackend, Conflict, NullObserver, Observer
+from datamesh.core.selector import NamespacePatterns
 from datamesh.resource.catalog import CatalogEntry, decode_entries, encode_entry
 
 
@@ -22,13 +23,13 @@ from datamesh.resource.catalog import CatalogEntry, decode_entries, encode_entry
 class CatalogScope:
     """Which entries one operator's start-up rebuild may replace: those of the products it can see."""
 
-    namespaces: frozenset[str] | None = None  # None: every namespace
+    namespaces: NamespacePatterns | None = None  # None: every namespace
     by_label: bool = False  # it sees only the products matching a label selector
 
     def owns(self, key: str, entry: CatalogEntry | None, shard: str | None) -> bool:
         """Whether the entry at ``key`` (``entry`` as read, None if unreadable) is this operator's to replace."""
         # Keys are "<namespace>.<name>" (or a shortening of it) and namespaces hold no dots.
-        if self.namespaces is not None and key.split(".", 1)[0] not in self.namespaces:
+        if self.namespaces is not None and not self.namespaces.matches(key.split(".", 1)[0]):
             return False
         # A label shard shares its namespaces with other shards: only the entries it stamped are its
         # own. (An entry written before sharding carries no shard; its product's shard restamps it.)

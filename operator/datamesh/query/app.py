@@ -89,6 +89,16 @@ async def _caller(request: Request, _: Annotated[HTTPAuthorizationCredentials | 
 Caller = Annotated[Identity, Depends(_caller)]
 
 
+# What an endpoint that searches one product's collection may answer besides 200.
+SEARCH_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    **NOT_FOUND,
+    409: {"model": DetailBody, "description": "The product has no semantic search collection."},
+    502: {"model": DetailBody},
+    504: {"model": DetailBody},
+}
+
+
 def create_app(
     source: CatalogSource,
     store: VectorStore,
@@ -241,13 +251,7 @@ def create_app(
         tags=["query"],
         response_model=ProductResult,
         response_model_by_alias=True,
-        responses={
-            **ERRORS,
-            **NOT_FOUND,
-            409: {"model": DetailBody, "description": "The product has no semantic search."},
-            502: {"model": DetailBody},
-            504: {"model": DetailBody},
-        },
+        responses=SEARCH_ERRORS,
     )
     async def query_product(
         identity: Caller,
@@ -264,13 +268,7 @@ def create_app(
         tags=["catalog"],
         response_model=SampleResponse,
         response_model_by_alias=True,
-        responses={
-            **ERRORS,
-            **NOT_FOUND,
-            409: {"model": DetailBody, "description": "The product has no semantic search collection."},
-            502: {"model": DetailBody},
-            504: {"model": DetailBody},
-        },
+        responses=SEARCH_ERRORS,
     )
     async def sample_product(
         identity: Caller,
