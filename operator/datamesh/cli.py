@@ -92,9 +92,9 @@ def operator(
     if namespace and all_namespaces:
         raise typer.BadParameter("use either --namespace or --all-namespaces, not both")
     settings = _operator_settings(shard=shard, label_selector=label_selector)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(ProductLogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
     namespaces = namespace or None
@@ -125,6 +125,21 @@ def operator(
         asyncio.run(lead(None))
         return
     asyncio.run(run_operator(settings, namespaces=namespaces, liveness_endpoint=liveness or None))
+
+
+class ProductLogFormatter(logging.Formatter):
+    """Prefixes kopf's per-object records with ``[namespace/name]``.
+
+    kopf's object logger puts the object on the record (``k8s_ref``) but only its own formatter
+    shows it: without the prefix, "Handler ... succeeded" would not say which product it was.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        ref = getattr(record, "k8s_ref", None)
+        if isinstance(ref, dict) and ref.get("name"):
+            name = f"{ref['namespace']}/{ref['name']}" if ref.get("namespace") else str(ref["name"])
+            record = logging.makeLogRecord({**record.__dict__, "msg": f"[{name}] {record.msg}"})
+        return super().format(record)
 
 
 def _operator_settings(**overrides: str | None) -> OperatorSettings:

@@ -8,6 +8,7 @@ README's configuration table (``datamesh settings`` prints the effective values)
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,6 +44,14 @@ class StoreSettings(BaseSettings):
         256, ge=1, description="Embedded store: collections kept open at once (least recently used closed first)."
     )
     search_threads: int = Field(1, ge=1, description="Embedded store: search threads per open collection.")
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file_readable(cls, value: str | None) -> str | None:
+        # Refused at start with the variable's name, not at the first request with an SSL error.
+        if value and not Path(value).is_file():
+            raise ValueError(f"the CA bundle {value} is not a readable file (DATAMESH_QDRANT_CA_FILE)")
+        return value or None
 
 
 class EmbeddingSettings(BaseSettings):

@@ -105,6 +105,7 @@ def test_ci_values_cover_the_three_scenarios() -> None:
         "namespaced-values.yaml",
         "query-ingress-autoscaling-values.yaml",
         "embedded-values.yaml",
+        "scale-values.yaml",
     } <= names
 
 
@@ -205,6 +206,42 @@ def test_template_external_qdrant(helm: Helm, kube_version: str) -> None:
         env = env_of(deployment["spec"]["template"]["spec"]["containers"][0])
         assert env["DATAMESH_QDRANT_URL"] == "https://qdrant.qdrant.svc.cluster.local:6333"
         assert env["DATAMESH_QDRANT_API_KEY"] == {"secretKeyRef": {"name": "datamesh-qdrant", "key": "api-key"}}
+        # The private CA's bundle, mounted from its ConfigMap, is what the client trusts.
+        spec = deployment["spec"]["template"]["spec"]
+        assert env["DATAMESH_QDRANT_CA_FILE"] == "/etc/datamesh/qdrant-ca/ca.crt"
+        assert {"name": "qdrant-ca", "mountPath": "/etc/datamesh/qdrant-ca", "readOnly": True} in spec["containers"][0][
+            "volumeMounts"
+        ]
+        assert {
+            "name": "qdrant-ca",
+            "configMap": {"name": "qdrant-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]},
+        } in spec["volumes"]
+    # The CA from a Secret instead.
+    objs_secret = render(
+        helm,
+        kube_version,
+        "-f",
+        str(CHART / "ci" / "external-qdrant-values.yaml"),
+        "--set",
+        "qdrant.external.tls.ca.configMapName=",
+        "--set",
+        "qdrant.external.tls.ca.secretName=qdrant-tls",
+        "--set",
+        "qdrant.external.tls.ca.key=bundle.pem",
+    )
+    for deployment in find(objs_secret, "Deployment"):
+        spec = deployment["spec"]["template"]["spec"]
+        assert env_of(spec["containers"][0])["DATAMESH_QDRANT_CA_FILE"] == "/etc/datamesh/qdrant-ca/bundle.pem"
+        assert {
+            "name": "qdrant-ca",
+            "secret": {"secretName": "qdrant-tls", "items": [{"key": "bundle.pem", "path": "bundle.pem"}]},
+        } in spec["volumes"]
+    # Without a CA nothing is mounted: the system's CAs apply.
+    plain = render(helm, kube_version, "--set", "qdrant.mode=external", "--set", "qdrant.external.url=https://q:6333")
+    for deployment in find(plain, "Deployment"):
+        spec = deployment["spec"]["template"]["spec"]
+        assert "DATAMESH_QDRANT_CA_FILE" not in env_of(spec["containers"][0])
+        assert all(v["name"] != "qdrant-ca" for v in spec["volumes"])
     # No Qdrant pod to fence off, but the operator and query service still get their policies.
     assert {o["metadata"]["name"] for o in find(objs, "NetworkPolicy")} == {"dm-datamesh-operator", "dm-datamesh-query"}
 
@@ -310,6 +347,133 @@ def test_template_embedded_store(helm: Helm, kube_version: str) -> None:
     assert result.returncode != 0 and "cannot be used with store.mode" in result.stderr, result.stderr
 
 
+def test_template_scale_out(helm: Helm, kube_version: str) -> None:
+    """ci/scale-values.yaml: a three-node Qdrant cluster and two operator shards by label."""
+    objs = render(helm, kube_version, "-f", str(CHART / "ci" / "scale-values.yaml"))
+
+    sts = one(objs, "StatefulSet", "-qdrant")
+    assert sts["spec"]["replicas"] == 3
+    assert sts["spec"]["podManagementPolicy"] == "Parallel", "after a full restart every node must come back at once"
+    spec = sts["spec"]["template"]["spec"]
+    (qd,) = spec["containers"]
+    env = env_of(qd)
+    assert env["QDRANT__CLUSTER__ENABLED"] == "true" and env["QDRANT__CLUSTER__P2P__PORT"] == "6335"
+    assert {"name": "p2p", "containerPort": 6335, "protocol": "TCP"} in qd["ports"]
+    # Pod 0 starts the cluster; every other pod joins it through pod 0's stable DNS name.
+    assert qd["command"] == ["/bin/bash", "-c"]
+    (script,) = qd["args"]
+    peer = "dm-datamesh-qdrant-headless.datamesh.svc:6335"
+
+    # Run with each pod's hostname (echo exec'd instead of the entrypoint): what each node is told.
+    def started_as(hostname: str) -> list[str]:
+        run = subprocess.run(
+            ["bash", "-c", script.replace("./entrypoint.sh", "echo")],
+            env={"HOSTNAME": hostname},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return run.stdout.split()
+
+    assert started_as("dm-datamesh-qdrant-0") == ["--uri", f"http://dm-datamesh-qdrant-0.{peer}"]
+    assert started_as("dm-datamesh-qdrant-2") == [
+        "--bootstrap",
+        f"http://dm-datamesh-qdrant-0.{peer}",
+        "--uri",
+        f"http://dm-datamesh-qdrant-2.{peer}",
+    ]
+    # A volume per node, and the nodes spread over machines.
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "storage"
+    (term,) = spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "qdrant"
+    # The peer-to-peer port on the headless Service only; clients keep the ClusterIP Service.
+    assert {"name": "p2p", "port": 6335, "targetPort": "p2p", "protocol": "TCP"} in one(
+        objs, "Service", "-qdrant-headless"
+    )["spec"]["ports"]
+    assert all(p["name"] != "p2p" for p in one(objs, "Service", "-qdrant")["spec"]["ports"])
+    # Drains keep a majority of the three nodes (Raft) up.
+    pdb = one(objs, "PodDisruptionBudget", "-qdrant")
+    assert pdb["spec"]["minAvailable"] == 2
+    assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "qdrant"
+
+    # With NetworkPolicies the nodes still reach each other's peer-to-peer port; hard anti-affinity is required.
+    fenced = render(
+        helm,
+        kube_version,
+        "-f",
+        str(CHART / "ci" / "scale-values.yaml"),
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        "qdrant.cluster.antiAffinity=hard",
+    )
+    peers = [
+        rule
+        for rule in one(fenced, "NetworkPolicy", "-qdrant")["spec"]["ingress"]
+        if rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "qdrant"
+    ]
+    assert len(peers) == 1 and {"port": "p2p", "protocol": "TCP"} in peers[0]["ports"]
+    hard = one(fenced, "StatefulSet", "-qdrant")["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    assert hard["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"] == "kubernetes.io/hostname"
+
+    # Two operator Deployments, each its own shard, label selector and Lease; none for every product.
+    operators = {d["metadata"]["name"]: d for d in find(objs, "Deployment") if "-operator" in d["metadata"]["name"]}
+    assert set(operators) == {"dm-datamesh-operator-a", "dm-datamesh-operator-b"}
+    selectors = {"a": "datamesh.io/shard=a", "b": "datamesh.io/shard!=a"}
+    for name, selector in selectors.items():
+        deployment = operators[f"dm-datamesh-operator-{name}"]
+        assert deployment["spec"]["replicas"] == 2
+        labels = deployment["spec"]["selector"]["matchLabels"]
+        assert labels["datamesh.io/operator-shard"] == name
+        assert deployment["spec"]["template"]["metadata"]["labels"]["datamesh.io/operator-shard"] == name
+        (spread,) = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+        assert spread["labelSelector"]["matchLabels"] == labels, "a shard's leader and standby spread apart"
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert container["args"][:4] == [
+            "operator",
+            "--all-namespaces",
+            f"--shard={name}",
+            f"--label-selector={selector}",
+        ]
+        assert env_of(container)["DATAMESH_LEADER_ELECTION_LEASE_NAME"] == f"dm-datamesh-operator-{name}"
+    lease_role = one(objs, "Role", "-operator-lease")
+    assert lease_role["rules"][1]["resourceNames"] == ["dm-datamesh-operator-a", "dm-datamesh-operator-b"]
+    # Label shards watch every namespace: the ClusterRole, as without shards.
+    assert find(objs, "ClusterRole")
+    # One metrics Service and one account for every shard.
+    metrics = one(objs, "Service", "-operator-metrics")
+    assert "datamesh.io/operator-shard" not in metrics["spec"]["selector"]
+    assert [o["metadata"]["name"] for o in find(objs, "ServiceAccount", "-operator")] == ["dm-datamesh-operator"]
+
+
+def test_template_namespace_shards(helm: Helm, kube_version: str) -> None:
+    objs = render(
+        helm,
+        kube_version,
+        "--set-json",
+        'operator.shards=[{"name": "sales", "namespaces": ["sales", "hr"]}, {"name": "ops", "namespaces": ["ops"]}]',
+    )
+    args = {
+        d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["args"]
+        for d in find(objs, "Deployment")
+        if "-operator" in d["metadata"]["name"]
+    }
+    assert args["dm-datamesh-operator-sales"][:4] == [
+        "operator",
+        "--namespace=sales",
+        "--namespace=hr",
+        "--shard=sales",
+    ]
+    assert args["dm-datamesh-operator-ops"][:3] == ["operator", "--namespace=ops", "--shard=ops"]
+    assert not any("--label-selector" in a for shard in args.values() for a in shard)
+    # Roles in every shard's namespaces, nothing cluster-wide.
+    assert not find(objs, "ClusterRole") and not find(objs, "ClusterRoleBinding")
+    product_roles = {o["metadata"]["namespace"] for o in find(objs, "Role", "-operator")}
+    assert product_roles == {"sales", "hr", "ops"}
+
+
 def test_chart_managed_tokens_secret(helm: Helm, kube_version: str) -> None:
     objs = render(
         helm,
@@ -350,6 +514,14 @@ def test_chart_managed_tokens_secret(helm: Helm, kube_version: str) -> None:
             {"image": {"pullPolicy": "Sometimes"}},
             "at '/image/pullPolicy': value must be one of 'Always', 'IfNotPresent', 'Never'",
         ),
+        ({"qdrant": {"replicas": 0}}, "at '/qdrant/replicas': minimum: got 0, want 1"),
+        ({"qdrant": {"cluster": {"replicationFactor": 2}}}, "at '/qdrant/cluster': additional properties"),
+        ({"qdrant": {"cluster": {"antiAffinity": "strict"}}}, "at '/qdrant/cluster/antiAffinity'"),
+        ({"operator": {"shards": [{"name": "Shard_A", "namespaces": ["x"]}]}}, "at '/operator/shards/0/name'"),
+        (
+            {"operator": {"shards": [{"name": "a", "namespace": ["x"]}]}},
+            "at '/operator/shards/0': additional properties 'namespace' not allowed",
+        ),
     ],
     ids=[
         "replicas-string",
@@ -362,6 +534,11 @@ def test_chart_managed_tokens_secret(helm: Helm, kube_version: str) -> None:
         "namespace-uppercase",
         "pdb-not-a-number",
         "pull-policy",
+        "qdrant-no-nodes",
+        "replication-factor-is-per-product",
+        "anti-affinity-unknown",
+        "shard-name-uppercase",
+        "shard-misspelled-key",
     ],
 )
 def test_schema_refuses_wrong_values(
@@ -412,6 +589,94 @@ def test_schema_refuses_wrong_values(
             ["--set", "mcp.enabled=true", "--set", "queryService.enabled=false"],
             "mcp.enabled needs queryService.enabled: the query service serves the MCP tools at /mcp",
         ),
+        (
+            ["--set-json", 'operator.shards=[{"name": "a", "namespaces": ["x"]}, {"name": "a", "namespaces": ["y"]}]'],
+            'operator.shards: the shard name "a" is used twice',
+        ),
+        (
+            ["--set-json", 'operator.shards=[{"name": "a"}]'],
+            "operator.shards[0] (a) needs namespaces or a labelSelector",
+        ),
+        (
+            ["--set-json", 'operator.shards=[{"name": "a", "namespaces": ["x"], "labelSelector": "team=a"}]'],
+            "operator.shards[0] (a) has both namespaces and labelSelector",
+        ),
+        (
+            [
+                "--set",
+                "store.mode=embedded",
+                "--set-json",
+                'operator.shards=[{"name": "a", "labelSelector": "t=a"}, {"name": "b", "labelSelector": "t!=a"}]',
+            ],
+            'operator.shards cannot be used with store.mode "embedded"',
+        ),
+        (
+            [
+                "--set-json",
+                'operator.shards=[{"name": "a", "namespaces": ["x"]}, {"name": "b", "labelSelector": "t=b"}]',
+            ],
+            "operator.shards: split every shard by namespaces or every shard by labelSelector, not both",
+        ),
+        (
+            ["--set-json", 'operator.shards=[{"name": "a", "namespaces": ["x"]}, {"name": "b", "namespaces": ["x"]}]'],
+            'operator.shards: namespace "x" is in shards a and b',
+        ),
+        (
+            [
+                "--set-json",
+                'operator.watchNamespaces=["x"]',
+                "--set-json",
+                'operator.shards=[{"name": "a", "namespaces": ["y"]}]',
+            ],
+            "operator.watchNamespaces cannot be used with shards split by namespaces",
+        ),
+        (
+            ["--set", "qdrant.replicas=3"],
+            "qdrant.replicas (3) above 1 needs qdrant.cluster.enabled",
+        ),
+        (
+            ["--set", "qdrant.cluster.enabled=true", "--set", "qdrant.builtin.persistence.enabled=false"],
+            "qdrant.cluster.enabled needs qdrant.builtin.persistence.enabled",
+        ),
+        (
+            [
+                "--set",
+                "qdrant.mode=external",
+                "--set",
+                "qdrant.external.url=https://q:6333",
+                "--set",
+                "qdrant.external.tls.ca.secretName=s",
+                "--set",
+                "qdrant.external.tls.ca.configMapName=c",
+            ],
+            "qdrant.external.tls.ca: set secretName or configMapName, not both",
+        ),
+        (
+            [
+                "--set",
+                "qdrant.mode=external",
+                "--set",
+                "qdrant.external.url=http://q:6333",
+                "--set",
+                "qdrant.external.tls.ca.configMapName=c",
+            ],
+            'qdrant.external.tls.ca needs an https:// qdrant.external.url (got "http://q:6333")',
+        ),
+        (
+            ["--set", "qdrant.external.tls.ca.configMapName=c"],
+            'qdrant.external.tls.ca is for qdrant.mode "external"',
+        ),
+        (
+            [
+                "--set",
+                "qdrant.mode=external",
+                "--set",
+                "qdrant.external.url=https://q:6333",
+                "--set",
+                "qdrant.cluster.enabled=true",
+            ],
+            'qdrant.replicas and qdrant.cluster are for the built-in Qdrant (qdrant.mode "builtin")',
+        ),
     ],
     ids=[
         "watch-timeouts",
@@ -421,6 +686,19 @@ def test_schema_refuses_wrong_values(
         "renew-deadline-not-below-lease",
         "retry-above-half-deadline",
         "mcp-without-query-service",
+        "shard-names-twice",
+        "shard-without-scope",
+        "shard-with-both-scopes",
+        "shards-with-embedded-store",
+        "shards-split-two-ways",
+        "namespace-in-two-shards",
+        "watch-namespaces-with-namespace-shards",
+        "qdrant-replicas-without-cluster",
+        "cluster-without-persistence",
+        "ca-from-secret-and-configmap",
+        "ca-with-http-url",
+        "ca-for-builtin-qdrant",
+        "cluster-for-external-qdrant",
     ],
 )
 def test_template_refuses_inconsistent_values(helm: Helm, kube_version: str, args: list[str], message: str) -> None:
@@ -846,6 +1124,46 @@ def token_kubeconfig(admin_kubeconfig: Path, token: str, path: Path) -> Path:
     )
     path.chmod(0o600)
     return path
+
+
+def test_scale_out_release_is_accepted_and_each_shard_may_use_only_leases_of_the_release(
+    cluster_helm: Helm, kubectl: Kubectl
+) -> None:
+    """ci/scale-values.yaml installed on the API server: every object accepted, and each shard's Lease usable."""
+    namespace, release = "datamesh-chart-scale", "dm-scale"
+    try:
+        cluster_helm.run(
+            "install",
+            release,
+            str(CHART),
+            "-n",
+            namespace,
+            "--create-namespace",
+            "-f",
+            str(CHART / "ci" / "scale-values.yaml"),
+        )
+        _, objs = manifest_objects(cluster_helm, release, namespace)
+        missing = [
+            f"{o['kind']}/{o['metadata']['name']}"
+            for o in objs
+            if "namespace" in o["metadata"] and kubectl.get(o["kind"], o["metadata"]["name"], namespace) is None
+        ]
+        assert not missing, missing
+        sts = kubectl.get("statefulset", "dm-scale-datamesh-qdrant", namespace)
+        assert sts and sts["spec"]["replicas"] == 3 and sts["spec"]["podManagementPolicy"] == "Parallel"
+        pdb = kubectl.get("poddisruptionbudget", "dm-scale-datamesh-qdrant", namespace)
+        assert pdb and pdb["spec"]["minAvailable"] == 2
+        # Both shards' pods run as the operator's account: it may renew either shard's Lease, no other.
+        operator = f"system:serviceaccount:{namespace}:dm-scale-datamesh-operator"
+        for shard in ("a", "b"):
+            lease = f"leases.coordination.k8s.io/dm-scale-datamesh-operator-{shard}"
+            assert can_i(kubectl, operator, "update", lease, namespace), lease
+        assert not can_i(
+            kubectl, operator, "update", "leases.coordination.k8s.io/dm-scale-datamesh-operator", namespace
+        )
+    finally:
+        cluster_helm.run("uninstall", release, "-n", namespace, "--timeout", "60s", check=False)
+        kubectl.run("delete", "namespace", namespace, "--wait=false", check=False)
 
 
 def test_operator_with_the_charts_account_reconciles_an_example_and_nothing_more(

@@ -67,9 +67,40 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-operator" (include "datamesh.fullname" .) }}
 {{- end }}
 
-{{/* The operator's leader-election Lease (in the platform namespace). */}}
+{{/*
+The operator's leader-election Lease (in the platform namespace); given a dict with "ctx" and
+"shard", that shard's own Lease ("<lease>-<shard>"), since each shard elects its own leader.
+*/}}
 {{- define "datamesh.operator.leaseName" -}}
-{{- default (include "datamesh.operator.fullname" .) .Values.operator.leaderElection.leaseName }}
+{{- $ctx := ternary (get . "ctx") . (hasKey . "ctx") }}
+{{- $lease := default (include "datamesh.operator.fullname" $ctx) $ctx.Values.operator.leaderElection.leaseName }}
+{{- $shard := ternary (get . "shard") "" (hasKey . "shard") }}
+{{- if $shard }}
+{{- printf "%s-%s" $lease $shard }}
+{{- else }}
+{{- $lease }}
+{{- end }}
+{{- end }}
+
+{{/* Every Lease of the operator's Deployments, as a JSON list: one, or one per shard. */}}
+{{- define "datamesh.operator.leaseNames" -}}
+{{- $names := list }}
+{{- range (.Values.operator.shards | default (list dict)) }}
+{{- $names = append $names (include "datamesh.operator.leaseName" (dict "ctx" $ "shard" (get . "name"))) }}
+{{- end }}
+{{- toJson $names }}
+{{- end }}
+
+{{/*
+Namespaces whose products the operator's Roles cover, as a JSON list (empty: all, a ClusterRole):
+operator.watchNamespaces, or with namespace shards the namespaces of every shard.
+*/}}
+{{- define "datamesh.operator.productNamespaces" -}}
+{{- $namespaces := .Values.operator.watchNamespaces }}
+{{- range .Values.operator.shards }}
+{{- $namespaces = concat $namespaces (get . "namespaces" | default list) }}
+{{- end }}
+{{- toJson ($namespaces | uniq) }}
 {{- end }}
 
 {{/* Operator replicas rendered: the embedded store is locked to one process, so at most one there. */}}
@@ -162,6 +193,52 @@ vectors live in a Qdrant server (built in or external).
       name: {{ .Values.qdrant.apiKey.existingSecret }}
       key: {{ .Values.qdrant.apiKey.secretKey }}
 {{- end }}
+{{- if include "datamesh.qdrant.ca" . }}
+- name: DATAMESH_QDRANT_CA_FILE
+  value: {{ printf "%s/%s" (include "datamesh.qdrant.caDir" .) .Values.qdrant.external.tls.ca.key | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The external Qdrant's CA bundle is mounted ("true"), or "". */}}
+{{- define "datamesh.qdrant.ca" -}}
+{{- $ca := .Values.qdrant.external.tls.ca }}
+{{- if and (eq .Values.qdrant.mode "external") (not (include "datamesh.embedded" .)) (or $ca.secretName $ca.configMapName) }}true{{ end }}
+{{- end }}
+
+{{/* Folder of the external Qdrant's CA bundle in the operator and query containers. */}}
+{{- define "datamesh.qdrant.caDir" -}}
+/etc/datamesh/qdrant-ca
+{{- end }}
+
+{{/* The CA bundle's volumeMount (nothing without one). */}}
+{{- define "datamesh.qdrant.caMount" -}}
+{{- if include "datamesh.qdrant.ca" . }}
+- name: qdrant-ca
+  mountPath: {{ include "datamesh.qdrant.caDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The CA bundle's volume, from the Secret or the ConfigMap (nothing without one). */}}
+{{- define "datamesh.qdrant.caVolume" -}}
+{{- $ca := .Values.qdrant.external.tls.ca }}
+{{- if include "datamesh.qdrant.ca" . }}
+# The CA that signed the external Qdrant's certificate (DATAMESH_QDRANT_CA_FILE).
+- name: qdrant-ca
+  {{- if $ca.secretName }}
+  secret:
+    secretName: {{ $ca.secretName }}
+    items:
+      - key: {{ $ca.key }}
+        path: {{ $ca.key }}
+  {{- else }}
+  configMap:
+    name: {{ $ca.configMapName }}
+    items:
+      - key: {{ $ca.key }}
+        path: {{ $ca.key }}
+  {{- end }}
 {{- end }}
 {{- end }}
 
@@ -236,5 +313,74 @@ Checks of combinations the JSON schema cannot express well; each fails with the 
 {{- end }}
 {{- if and (include "datamesh.embedded" .) .Values.queryService.autoscaling.enabled }}
 {{- fail "queryService.autoscaling.enabled cannot be used with store.mode \"embedded\": the query API is served by the single operator pod, which owns the embedded store" }}
+{{- end }}
+{{- include "datamesh.validateShards" . }}
+{{- include "datamesh.validateQdrant" . }}
+{{- end }}
+
+{{/* operator.shards: named once each, split one way, never overlapping by namespace. */}}
+{{- define "datamesh.validateShards" -}}
+{{- $shards := .Values.operator.shards }}
+{{- if and $shards (include "datamesh.embedded" .) }}
+{{- fail "operator.shards cannot be used with store.mode \"embedded\": the embedded store is locked to one operator process, so there is nothing to shard (use store.mode \"qdrant\")" }}
+{{- end }}
+{{- $names := dict }}
+{{- $byNamespace := dict }}
+{{- $kinds := dict }}
+{{- range $i, $shard := $shards }}
+{{- $name := get $shard "name" }}
+{{- if hasKey $names $name }}
+{{- fail (printf "operator.shards: the shard name %q is used twice; each shard needs a name of its own (its Deployment, Lease and catalog entries are named after it)" $name) }}
+{{- end }}
+{{- $_ := set $names $name true }}
+{{- $namespaces := get $shard "namespaces" | default list }}
+{{- $selector := get $shard "labelSelector" }}
+{{- if and $namespaces $selector }}
+{{- fail (printf "operator.shards[%d] (%s) has both namespaces and labelSelector; give a shard one of them" $i $name) }}
+{{- end }}
+{{- if not (or $namespaces $selector) }}
+{{- fail (printf "operator.shards[%d] (%s) needs namespaces or a labelSelector: which products it reconciles" $i $name) }}
+{{- end }}
+{{- $_ := set $kinds (ternary "namespaces" "labelSelector" (not (empty $namespaces))) true }}
+{{- range $namespaces }}
+{{- if hasKey $byNamespace . }}
+{{- fail (printf "operator.shards: namespace %q is in shards %s and %s; a product must belong to one shard" . (get $byNamespace .) $name) }}
+{{- end }}
+{{- $_ := set $byNamespace . $name }}
+{{- end }}
+{{- end }}
+{{- if gt (len $kinds) 1 }}
+{{- fail "operator.shards: split every shard by namespaces or every shard by labelSelector, not both (a label shard would also take products of the namespace shards)" }}
+{{- end }}
+{{- if and $byNamespace .Values.operator.watchNamespaces }}
+{{- fail "operator.watchNamespaces cannot be used with shards split by namespaces: list the namespaces in each shard (operator.shards[].namespaces)" }}
+{{- end }}
+{{- end }}
+
+{{/* The built-in Qdrant cluster and the external Qdrant's TLS. */}}
+{{- define "datamesh.validateQdrant" -}}
+{{- $qd := .Values.qdrant }}
+{{- if include "datamesh.qdrant.builtin" . }}
+{{- if and (gt (int $qd.replicas) 1) (not $qd.cluster.enabled) }}
+{{- fail (printf "qdrant.replicas (%v) above 1 needs qdrant.cluster.enabled: separate single-node Qdrants behind one Service would each hold different collections" $qd.replicas) }}
+{{- end }}
+{{- if and $qd.cluster.enabled (not $qd.builtin.persistence.enabled) }}
+{{- fail "qdrant.cluster.enabled needs qdrant.builtin.persistence.enabled: a node restarted without its volume loses its Raft state and cannot rejoin the cluster" }}
+{{- end }}
+{{- end }}
+{{- if and (eq $qd.mode "external") (or $qd.cluster.enabled (gt (int $qd.replicas) 1)) }}
+{{- fail "qdrant.replicas and qdrant.cluster are for the built-in Qdrant (qdrant.mode \"builtin\"); an external Qdrant's cluster is configured where it runs" }}
+{{- end }}
+{{- $ca := $qd.external.tls.ca }}
+{{- if and $ca.secretName $ca.configMapName }}
+{{- fail "qdrant.external.tls.ca: set secretName or configMapName, not both" }}
+{{- end }}
+{{- if or $ca.secretName $ca.configMapName }}
+{{- if ne $qd.mode "external" }}
+{{- fail "qdrant.external.tls.ca is for qdrant.mode \"external\" (the built-in Qdrant serves plain HTTP inside the release)" }}
+{{- end }}
+{{- if not (hasPrefix "https://" $qd.external.url) }}
+{{- fail (printf "qdrant.external.tls.ca needs an https:// qdrant.external.url (got %q): the CA verifies the server's certificate" $qd.external.url) }}
+{{- end }}
 {{- end }}
 {{- end }}

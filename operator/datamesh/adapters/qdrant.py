@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import time
 import warnings
 from collections.abc import Awaitable, Mapping, Sequence
@@ -101,7 +102,14 @@ class QdrantStore:
     def connect(cls, settings: StoreSettings, concurrency: int | None = None) -> QdrantStore:
         """A store on the server at ``settings.url`` (or qdrant-client's local mode at ``settings.path``)."""
         if settings.url:
-            client = AsyncQdrantClient(url=settings.url, api_key=settings.api_key, timeout=int(settings.timeout))
+            # qdrant-client hands keyword arguments it does not know to its httpx client, whose
+            # ``verify`` takes the SSL context that trusts the given CAs (a private CA's https).
+            verify: ssl.SSLContext | bool = (
+                ssl.create_default_context(cafile=settings.ca_file) if settings.ca_file else True
+            )
+            client = AsyncQdrantClient(
+                url=settings.url, api_key=settings.api_key, timeout=int(settings.timeout), verify=verify
+            )
         elif settings.path == ":memory:":
             client = AsyncQdrantClient(location=":memory:")
         else:

@@ -139,15 +139,24 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
             raise kopf.PermanentError(stuck)
         return {"inFlight": heartbeat.in_flight, "stalledSeconds": round(heartbeat.stalled_for() or 0.0, 1)}
 
+    # The running resync daemon of each product (uid -> its token). A DELETED event ends an object's
+    # life in this operator's watch: a deletion, or a relabel out of a label shard's selector (the API
+    # server then sends the object as it was, old labels and all). kopf stops daemons only for
+    # deletions it saw begin, so without this an orphaned daemon would go on reconciling the product
+    # (restamping its catalog entry) after another shard took it over.
+    watched: dict[str, object] = {}
+
     @kopf.on.event(*RESOURCE, registry=registry)
     async def arrived(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        if type == "DELETED":
+            watched.pop(body.metadata.uid or "", None)
+            return
         # Pending from the moment the operator takes a product on (its finalizer is on), written at
         # once rather than with the first reconcile's result, so products waiting for an ingestion
         # slot never show a blank phase. Not in the cycle that adds the finalizer: kopf adds it with a
         # resourceVersion check, which a status write in the same cycle would defeat.
         if (
-            type != "DELETED"
-            and settings.finalizer in (body.metadata.get("finalizers") or [])
+            settings.finalizer in (body.metadata.get("finalizers") or [])
             and not body.metadata.deletion_timestamp
             and not (body.get("status") or {}).get("phase")
         ):
@@ -174,11 +183,22 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
         # Periodic checks: due refreshes, endpoints, SLA and drift. A daemon rather than a timer,
         # so each product's period follows its own refresh interval.
         period = settings.sla_check_seconds
-        delay = min(first_check_in(body.metadata.uid or "", period), _next_check(body, period))
+        uid, token = body.metadata.uid or "", object()
+        watched[uid] = token
+        delay = min(first_check_in(uid, period), _next_check(body, period))
         # Slept with asyncio, and stopped by kopf's cancellation: awaiting stopped.wait() left a
         # task behind that failed the operator's shutdown with a TimeoutError.
         while not stopped:
             await asyncio.sleep(delay)
+            if watched.get(uid) is not token:
+                # It left this operator's watch (see arrived): another shard's now, or gone.
+                log.info(
+                    "%s/%s left this operator's watch (relabelled into another shard, or deleted): its periodic "
+                    "checks stop here",
+                    body.metadata.namespace,
+                    body.metadata.name,
+                )
+                return
             spec, status = parse_spec(body), parse_status(body)  # kopf keeps body current
             # Only products whose status answers their spec: the others are the change handlers' own.
             if spec is not None and status.observed_generation == body.metadata.get("generation"):
