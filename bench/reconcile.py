@@ -239,6 +239,14 @@ class ProductWatch(LineWatch):
             if st.ready_at is None and phase == "Ready" and observed and observed == gen:
                 st.ready_at = t
 
+    def relist(self) -> None:
+        """Read every product once with a plain list, as the watch would have shown it."""
+        listed = self.kubectl.run("get", "dataproducts", "-A", "-o", f"jsonpath={self.TEMPLATE}", check=False)
+        t = time.monotonic()
+        for line in listed.stdout.splitlines():
+            if line.strip():
+                self.on_line(t, line.strip())
+
     def forget(self, keys: list[str]) -> None:
         with self.lock:
             for k in keys:
@@ -679,6 +687,7 @@ class Bench:
     def wait_ready(self, keys: list[str], since: float, timeout: float, label: str) -> dict[str, ProductState | None]:
         deadline = since + timeout
         last_report = time.monotonic()
+        last_ready = -1
         while True:
             self.operator.check_alive()
             snap = self.dp_watch.snapshot(keys)
@@ -689,6 +698,11 @@ class Bench:
             if now > deadline:
                 return snap
             if len(keys) > 1 and now - last_report >= 15:
+                if ready == last_ready:
+                    # No progress for 15 s: read the list once, in case the watch missed events (a restarted
+                    # kubectl watch can); a product found Ready this way counts as Ready now (an upper bound).
+                    self.dp_watch.relist()
+                last_ready = ready
                 phases = Counter((s.phase or "(no status)") if s else "(not seen)" for s in snap.values())
                 print(f"  {label}: {ready}/{len(keys)} Ready after {now - since:.0f} s  {dict(phases)}", flush=True)
                 last_report = now
