@@ -241,7 +241,8 @@ class ProductWatch(LineWatch):
 
     def relist(self) -> None:
         """Read every product once with a plain list, as the watch would have shown it."""
-        listed = self.kubectl.run("get", "dataproducts", "-A", "-o", f"jsonpath={self.TEMPLATE}", check=False)
+        template = f"{{range .items[*]}}{self.TEMPLATE}{{end}}"  # a list: the watch's template per item
+        listed = self.kubectl.run("get", "dataproducts", "-A", "-o", f"jsonpath={template}", check=False)
         t = time.monotonic()
         for line in listed.stdout.splitlines():
             if line.strip():
