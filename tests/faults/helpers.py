@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -108,6 +109,18 @@ def delete_namespace_products(kubectl: Kubectl, namespace: str, timeout: float =
     """Delete every product of a namespace and wait until they are gone (finalized by the operator)."""
     kubectl.run("delete", "dataproducts", "--all", "-n", namespace, "--wait=false", timeout=timeout)
     wait_for(lambda: not statuses(kubectl, namespace), timeout, interval=1.0, what=f"products of {namespace} gone")
+
+
+def abandon(kubectl: Kubectl, namespaces: Sequence[str], items: list[dict[str, Any]]) -> None:
+    """Delete products whose operators are gone: their finalizers stripped (one request, from one
+    kubectl, or the namespaces never go), then ``namespaces`` deleted without waiting."""
+    for item in items:
+        item["metadata"]["finalizers"] = []
+    if items:
+        body = json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
+        kubectl.run("replace", "-f", "-", input=body, check=False, timeout=120)
+    for ns in namespaces:
+        kubectl.run("delete", "namespace", ns, "--wait=false", check=False)
 
 
 def healthz(url: str) -> tuple[int, str]:

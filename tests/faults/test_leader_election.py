@@ -16,7 +16,6 @@ before it leads, so the new leader opens the folder once the killed one's locks 
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
@@ -39,6 +38,7 @@ from datamesh.resource.models import GROUP, PLURAL, VERSION, parse_spec
 from datamesh.settings import StoreSettings
 from datamesh.web.serving import free_ports
 from tests.cluster.test_reconcile_cluster import product
+from tests.faults.helpers import abandon
 from tests.harness import Kubectl, OperatorProcess, wait_for
 from tests.httpserver import LoopThread
 
@@ -184,20 +184,7 @@ def make_pair(kubectl: Kubectl, crd_installed: None, tmp_path: Path) -> Iterator
             # Finalizers of processes that are gone: strip them (one request per product, from one
             # kubectl), or the namespace never goes.
             kubectl.run("delete", "dataproducts", "--all", "-n", pair.namespace, "--wait=false", check=False)
-            items = pair.products()
-            for item in items:
-                item["metadata"]["finalizers"] = []
-            if items:
-                kubectl.run(
-                    "replace",
-                    "-f",
-                    "-",
-                    input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
-                    check=False,
-                    timeout=120,
-                )
-            for ns in (pair.namespace, pair.platform):
-                kubectl.run("delete", "namespace", ns, "--wait=false", check=False)
+            abandon(kubectl, (pair.namespace, pair.platform), pair.products())
             pair.api.close()
 
 

@@ -13,7 +13,6 @@ production shards share a Qdrant server.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections import Counter
@@ -27,6 +26,7 @@ import yaml
 
 from datamesh.resource.catalog import CATALOG_LABEL, CatalogEntry, decode_entries, entry_key
 from datamesh.web.serving import free_ports
+from tests.faults.helpers import abandon
 from tests.faults.test_leader_election import Api, small_product
 from tests.harness import Kubectl, OperatorProcess, wait_for
 
@@ -164,20 +164,7 @@ def make_shards(kubectl: Kubectl, crd_installed: None, tmp_path: Path) -> Iterat
                 op.stop(10)
             for ns in shards.namespaces:
                 kubectl.run("delete", "dataproducts", "--all", "-n", ns, "--wait=false", check=False)
-            items = shards.products()
-            for item in items:
-                item["metadata"]["finalizers"] = []
-            if items:
-                kubectl.run(
-                    "replace",
-                    "-f",
-                    "-",
-                    input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
-                    check=False,
-                    timeout=120,
-                )
-            for ns in (*shards.namespaces, shards.platform):
-                kubectl.run("delete", "namespace", ns, "--wait=false", check=False)
+            abandon(kubectl, (*shards.namespaces, shards.platform), shards.products())
             shards.api.close()
 
 
