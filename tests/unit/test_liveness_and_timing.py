@@ -64,7 +64,8 @@ def test_a_refresh_interval_shorter_than_the_check_period_sets_the_pace() -> Non
     assert next_check_in(spec("20s"), T0, T0 + timedelta(seconds=15), 60) == 5
     # A refresh that failed when due is tried again one interval later, not in a tight loop.
     assert next_check_in(spec("20s"), T0, T0 + timedelta(seconds=45), 60) == 20
-    assert next_check_in(spec("20s"), None, T0, 60) == 60, "never ingested: the change handlers own it"
+    assert next_check_in(spec("20s"), None, T0, 60) == 20, "never ingested: look again one interval on"
+    assert next_check_in(spec("1h"), None, T0, 60) == 60
 
 
 def test_checks_after_a_restart_are_spread_over_half_a_period_and_stable() -> None:

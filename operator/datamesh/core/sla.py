@@ -35,9 +35,13 @@ def next_check_in(spec: DataProductSpec, last_ingested_at: datetime | None, now:
     A refresh that did not happen when due (its source failed) is tried again one refresh interval
     later, not in a tight loop.
     """
-    if spec.source is None or spec.source.refresh_interval is None or last_ingested_at is None:
+    if spec.source is None or spec.source.refresh_interval is None:
         return period
     interval = parse_duration(spec.source.refresh_interval)
+    if last_ingested_at is None:
+        # Not ingested yet (a new product: its change handler is ingesting now): look again one
+        # interval on, so the first refresh is not left to the restart spread of the first check.
+        return max(1.0, min(period, interval))
     due = interval - (now - last_ingested_at).total_seconds()
     return max(1.0, min(period, due if due > 0 else interval))
 
