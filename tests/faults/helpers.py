@@ -111,6 +111,17 @@ def delete_namespace_products(kubectl: Kubectl, namespace: str, timeout: float =
     wait_for(lambda: not statuses(kubectl, namespace), timeout, interval=1.0, what=f"products of {namespace} gone")
 
 
+def reconciled_under(dp: dict[str, Any], prefix: str) -> bool:
+    """Ready at its generation, with the finalizer and handled-spec record of the operators using ``prefix``."""
+    meta, status = dp["metadata"], dp.get("status") or {}
+    return (
+        status.get("phase") == "Ready"
+        and status.get("observedGeneration") == meta["generation"]
+        and f"{prefix}/finalizer" in meta.get("finalizers", [])
+        and f"{prefix}/last-handled-configuration" in (meta.get("annotations") or {})
+    )
+
+
 def abandon(kubectl: Kubectl, namespaces: Sequence[str], items: list[dict[str, Any]]) -> None:
     """Delete products whose operators are gone: their finalizers stripped (one request, from one
     kubectl, or the namespaces never go), then ``namespaces`` deleted without waiting."""

@@ -38,13 +38,12 @@ from datamesh.resource.models import GROUP, PLURAL, VERSION, parse_spec
 from datamesh.settings import StoreSettings
 from datamesh.web.serving import free_ports
 from tests.cluster.test_reconcile_cluster import product
-from tests.faults.helpers import abandon
+from tests.faults.helpers import abandon, reconciled_under
 from tests.harness import Kubectl, OperatorProcess, wait_for
 from tests.httpserver import LoopThread
 
 PREFIX = "ha-test.datamesh.io"
 FINALIZER = f"{PREFIX}/finalizer"
-HANDLED = f"{PREFIX}/last-handled-configuration"
 LEASE = "datamesh-operator"
 TAKEOVER_S = 15.0
 
@@ -130,13 +129,7 @@ class Pair:
 
 def reconciled_by_pair(dp: dict[str, Any]) -> bool:
     """Ready at its generation, with the pair's finalizer and record of the handled spec."""
-    meta, status = dp["metadata"], dp.get("status") or {}
-    return (
-        status.get("phase") == "Ready"
-        and status.get("observedGeneration") == meta["generation"]
-        and FINALIZER in meta.get("finalizers", [])
-        and HANDLED in (meta.get("annotations") or {})
-    )
+    return reconciled_under(dp, PREFIX)
 
 
 def small_product(name: str, namespace: str, rows: int = 3) -> dict[str, Any]:

@@ -26,13 +26,12 @@ import yaml
 
 from datamesh.resource.catalog import CATALOG_LABEL, CatalogEntry, decode_entries, entry_key
 from datamesh.web.serving import free_ports
-from tests.faults.helpers import abandon
+from tests.faults.helpers import abandon, reconciled_under
 from tests.faults.test_leader_election import Api, small_product
 from tests.harness import Kubectl, OperatorProcess, wait_for
 
 PREFIX = "shard-test.datamesh.io"
 FINALIZER = f"{PREFIX}/finalizer"
-HANDLED = f"{PREFIX}/last-handled-configuration"
 LABEL = f"{PREFIX}/shard"
 # The operator's log prefixes what kopf does to an object with its namespace/name; the handler's id
 # is its qualified name, with the field for updates (``build_registry.<locals>.reconcile_product/spec``).
@@ -116,13 +115,7 @@ def ref(dp: dict[str, Any]) -> str:
 
 def reconciled(dp: dict[str, Any]) -> bool:
     """Ready at its generation, with the shards' finalizer and record of the handled spec."""
-    meta, status = dp["metadata"], dp.get("status") or {}
-    return (
-        status.get("phase") == "Ready"
-        and status.get("observedGeneration") == meta["generation"]
-        and FINALIZER in meta.get("finalizers", [])
-        and HANDLED in (meta.get("annotations") or {})
-    )
+    return reconciled_under(dp, PREFIX)
 
 
 @pytest.fixture
