@@ -297,7 +297,11 @@ def test_killing_the_leader_during_a_burst_loses_and_duplicates_nothing(make_pai
         standby.alive("after taking over")
         return sum(map(reconciled_by_pair, pair.products())) == count
 
-    wait_for(all_ready, 120, interval=0.5, what=f"all {count} products Ready")
+    try:
+        wait_for(all_ready, 120, interval=0.5, what=f"all {count} products Ready")
+    except AssertionError as exc:
+        log_tail = standby.log_text()[-6000:]
+        raise AssertionError(f"{exc}\n{stuck(pair.products())}\nnew leader's log:\n{log_tail}") from None
     phases[f"all {count} Ready"] = time.monotonic() - killed_at
 
     # Each product exactly once in the catalog, Ready.
@@ -325,6 +329,24 @@ def test_killing_the_leader_during_a_burst_loses_and_duplicates_nothing(make_pai
     assert all(p["status"]["records"] == rows for p in products)
     assert routing == count * (rows + 1), "every row and one card per product in the routing collection, once"
     assert phases["lease taken over"] < TAKEOVER_S
+
+
+def stuck(products: list[dict[str, Any]]) -> str:
+    """The products not reconciled by the pair, with what they lack, for a failure message."""
+    lines = []
+    for dp in products:
+        if reconciled_by_pair(dp):
+            continue
+        meta, status = dp["metadata"], dp.get("status") or {}
+        notes = [
+            f"phase={status.get('phase')}",
+            f"gen={meta['generation']}/{status.get('observedGeneration')}",
+            f"finalizer={FINALIZER in meta.get('finalizers', [])}",
+            "annotations=" + ",".join(sorted(k.removeprefix(PREFIX + "/") for k in (meta.get("annotations") or {}))),
+            f"conditions={[(c.get('type'), c.get('status'), c.get('reason')) for c in status.get('conditions') or []]}",
+        ]
+        lines.append(f"{meta['name']}: " + " ".join(notes))
+    return f"{len(lines)} not reconciled:\n" + "\n".join(lines[:20])
 
 
 def count_points(store: Path, products: list[dict[str, Any]]) -> tuple[dict[str, int], int]:

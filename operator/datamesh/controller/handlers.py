@@ -39,9 +39,18 @@ log = logging.getLogger(__name__)
 RESOURCE = (GROUP, VERSION, PLURAL)
 
 
-def write_outcome(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None:
-    """Put the outcome's status into the patch and post its events."""
-    patch.status.update(outcome.status.wire_status())
+async def write_outcome(runtime: Runtime, outcome: Outcome, body: kopf.Body) -> None:
+    """Write the outcome's status, then post its events.
+
+    Written by the handler itself rather than through kopf's patch: kopf patches the object (its
+    record of the handled spec) before the status subresource, so an operator killed between the
+    two left products marked handled with no status, which no successor ever reconciled. Written
+    first, a kill at worst repeats the reconcile.
+    """
+    try:
+        await runtime.kube.patch_product_status(*RESOURCE, body, outcome.status.wire_status())
+    except Exception as exc:  # not handled until its status says so: kopf retries the handler
+        raise kopf.TemporaryError(f"status not written, retrying: {exc}", delay=2) from exc
     for event in outcome.events:
         post_event(body, event)
 
@@ -170,11 +179,11 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
     # Products a previous run left unfinished (Degraded, retrying) are continued by kopf itself.
     @kopf.on.create(*RESOURCE, registry=registry)
     @kopf.on.update(*RESOURCE, registry=registry, field="spec")
-    async def reconcile_product(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    async def reconcile_product(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
         outcome = await memo.runtime.reconciler.reconcile(body, retry=retry)
         if outcome is None:
             return
-        write_outcome(outcome, body, patch)
+        await write_outcome(memo.runtime, outcome, body)
         if outcome.retry_after is not None:
             raise kopf.TemporaryError(outcome.status.message or "transient failure", delay=outcome.retry_after)
 
@@ -258,9 +267,7 @@ async def _resync(runtime: Runtime, body: kopf.Body, spec: DataProductSpec, stat
     if outcome is None:
         return
     if outcome.events or _comparable(outcome.status) != _comparable(status):
-        await runtime.kube.patch_product_status(*RESOURCE, body, outcome.status.wire_status())
-        for event in outcome.events:
-            post_event(body, event)
+        await write_outcome(runtime, outcome, body)
     sla = outcome.status.sla
     for objective, met in (
         ("freshness", sla and sla.freshness_met),
