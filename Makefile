@@ -2,6 +2,9 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
+# pytest keeps its assertion-rewritten test modules as bytecode in __pycache__; with writing off (as
+# some machines set it) every pytest process and xdist worker re-rewrites ~400 modules (~5 s each).
+PYTEST := env -u PYTHONDONTWRITEBYTECODE $(BIN)/pytest
 
 .PHONY: run cluster-run test test-unit test-browser browser-deps test-cluster e2e e2e-cleanup image lint crd tools clean bench screenshot
 
@@ -32,7 +35,7 @@ test: lint test-unit test-browser test-cluster
 
 # The fast loop: no control plane, no Go tools, no browser; on every core (the tests share no state).
 test-unit: $(VENV)/.installed
-	$(BIN)/pytest -m "not cluster and not browser" -n auto
+	$(PYTEST) -m "not cluster and not browser" -n auto --dist worksteal
 
 # Debian's chromium, for the browser tier and the screenshot (apt, as root or through sudo; a no-op once installed).
 browser-deps:
@@ -40,7 +43,7 @@ browser-deps:
 
 # The catalog page in Debian's chromium, driven by Playwright (one browser per module, so not split across workers).
 test-browser: $(VENV)/.installed browser-deps
-	$(BIN)/pytest -m "browser and not cluster"
+	$(PYTEST) -m "browser and not cluster"
 
 # docs/catalog-page.png: the page over the examples served as `make run` serves them.
 screenshot: $(VENV)/.installed browser-deps
@@ -48,7 +51,7 @@ screenshot: $(VENV)/.installed browser-deps
 
 # The real control plane, started once for the whole session (so not split across workers).
 test-cluster: $(VENV)/.installed
-	$(BIN)/pytest -m "cluster and not e2e"
+	$(PYTEST) -m "cluster and not e2e"
 
 # The real-node tier (root): OS packages from apt, kubelet/kube-proxy/pause built like the other
 # tools (cached), the image built without Docker (cached by input hash), then tests/e2e/: a real
@@ -56,7 +59,7 @@ test-cluster: $(VENV)/.installed
 e2e: $(VENV)/.installed
 	hack/e2e/install-deps.sh
 	hack/build-tools.sh etcd k8s helm kwok node pause >/dev/null
-	$(BIN)/pytest -m e2e tests/e2e
+	$(PYTEST) -m e2e tests/e2e
 
 # Undo a real node whose test process died (from the baseline it saved).
 e2e-cleanup: $(VENV)/.installed
