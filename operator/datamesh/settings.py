@@ -115,6 +115,14 @@ class OperatorSettings(BaseSettings):
 
     ingest_concurrency: int = Field(4, ge=1, description="Products ingested at the same time.")
     ingest_batch_size: int = Field(256, ge=1, description="Rows embedded and upserted per batch.")
+    routing_rows_per_product: int = Field(
+        1000,
+        ge=0,
+        description=(
+            "Rows of one product the routing collection holds: all of a product's rows up to this many, a uniform "
+            "sample of this many of a larger one's (0: every row). Answers always search the whole product."
+        ),
+    )
     url_timeout: float = Field(30.0, gt=0, description="Seconds to fetch a url source or check an inference endpoint.")
 
     retry_base_seconds: float = Field(

@@ -19,11 +19,12 @@ from datamesh.adapters.files import FileCatalogBackend, read_catalog_file
 from datamesh.adapters.sources import RowsInMemory
 from datamesh.adapters.stores import open_store
 from datamesh.core.conditions import Check, ConditionType
+from datamesh.core.plan import collection_plan, routing_plan
 from datamesh.core.ports import SearchRequest, SourceError, VectorStore
 from datamesh.core.rows import Row
 from datamesh.engine.catalog_writer import CatalogWriter
 from datamesh.engine.reconciler import Outcome, Ports, Reconciler
-from datamesh.resource.models import CollectionLayout, Inference, Source
+from datamesh.resource.models import CollectionLayout, Inference, Source, parse_spec
 from datamesh.settings import OperatorSettings, StoreSettings
 
 SMALL = "builtin:ngram-128"
@@ -367,3 +368,28 @@ async def test_a_cluster_layout_is_reported_and_only_a_shard_change_reindexes(wo
 def test_write_consistency_above_replicas_is_refused_with_the_field() -> None:
     with pytest.raises(ValueError, match="writeConsistency cannot exceed replicas"):
         CollectionLayout(replicas=1, write_consistency=2)
+
+
+async def test_a_large_product_gives_routing_a_stable_sample_and_answers_from_every_row(world: World) -> None:
+    world.rows.rows = [{"id": f"r{i}", "reason": f"reason number {i}"} for i in range(2000)]
+    world.reconciler.settings.routing_rows_per_product = 200
+    body = product()
+    outcome = await world.reconcile(body)
+    assert outcome.status.records == 2000 and outcome.status.phase == "Ready"
+    _, _, message = conditions(outcome)["Ingested"]
+    assert "routing reads a sample of about 200 of them" in message
+    spec = parse_spec(body)
+    assert spec is not None and spec.semantic_search is not None
+    plan = collection_plan("sales", "churn", spec, 384)
+    routing = routing_plan(plan, spec.semantic_search.embedding_model, None).alias
+    sampled = await world.store.count(routing) - 1  # and the product's card
+    assert 150 <= sampled <= 250, sampled
+    # A refresh that rewrites every row (one row's text changed) picks the same rows, not a second sample.
+    world.rows.rows[0]["reason"] = "price went up"
+    refreshed = await world.reconcile(product(status=wire(outcome)), refresh=True)
+    assert refreshed.points_written == 2000
+    assert await world.store.count(routing) - 1 == sampled
+    # A small product still puts every row in routing.
+    world.rows.rows = [dict(r) for r in ROWS]
+    await world.reconcile(product(name="small"))
+    assert await world.store.count(routing) - 1 - sampled == 3 + 1

@@ -25,8 +25,9 @@ from datamesh.resource.models import (
 # Payload keys the operator owns; schema field names cannot start with "_", so they never clash.
 TEXT_KEY = "_text"
 DIGEST_KEY = "_ingest"
-# Payload keys of the mesh's routing collections (one per embedding model): every row of every
-# product using that model, and one card per product, so routing sees the rows themselves.
+# Payload keys of the mesh's routing collections (one per embedding model): the rows of every
+# product using that model (a sample of a large product's: routingRowsPerProduct), and one card per
+# product, so routing sees the rows themselves.
 PRODUCT_KEY = "_product"
 ROW_KEY = "_key"
 KIND_KEY = "_kind"  # "card" or "row": keywords, since the embedded engine matches booleans as 1
@@ -129,6 +130,20 @@ def row_key(row: Mapping[str, Any], primary_key: Sequence[str]) -> Any:
     """A row's key as the API shows it: the primary key's value, or the list of values of a composite key."""
     values = [row.get(k) for k in primary_key]
     return values[0] if len(values) == 1 else values
+
+
+def routing_share(rows: int, cap: int) -> float:
+    """The share of a product's rows its routing collection holds: all up to ``cap`` (0: no cap)."""
+    return 1.0 if cap <= 0 or rows <= cap else cap / rows
+
+
+def in_routing_sample(pid: str, share: float) -> bool:
+    """Whether a row (by its point id) is in its product's routing sample.
+
+    Decided by the id alone, which is a uniform hash of the row's key: the same rows are picked on
+    every ingestion of unchanged data, in any order, and about ``share`` of them.
+    """
+    return share >= 1.0 or int(pid.replace("-", "")[:8], 16) < share * 0x1_0000_0000
 
 
 def point_id(namespace: str, name: str, key: Sequence[Any]) -> str:

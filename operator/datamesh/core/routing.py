@@ -1,7 +1,8 @@
 """Which products a question goes to, from the evidence of their rows and cards.
 
-The mesh's routing collection (one per embedding model) holds every row of every product and one
-card per product. A question is searched there once (hybrid: its embedding and its words), and
+The mesh's routing collection (one per embedding model) holds the rows of every product (a
+uniform sample of a large product's, so one big product neither dominates it nor doubles its
+ingestion) and one card per product. A question is searched there once (hybrid: its embedding and its words), and
 each product's evidence is read off the hits: its best row's similarity and its card's. The
 products with the strongest evidence are asked; there is no threshold that empties an answer:
 when the evidence is weak the best candidates are still asked and the answer says it is

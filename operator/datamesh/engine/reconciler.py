@@ -26,7 +26,14 @@ from datamesh.core.conditions import (
     utcnow,
     worth_an_event,
 )
-from datamesh.core.plan import CollectionPlan, collection_alias, collection_plan, product_ref, routing_plan
+from datamesh.core.plan import (
+    CollectionPlan,
+    collection_alias,
+    collection_plan,
+    product_ref,
+    routing_plan,
+    routing_share,
+)
 from datamesh.core.ports import (
     EmbedderResolver,
     EmbeddingError,
@@ -386,6 +393,7 @@ class Reconciler:
         store = self.ports.store
         batch = self.settings.ingest_batch_size
         found = await scan(rows, target, spec, batch)
+        target = replace(target, routing_share=routing_share(found.accepted, self.settings.routing_rows_per_product))
         refused = found.refusals
         self.ports.observer.rows_rejected(refused.rows)
         if found.too_many_refused:
@@ -413,6 +421,8 @@ class Reconciler:
             events.append(Event("RowsRejected", detail, warning=True))
         records = await store.count(target.plan.index)
         message = _ingest_message(records, refused)
+        if target.routing_share < 1.0:
+            message += f"; routing reads a sample of about {self.settings.routing_rows_per_product} of them"
         check = Check(ConditionType.ingested, True, _ingest_reason(refused.rows), message)
         return IngestResult(check, written, records, refused.rows, found.digest, now, calibrated, tuple(events))
 
