@@ -87,7 +87,7 @@ def operator(
     """
     from prometheus_client import start_http_server
 
-    from datamesh.controller.main import run_operator, run_operator_elected
+    from datamesh.controller.main import loopback_liveness, run_operator, run_operator_elected
 
     if namespace and all_namespaces:
         raise typer.BadParameter("use either --namespace or --all-namespaces, not both")
@@ -99,6 +99,8 @@ def operator(
         start_http_server(settings.metrics_port)
     namespaces = namespace or None
     elected = settings.leader_election if leader_election is None else leader_election
+    # Elected, kopf serves its probes on loopback; the public endpoint answers for a standby too.
+    kopf_liveness = None if not liveness else loopback_liveness() if elected else liveness
     lead: Callable[[asyncio.Event | None], Coroutine[Any, Any, None]] | None = None
     if query_port is not None:
         from datamesh.embedded import run_operator_with_query
@@ -110,21 +112,26 @@ def operator(
                 host=query_host,
                 port=query_port,
                 namespaces=namespaces,
-                liveness_endpoint=None if elected else liveness or None,
+                liveness_endpoint=kopf_liveness,
                 stop_flag=stop,
             )
 
     if elected:
         code = asyncio.run(
             run_operator_elected(
-                settings, namespaces=namespaces, liveness_endpoint=liveness or None, lead=lead, handle_signals=True
+                settings,
+                namespaces=namespaces,
+                liveness_endpoint=liveness or None,
+                operator_liveness=kopf_liveness,
+                lead=lead,
+                handle_signals=True,
             )
         )
         raise typer.Exit(code)
     if lead is not None:
         asyncio.run(lead(None))
         return
-    asyncio.run(run_operator(settings, namespaces=namespaces, liveness_endpoint=liveness or None))
+    asyncio.run(run_operator(settings, namespaces=namespaces, liveness_endpoint=kopf_liveness))
 
 
 class ProductLogFormatter(logging.Formatter):

@@ -12,13 +12,16 @@ import itertools
 import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import cast
 from zoneinfo import ZoneInfo
 
+import aiohttp
 import pytest
+from aiohttp import web
 from kubernetes_asyncio import client
 
 from datamesh.adapters.kube import lease_body, lease_record, micro_time
-from datamesh.controller.leader import EXIT_LOST, Elector, identity_of, run_elected
+from datamesh.controller.leader import EXIT_LOST, Elector, HealthServer, identity_of, run_elected
 from datamesh.core.election import (
     Action,
     ElectionTiming,
@@ -36,6 +39,7 @@ from datamesh.core.election import (
     write_deadline,
 )
 from datamesh.settings import OperatorSettings
+from datamesh.web.serving import LOOPBACK, free_port
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 TIMING = ElectionTiming(10, 7, 2)
@@ -341,3 +345,64 @@ async def test_run_elected_releases_the_lease_on_a_clean_stop() -> None:
     assert lease.record is not None and lease.record.holder is None and a.role == "released"
     b = elector(lease, "b")
     assert await asyncio.wait_for(b.acquire(asyncio.Event()), 0.5), "a released lease is taken at once"
+
+
+class _Role:
+    """What HealthServer reads of an elector: its state."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+
+    def state(self) -> dict[str, str]:
+        return {"role": self.role, "identity": "pod-a_1"}
+
+
+async def _kopf_probes(status: int, body: dict[str, object]) -> tuple[web.AppRunner, str]:
+    """A stand-in for kopf's own liveness endpoint on a loopback port: it answers ``status`` and ``body``."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response(body, status=status)
+
+    app = web.Application()
+    app.router.add_get("/healthz", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, LOOPBACK, port).start()
+    return runner, f"http://{LOOPBACK}:{port}/healthz"
+
+
+async def _ask(role: str, operator_endpoint: str | None) -> tuple[int, dict[str, object]]:
+    port = free_port()
+    health = HealthServer(f"http://{LOOPBACK}:{port}/healthz", cast(Elector, _Role(role)), operator_endpoint)
+    await health.start()
+    try:
+        async with aiohttp.ClientSession() as session, session.get(f"http://{LOOPBACK}:{port}/healthz") as r:
+            return r.status, await r.json()
+    finally:
+        await health.stop()
+
+
+async def test_the_leaders_liveness_carries_kopfs_probes_and_their_failure() -> None:
+    # Elected, kopf's own endpoint is on loopback: a stalled leader must still fail its liveness probe.
+    runner, url = await _kopf_probes(200, {"products": 3, "progress": {"inFlight": 1}})
+    try:
+        status, body = await _ask("leader", url)
+        assert status == 200 and body == {
+            "products": 3,
+            "progress": {"inFlight": 1},
+            "role": "leader",
+            "identity": "pod-a_1",
+        }
+        assert await _ask("standby", url) == (200, {"role": "standby", "identity": "pod-a_1"})
+    finally:
+        await runner.cleanup()
+    runner, url = await _kopf_probes(500, {"error": "no reconcile finished for 120s"})
+    try:
+        status, body = await _ask("leader", url)
+        assert status == 500 and body["role"] == "leader" and "no reconcile finished" in str(body["operator"])
+    finally:
+        await runner.cleanup()
+    # kopf not listening yet (starting) or any more (stopping): alive, and it says so.
+    status, body = await _ask("leader", f"http://{LOOPBACK}:{free_port()}/healthz")
+    assert status == 200 and "not served" in str(body["operator"])

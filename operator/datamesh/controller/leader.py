@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -24,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp import web
 
 from datamesh.controller import metrics
@@ -46,6 +48,7 @@ from datamesh.core.election import (
 
 log = logging.getLogger(__name__)
 
+PROBE_TIMEOUT_SECONDS = 5.0  # kopf's probes, asked by the liveness endpoint of a leader
 EXIT_LOST = 1  # leadership lost, or the operator failed: Kubernetes restarts the container
 Lead = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 LeasesFactory = Callable[[], contextlib.AbstractAsyncContextManager[LeasePort]]
@@ -269,29 +272,60 @@ def _describe(exc: BaseException) -> str:
 
 
 class HealthServer:
-    """The liveness endpoint of an elected operator: 200 while its event loop runs, leader or standby."""
+    """The liveness endpoint of an elected operator: its role for a standby; for the leader, also
+    kopf's probes (products, progress), whose failure (a stalled operator) answers as kopf's does.
 
-    def __init__(self, endpoint: str, elector: Elector) -> None:
+    kopf serves its probes on ``operator_endpoint``, a loopback port of its own: the public endpoint
+    has to answer before kopf runs (a standby) and after it stops, so it cannot be kopf's.
+    """
+
+    def __init__(self, endpoint: str, elector: Elector, operator_endpoint: str | None = None) -> None:
         url = urlsplit(endpoint)
         self.host = url.hostname or "0.0.0.0"
         self.port = url.port or 80
         self.path = url.path or "/"
         self.elector = elector
+        self.operator_endpoint = operator_endpoint
         self._runner: web.AppRunner | None = None
+        self._client: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        """Listen on the endpoint's address (kopf's own endpoint stays off while elected)."""
+        """Listen on the endpoint's address."""
         app = web.Application()
         app.router.add_get(self.path, self._health)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port, reuse_address=True).start()
+        self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_SECONDS))
 
     async def _health(self, request: web.Request) -> web.Response:
-        return web.json_response(self.elector.state())
+        state = self.elector.state()
+        if self.operator_endpoint is None or self._client is None or state.get("role") != "leader":
+            return web.json_response(state)
+        try:
+            async with self._client.get(self.operator_endpoint) as answer:
+                status, text = answer.status, await answer.text()
+        except TimeoutError:
+            state["operator"] = f"kopf's probes did not answer within {PROBE_TIMEOUT_SECONDS:g}s"
+            return web.json_response(state, status=503)
+        except aiohttp.ClientError as exc:
+            # Not listening yet (kopf starting) or any more (stopping): alive, nothing to report.
+            state["operator"] = f"kopf's probes not served ({_describe(exc)})"
+            return web.json_response(state)
+        if status != 200:
+            state["operator"] = text.strip()[:1000]
+            return web.json_response(state, status=status)
+        try:
+            probes = json.loads(text)
+        except ValueError:
+            probes = {"operator": text[:1000]}
+        return web.json_response({**probes, **state} if isinstance(probes, dict) else state)
 
     async def stop(self) -> None:
         """Stop listening."""
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -317,6 +351,7 @@ async def run_elected(
     elector: Elector,
     *,
     liveness_endpoint: str | None = None,
+    operator_liveness: str | None = None,
     stop_flag: asyncio.Event | None = None,
     handle_signals: bool = False,
     hard_exit: Callable[[int], None] = os._exit,
@@ -327,10 +362,11 @@ async def run_elected(
     0 when stopped (``stop_flag``, a signal, or ``lead`` returning); 1 when leadership was lost
     or ``lead`` failed. ``hard_exit`` ends the process when a deposed leader would not stop in time.
     The lease is renewed from a thread of its own, through ``keeper_leases()`` when the elector's
-    port is bound to this loop (a Kubernetes client), else through the elector's port.
+    port is bound to this loop (a Kubernetes client), else through the elector's port. The leader's
+    liveness endpoint includes what kopf's own, at ``operator_liveness``, answers.
     """
     stop = stop_flag or asyncio.Event()
-    health = HealthServer(liveness_endpoint, elector) if liveness_endpoint else None
+    health = HealthServer(liveness_endpoint, elector, operator_liveness) if liveness_endpoint else None
     if health is not None:
         await health.start()
     if handle_signals:

@@ -14,6 +14,7 @@ from datamesh.controller.leader import Elector, Lead, identity_of, run_elected
 from datamesh.core.election import ElectionTiming
 from datamesh.core.ports import VectorStore
 from datamesh.settings import OperatorSettings
+from datamesh.web.serving import LOOPBACK, free_port
 
 
 async def run_operator(
@@ -51,11 +52,17 @@ def election_timing(settings: OperatorSettings) -> ElectionTiming:
     )
 
 
+def loopback_liveness() -> str:
+    """An endpoint on a free loopback port, where an elected operator's kopf serves its probes."""
+    return f"http://{LOOPBACK}:{free_port()}/healthz"
+
+
 async def run_operator_elected(
     settings: OperatorSettings,
     *,
     namespaces: list[str] | None = None,
     liveness_endpoint: str | None = None,
+    operator_liveness: str | None = None,
     lead: Lead | None = None,
     stop_flag: asyncio.Event | None = None,
     handle_signals: bool = False,
@@ -63,11 +70,12 @@ async def run_operator_elected(
     """Run the operator (or ``lead``) only while this process holds the lease; the exit code (0, or 1 if lost).
 
     The lease is ``settings.leader_election_lease_name`` in the platform namespace. The liveness
-    endpoint is served here, for a standby as for the leader.
+    endpoint is served here, for a standby as for the leader; the leader's adds kopf's probes,
+    which kopf serves at ``operator_liveness`` (``lead`` must give it to kopf).
     """
 
     async def operate(stop: asyncio.Event) -> None:
-        await run_operator(settings, namespaces=namespaces, stop_flag=stop)
+        await run_operator(settings, namespaces=namespaces, stop_flag=stop, liveness_endpoint=operator_liveness)
 
     timing = election_timing(settings)
 
@@ -96,6 +104,7 @@ async def run_operator_elected(
             lead or operate,
             elector,
             liveness_endpoint=liveness_endpoint,
+            operator_liveness=operator_liveness,
             stop_flag=stop_flag,
             handle_signals=handle_signals,
             keeper_leases=leases_of_this_loop,
