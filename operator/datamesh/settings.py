@@ -114,6 +114,14 @@ class OperatorSettings(BaseSettings):
     )
 
     ingest_concurrency: int = Field(4, ge=1, description="Products ingested at the same time.")
+    check_concurrency: int = Field(
+        4,
+        ge=1,
+        description=(
+            "Periodic checks run at the same time; the others wait their turn, so that changes (a new or edited "
+            "product) never queue behind thousands of checks after a restart."
+        ),
+    )
     ingest_batch_size: int = Field(256, ge=1, description="Rows embedded and upserted per batch.")
     routing_rows_per_product: int = Field(
         1000,

@@ -212,7 +212,8 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
             # Only products whose status answers their spec: the others are the change handlers' own.
             if spec is not None and status.observed_generation == body.metadata.get("generation"):
                 try:
-                    await _resync(memo.runtime, body, spec, status)
+                    async with memo.runtime.checks:
+                        await _resync(memo.runtime, body, spec, status)
                 except Exception as exc:  # the next check retries; a failing one must not end the daemon
                     log.warning("check of %s/%s failed: %s", body.metadata.namespace, body.metadata.name, exc)
             delay = _next_check(body, period)

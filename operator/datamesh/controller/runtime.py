@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -59,6 +60,10 @@ class Runtime:
     http: httpx.AsyncClient
     reconciler: Reconciler
     owns_store: bool
+    # Periodic checks in flight at once (settings.check_concurrency): after a restart thousands fall
+    # due within half a period, and unbounded they held every store slot, so a new product's
+    # reconcile waited minutes behind them.
+    checks: asyncio.Semaphore
 
     async def close(self) -> None:
         """Flush the catalog and release every connection."""
@@ -96,4 +101,13 @@ async def build_runtime(settings: OperatorSettings, store: VectorStore | None = 
         observer=observer,
         progress=StatusProgress(kube),
     )
-    return Runtime(settings, kube, store, catalog, http, Reconciler(settings, ports), owns_store)
+    return Runtime(
+        settings,
+        kube,
+        store,
+        catalog,
+        http,
+        Reconciler(settings, ports),
+        owns_store,
+        asyncio.Semaphore(settings.check_concurrency),
+    )
