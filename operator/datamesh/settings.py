@@ -115,7 +115,7 @@ class OperatorSettings(BaseSettings):
 
     ingest_concurrency: int = Field(4, ge=1, description="Products ingested at the same time.")
     check_concurrency: int = Field(
-        4,
+        16,
         ge=1,
         description=(
             "Periodic checks run at the same time; the others wait their turn, so that changes (a new or edited "

@@ -207,8 +207,11 @@ def test_one_replica_leads_and_the_standby_takes_over_a_killed_leader(make_pair:
     )
     assert "Handler" not in standby.log_text(), "the standby reconciles nothing"
     # The leader's liveness endpoint carries kopf's probes (a stalled leader fails it); a standby's, its role.
-    leading = wait_for(lambda: (h := leader.health()) and "progress" in h and h, 15, what="the leader's probes")
-    assert leading["role"] == "leader" and leading["products"] >= 1, leading
+    # kopf keeps its probes' answers for 10 s: the product count may take that long to show.
+    leading = wait_for(
+        lambda: (h := leader.health()) and h.get("products", 0) >= 1 and h, 20, what="the leader's probes"
+    )
+    assert leading["role"] == "leader" and "progress" in leading, leading
     assert set(standby.health() or {}) >= {"role"} and "progress" not in (standby.health() or {})
 
     killed_at = time.monotonic()
