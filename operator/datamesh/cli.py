@@ -100,7 +100,9 @@ def operator(
     namespaces = namespace or None
     elected = settings.leader_election if leader_election is None else leader_election
     # Elected, kopf serves its probes on loopback; the public endpoint answers for a standby too.
-    kopf_liveness = None if not liveness else loopback_liveness() if elected else liveness
+    kopf_liveness = liveness or None
+    if kopf_liveness and elected:
+        kopf_liveness = loopback_liveness()
     lead: Callable[[asyncio.Event | None], Coroutine[Any, Any, None]] | None = None
     if query_port is not None:
         from datamesh.embedded import run_operator_with_query

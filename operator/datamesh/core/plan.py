@@ -26,8 +26,8 @@ from datamesh.resource.models import (
 TEXT_KEY = "_text"
 DIGEST_KEY = "_ingest"
 # Payload keys of the mesh's routing collections (one per embedding model): the rows of every
-# product using that model (a sample of a large product's: routingRowsPerProduct), and one card per
-# product, so routing sees the rows themselves.
+# product using that model (a sample of a large product's: DATAMESH_ROUTING_ROWS_PER_PRODUCT), and one
+# card per product, so routing sees the rows themselves.
 PRODUCT_KEY = "_product"
 ROW_KEY = "_key"
 KIND_KEY = "_kind"  # "card" or "row": keywords, since the embedded engine matches booleans as 1

@@ -2,9 +2,10 @@
 
 The mesh's routing collection (one per embedding model) holds the rows of every product (a
 uniform sample of a large product's, so one big product neither dominates it nor doubles its
-ingestion) and one card per product. A question is searched there once (hybrid: its embedding and its words), and
-each product's evidence is read off the hits: its best row's similarity and its card's. The
-products with the strongest evidence are asked; there is no threshold that empties an answer:
+ingestion) and one card per product. A question is searched there once (hybrid: its embedding
+and its words), and each product's evidence is read off the hits: its best row's similarity and
+its card's. The products with the strongest evidence are asked; there is no threshold that
+empties an answer:
 when the evidence is weak the best candidates are still asked and the answer says it is
 low-confidence, and why.
 """
