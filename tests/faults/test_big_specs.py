@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from tests.cluster.test_reconcile_cluster import product
-from tests.faults.helpers import create_namespace, delete_namespace_products, ready_for_generation
+from tests.faults.helpers import create_namespace, delete_namespace_products, reconciled_under
 from tests.harness import Kubectl, OperatorThread, wait_for
 
 NS = "faults-big"
@@ -50,7 +50,8 @@ def test_a_spec_bigger_than_the_annotations_limit_reconciles_with_small_annotati
     assert len(json.dumps(body["spec"], ensure_ascii=False).encode()) > ANNOTATIONS_LIMIT
     try:
         server_side_apply(kubectl, body)
-        first = wait_for(lambda: (dp := kubectl.get("dp", "huge", NS)) and ready_for_generation(dp) and dp, 90)
+        # The status is written before kopf records the handled spec, so wait for both.
+        first = wait_for(lambda: (dp := kubectl.get("dp", "huge", NS)) and reconciled_under(dp, "datamesh.io") and dp, 90)
         assert first["status"]["records"] == 40
         used = annotation_bytes(first)
         assert "datamesh.io/last-handled-configuration" in first["metadata"]["annotations"]
@@ -64,7 +65,7 @@ def test_a_spec_bigger_than_the_annotations_limit_reconciles_with_small_annotati
             lambda: (
                 (dp := kubectl.get("dp", "huge", NS))
                 and dp["metadata"]["generation"] == 2
-                and ready_for_generation(dp)
+                and reconciled_under(dp, "datamesh.io")
                 and dp
             ),
             90,
