@@ -51,7 +51,9 @@ def test_a_spec_bigger_than_the_annotations_limit_reconciles_with_small_annotati
     try:
         server_side_apply(kubectl, body)
         # The status is written before kopf records the handled spec, so wait for both.
-        first = wait_for(lambda: (dp := kubectl.get("dp", "huge", NS)) and reconciled_under(dp, "datamesh.io") and dp, 90)
+        first = wait_for(
+            lambda: (dp := kubectl.get("dp", "huge", NS)) and reconciled_under(dp, "datamesh.io") and dp, 90
+        )
         assert first["status"]["records"] == 40
         used = annotation_bytes(first)
         assert "datamesh.io/last-handled-configuration" in first["metadata"]["annotations"]

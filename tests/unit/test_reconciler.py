@@ -7,7 +7,7 @@ they stand for a ConfigMap, a remote server and a Deployment that do not exist h
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from datamesh.core.plan import collection_plan, routing_plan
 from datamesh.core.ports import SearchRequest, SourceError, VectorStore
 from datamesh.core.rows import Row
 from datamesh.engine.catalog_writer import CatalogWriter
+from datamesh.engine.ingest import KEEP_ROWS
 from datamesh.engine.reconciler import Outcome, Ports, Reconciler
 from datamesh.resource.models import CollectionLayout, Inference, Source, parse_spec
 from datamesh.settings import OperatorSettings, StoreSettings
@@ -43,11 +44,23 @@ class FakeRows:
     error: SourceError | None = None
     reads: int = 0
 
+    passes: int = 0  # times an ingestion started reading the rows from their beginning
+
     async def __call__(self, source: Source, namespace: str) -> RowsInMemory:
         self.reads += 1
         if self.error is not None:
             raise self.error
-        return RowsInMemory([dict(r) for r in self.rows])
+        return _CountedRows(self, [dict(r) for r in self.rows])
+
+
+class _CountedRows(RowsInMemory):
+    def __init__(self, owner: FakeRows, rows: list[Row]) -> None:
+        super().__init__(rows)
+        self.owner = owner
+
+    def batches(self, size: int) -> Iterator[list[Row]]:
+        self.owner.passes += 1
+        return super().batches(size)
 
 
 @dataclass
@@ -340,6 +353,23 @@ async def test_a_long_ingestion_reports_its_progress(world: World) -> None:
     outcome = await world.reconcile(product())
     assert outcome.status.records == 600
     assert world.progress == [(256, 600), (512, 600), (600, 600)]
+
+
+async def test_a_small_source_is_read_once_and_a_large_one_twice_with_the_same_rows_written(world: World) -> None:
+    # A duplicate key among the rows: the kept batches must leave it out just as a second read would.
+    rows = [{"id": f"r{i}", "reason": f"invoice {i} disputed by the customer"} for i in range(40)]
+    world.rows.rows = [*rows, {"id": "r3", "reason": "a second r3"}]
+    small = await world.reconcile(product())
+    assert (small.status.records, small.status.rejected_records, world.rows.passes) == (40, 1, 1)
+    question = "invoice 17 disputed by the customer"
+    (vector,) = await resolve_provider("builtin:ngram-384").embed([question])
+    hits = await world.store.search("sales.churn", SearchRequest(vector, question, 1))
+    assert hits[0].payload["id"] == "r17"
+
+    world.rows.passes = 0
+    world.rows.rows = [{"id": f"r{i}", "reason": f"invoice {i} disputed"} for i in range(KEEP_ROWS + 10)]
+    large = await world.reconcile(product(generation=2, status=wire(small)))
+    assert (large.status.records, world.rows.passes) == (KEEP_ROWS + 10, 2)
 
 
 async def test_a_cluster_layout_is_reported_and_only_a_shard_change_reindexes(world: World) -> None:

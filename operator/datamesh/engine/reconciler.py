@@ -54,7 +54,7 @@ from datamesh.core.rows import Refusals, RowValidator
 from datamesh.core.sla import sla_check
 from datamesh.engine.catalog_writer import CatalogWriter
 from datamesh.engine.heartbeat import Heartbeat
-from datamesh.engine.ingest import Target, scan, write_card, write_points
+from datamesh.engine.ingest import Target, replay, scan, validated, write_card, write_points
 from datamesh.resource.catalog import card_text, catalog_entry, entry_key
 from datamesh.resource.models import (
     DataProductSpec,
@@ -405,13 +405,16 @@ class Reconciler:
         written = 0
         calibrated = status.score_calibration
         if found.digest != status.ingested_digest or await store.count(target.plan.index) != found.accepted:
-            validator = RowValidator(ref.namespace, ref.name, spec)
+            if found.kept is not None:
+                batches = replay(found.kept)
+            else:
+                batches = validated(rows, RowValidator(ref.namespace, ref.name, spec), batch)
 
             async def on_batch(done: int) -> None:
                 self.heartbeat.beat()  # a long ingestion is progress, not a stall
                 await self.ports.progress(ref.namespace, ref.name, done, found.accepted)
 
-            result = await write_points(store, target, rows, validator, found.digest, batch, on_batch)
+            result = await write_points(store, target, batches, spec.key_fields, found.digest, on_batch)
             written, calibrated = result.rows, result.calibration
             self.ports.observer.rows_ingested(written)
         await write_card(store, target, card_text(ref.namespace, ref.name, spec), found.digest)
