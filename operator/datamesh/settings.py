@@ -182,11 +182,14 @@ class OperatorSettings(BaseSettings):
             "(a shard's default is datamesh-operator-<shard>)."
         ),
     )
+    # Long enough for a slow leader to keep its lease: the embedded engine holds the GIL while it
+    # syncs a collection to disk, and under disk pressure (10,000 products created at once) that
+    # froze a whole process, lease keeper included, for 7-8 s; a 7 s deadline lost the lease.
     leader_election_lease_seconds: int = Field(
-        10, ge=2, le=300, description="Seconds a standby waits for an unrenewed lease before it takes over."
+        20, ge=2, le=300, description="Seconds a standby waits for an unrenewed lease before it takes over."
     )
     leader_election_renew_deadline_seconds: float = Field(
-        7.0, gt=0, description="Seconds the leader may fail to renew before it stops reconciling and exits."
+        15.0, gt=0, description="Seconds the leader may fail to renew before it stops reconciling and exits."
     )
     leader_election_retry_seconds: float = Field(
         2.0, gt=0, description="Seconds between renewals by the leader, and between a standby's looks at the lease."

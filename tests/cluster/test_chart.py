@@ -156,7 +156,7 @@ def test_template_default(helm: Helm, kube_version: str) -> None:
         env["DATAMESH_LEADER_ELECTION_LEASE_SECONDS"],
         env["DATAMESH_LEADER_ELECTION_RENEW_DEADLINE_SECONDS"],
         env["DATAMESH_LEADER_ELECTION_RETRY_SECONDS"],
-    ) == ("10", "7", "2")
+    ) == ("20", "15", "2")
     # The Lease's own Role in the platform namespace: create it, then read and replace this one only.
     lease_role = one(objs, "Role", "-operator-lease")
     assert lease_role["metadata"]["namespace"] == "datamesh"
@@ -578,12 +578,12 @@ def test_schema_refuses_wrong_values(
             "operator.replicas (2) above 1 needs operator.leaderElection.enabled",
         ),
         (
-            ["--set", "operator.leaderElection.renewDeadlineSeconds=10"],
-            "operator.leaderElection.renewDeadlineSeconds (10) must be less than leaseDurationSeconds (10)",
+            ["--set", "operator.leaderElection.renewDeadlineSeconds=20"],
+            "operator.leaderElection.renewDeadlineSeconds (20) must be less than leaseDurationSeconds (20)",
         ),
         (
-            ["--set", "operator.leaderElection.retryPeriodSeconds=4"],
-            "operator.leaderElection.retryPeriodSeconds (4) must be at most half of renewDeadlineSeconds (7)",
+            ["--set", "operator.leaderElection.retryPeriodSeconds=8"],
+            "operator.leaderElection.retryPeriodSeconds (8) must be at most half of renewDeadlineSeconds (15)",
         ),
         (
             ["--set", "mcp.enabled=true", "--set", "queryService.enabled=false"],
