@@ -86,10 +86,8 @@ async def scan(rows: RowSource, target: Target, spec: DataProductSpec, batch_siz
     """Validate every row and fingerprint what an ingestion would write (nothing is written)."""
     validator = RowValidator(target.namespace, target.name, spec)
     digest = IngestDigest(target.plan, spec.key_fields)
-    batches = await _batches(rows, batch_size)
     kept: list[ValidatedBatch] | None = []
-    while (batch := await _next(batches)) is not None:
-        valid = validator.validate(batch)
+    async for valid in validated(rows, validator, batch_size):
         digest.update(valid)
         if kept is not None and validator.seen <= KEEP_ROWS:
             kept.append(valid)
