@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,47 @@ async def test_embedding_runs_off_the_event_loop(provider: EmbeddingProvider) ->
     task.cancel()
     assert elapsed > 0.3 and len(gaps) > 5
     assert max(gaps) < 0.25, f"the loop stalled {max(gaps):.2f}s while embedding"
+
+
+async def test_a_large_request_keeps_every_worker_busy_and_a_question_waits_for_one_batch_each(
+    provider: EmbeddingProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real model, its batches counted as they start: an ingestion's request runs one batch per
+    worker at once (one at a time left a core idle), never more, so a question asked meanwhile
+    waits for at most one batch per worker."""
+    await provider.dimension()
+    real = OnnxSentenceEncoder.infer
+    lock = threading.Lock()
+    running, peak, started = 0, 0, 0
+    workers = EmbeddingSettings().concurrency
+    under_way = threading.Event()  # set once the ingestion has started a batch on each worker, twice
+
+    def counted(self: OnnxSentenceEncoder, rows: Any) -> np.ndarray:
+        nonlocal running, peak, started
+        with lock:
+            running, started = running + 1, started + 1
+            peak = max(peak, running)
+            if started >= 2 * workers:
+                under_way.set()
+        try:
+            return real(self, rows)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(OnnxSentenceEncoder, "infer", counted)
+    texts = [f"row {i}: the shipment was held at customs and the invoice was disputed" for i in range(400)]
+    ingestion = asyncio.create_task(provider.embed(texts))
+    assert await asyncio.to_thread(under_way.wait, 30)
+    alone = peak  # the ingestion's batches only, so far
+    before = started
+    (question,) = await provider.embed(["where is my parcel?"])
+    during = started - before - 1  # the question's own batch is not the ingestion's
+    vectors = await ingestion
+    assert alone == peak == workers, f"{alone} batches of one request at once with {workers} workers"
+    assert during <= workers, f"the question waited for {during} of the ingestion's batches"
+    assert started - before > workers, "the ingestion ended before the question was asked: the test proves nothing"
+    assert len(vectors) == 400 and abs(sum(x * x for x in question) - 1) < 1e-5
 
 
 # ==== the files ===============================================================================

@@ -16,7 +16,8 @@ one process-wide pool of ``DATAMESH_EMBEDDING_CONCURRENCY`` worker threads (the 
 semaphore: at most that many inferences at once, whichever event loop asks), each inference on
 ``DATAMESH_EMBEDDING_THREADS`` onnxruntime threads. Texts are sorted by length and batched under a
 padded-token budget, so one long text cannot inflate memory, and a large request is run batch by
-batch so that a question asked meanwhile waits for one batch, not for the whole request.
+batch, one batch per worker at a time, so that it uses every worker while a question asked
+meanwhile waits for one batch, not for the whole request.
 """
 
 from __future__ import annotations
@@ -402,8 +403,18 @@ class OnnxEmbeddingProvider:
         encoder = await self._loaded()
         rows = await _in_worker(encoder.tokenize, texts)
         out = np.zeros((len(texts), encoder.dimension), dtype=np.float32)
-        for group in encoder.batches(rows):  # one worker job per batch: others' questions interleave
-            out[group] = await _in_worker(encoder.infer, [rows[i] for i in group])
+        # One worker job per batch, at most one per worker in flight: a large request keeps every
+        # worker busy (one at a time left a core idle: half the rows/s), while a question asked
+        # meanwhile still queues behind one batch per worker, not behind the whole request.
+        window = asyncio.Semaphore(self._settings.concurrency)
+
+        async def infer(group: list[int]) -> None:
+            async with window:
+                out[group] = await _in_worker(encoder.infer, [rows[i] for i in group])
+
+        async with asyncio.TaskGroup() as batches:
+            for group in encoder.batches(rows):
+                batches.create_task(infer(group))
         return as_lists(out)
 
 
