@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from datamesh.adapters.kube import api_client
 from datamesh.adapters.stores import open_store
-from datamesh.core.plan import collection_plan, routing_plan
+from datamesh.core.plan import DIGEST_KEY, KIND_KEY, PRODUCT_KEY, collection_plan, routing_plan
 from datamesh.resource.catalog import CATALOG_LABEL, decode_entries, entry_key
 from datamesh.resource.models import GROUP, PLURAL, VERSION, parse_spec
 from datamesh.settings import StoreSettings
@@ -327,7 +327,7 @@ def test_killing_the_leader_during_a_burst_loses_and_duplicates_nothing(make_pai
     # The new leader stops cleanly; then nothing holds the store, and the test reads it itself.
     products = pair.products()
     assert standby.stop() == 0, standby.log_text()[-3000:]
-    points, routing = count_points(pair.store, products)
+    points, routing, payloads = count_points(pair.store, products)
     print(
         f"\nburst of {count} products, kill -9 of the leader: "
         + "; ".join(f"{what} {s:.1f}s" for what, s in phases.items())
@@ -337,7 +337,13 @@ def test_killing_the_leader_during_a_burst_loses_and_duplicates_nothing(make_pai
     wrong = {n: (pts, rows) for n, pts in points.items() if pts != rows}
     assert not wrong, f"points per collection != records: {wrong}"
     assert all(p["status"]["records"] == rows for p in products)
-    assert routing == count * (rows + 1), "every row and one card per product in the routing collection, once"
+    held = Counter((p[PRODUCT_KEY], p[KIND_KEY], p[DIGEST_KEY]) for p in payloads)
+    short = {k: n for k, n in held.items() if n != (rows if k[1] == "row" else 1)}
+    lacking = {f"{b['metadata']['namespace']}/{b['metadata']['name']}" for b in bodies} - {k[0] for k in held}
+    assert routing == count * (rows + 1), (
+        "every row and one card per product in the routing collection, once: "
+        f"routing points by (product, kind, ingestion) not as expected: {short}; products with none: {lacking}"
+    )
     assert phases["lease taken over"] < TAKEOVER_S
 
 
@@ -359,8 +365,8 @@ def stuck(products: list[dict[str, Any]]) -> str:
     return f"{len(lines)} not reconciled:\n" + "\n".join(lines[:20])
 
 
-def count_points(store: Path, products: list[dict[str, Any]]) -> tuple[dict[str, int], int]:
-    """Points per product collection, and in the routing collection, read from the store folder."""
+def count_points(store: Path, products: list[dict[str, Any]]) -> tuple[dict[str, int], int, list[Mapping[str, Any]]]:
+    """Points per product collection, the routing collection's count and payloads, read from the store folder."""
     loop = LoopThread("store-reader")
     try:
         st = loop.call(_open(store))
@@ -369,9 +375,11 @@ def count_points(store: Path, products: list[dict[str, Any]]) -> tuple[dict[str,
         spec = parse_spec(body)
         assert spec is not None and spec.semantic_search is not None
         plan = collection_plan(body["metadata"]["namespace"], body["metadata"]["name"], spec, 384)
-        routing = loop.call(st.count(routing_plan(plan, spec.semantic_search.embedding_model, None).alias))
+        name = routing_plan(plan, spec.semantic_search.embedding_model, None).alias
+        routing = loop.call(st.count(name))
+        payloads = loop.call(st.sample(name, routing + 1))
         loop.call(st.close())
-        return points, routing
+        return points, routing, payloads
     finally:
         loop.close()
 
