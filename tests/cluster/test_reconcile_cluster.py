@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import subprocess
 import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
@@ -221,6 +223,32 @@ def test_retain_keeps_the_collection(kubectl: Kubectl, operator: OperatorThread)
     assert operator.call(operator.store.count("default.retained")) == 5
     wait_for(lambda: "default.retained" not in catalog(kubectl), 10, what="catalog entry removed")
     operator.call(operator.store.drop_product("default.retained"))
+
+
+def test_labels_edited_on_a_ready_product_log_nothing_and_a_spec_change_logs_its_reconcile(
+    kubectl: Kubectl, operator: OperatorThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    # kopf logs each handler call at INFO: a handler called on every watch event filled the log.
+    caplog.set_level(logging.INFO, logger="kopf.objects")
+    apply(kubectl, product("quiet"))
+    generation = ready(kubectl, "quiet")["metadata"]["generation"]
+    caplog.clear()
+    for i in range(3):
+        kubectl.run("label", "dp", "quiet", "-n", "default", f"touched=t{i}", "--overwrite")
+    # A spec change after the labels: kopf handles one object's events in order, so once it is
+    # reconciled the label events have been handled too.
+    changed = product("quiet")
+    changed["spec"]["description"] = "Synthetic product, described again."
+    apply(kubectl, changed)
+    wait_for(
+        lambda: (b := ready(kubectl, "quiet")) and b["status"].get("observedGeneration") == generation + 1,
+        60,
+        what="the spec change reconciled",
+    )
+    lines = [r.getMessage() for r in caplog.records if getattr(r, "k8s_ref", {}).get("name") == "quiet"]
+    assert any("reconcile_product" in line for line in lines), lines
+    assert not [line for line in lines if "arrived" in line], "a handler ran (and logged) for each label edit"
+    delete(kubectl, "quiet")
 
 
 def test_model_change_reindexes_and_same_spec_writes_nothing(kubectl: Kubectl, operator: OperatorThread) -> None:
