@@ -9,6 +9,7 @@ the query service rely on is asserted against both, so the code above cannot tel
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -215,6 +216,52 @@ async def test_embedded_collections_survive_a_restart(tmp_path: Path) -> None:
         assert await again.count("ns.product") == len(TEXTS)
     finally:
         await again.close()
+
+
+def _builders() -> list[multiprocessing.process.BaseProcess]:
+    return [p for p in multiprocessing.active_children() if p.is_alive()]
+
+
+async def test_embedded_collections_are_created_in_another_process(tmp_path: Path) -> None:
+    """The engine holds the GIL while it creates a shard (over a second under disk pressure), which
+    froze the operator's process, lease keeper included: a builder process creates them. With the
+    builder paused, a creation waits while this process goes on serving the collections it has."""
+    store = EdgeStore(tmp_path)
+    try:
+        index = await filled(store)  # the builder is up
+        builders = _builders()
+        assert builders, "no builder process"
+        for builder in builders:
+            os.kill(builder.pid or 0, signal.SIGSTOP)
+        try:
+            creating = asyncio.create_task(store.ensure_index(plan("ns.product--b")))
+            await asyncio.sleep(0.5)
+            assert not creating.done(), "the collection was created without the builder"
+            hits = await store.search(index, request(VECTORS[0], TEXTS[0]))
+            assert hits and hits[0].payload["text"] == TEXTS[0]
+        finally:
+            for builder in builders:
+                os.kill(builder.pid or 0, signal.SIGCONT)
+        assert await creating is True
+        assert await store.count("ns.product--b") == 0
+    finally:
+        await store.close()
+
+
+async def test_a_builder_that_died_is_replaced_without_a_failed_creation(tmp_path: Path) -> None:
+    store = EdgeStore(tmp_path)
+    try:
+        await store.ensure_index(plan("ns.product--a"))
+        dead = _builders()
+        assert dead, "no builder process"
+        for builder in dead:
+            os.kill(builder.pid or 0, signal.SIGKILL)
+            builder.join(5)
+        assert await store.ensure_index(plan("ns.product--b")) is True
+        assert await store.count("ns.product--b") == 0
+        assert {b.pid for b in _builders()}.isdisjoint(b.pid for b in dead)
+    finally:
+        await store.close()
 
 
 async def test_embedded_writes_survive_a_crash(tmp_path: Path) -> None:
