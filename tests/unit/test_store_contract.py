@@ -264,6 +264,35 @@ async def test_a_builder_that_died_is_replaced_without_a_failed_creation(tmp_pat
         await store.close()
 
 
+def test_a_process_that_exits_at_once_takes_its_builder_along_and_prints_nothing(tmp_path: Path) -> None:
+    """As the election's exit does when the operator does not stop in time: os._exit, no clean-up."""
+    script = textwrap.dedent(
+        f"""
+        import asyncio, multiprocessing, os, sys
+        sys.path[:0] = {sys.path!r}
+        from tests.unit.test_store_contract import plan
+        from datamesh.adapters.edge import EdgeStore
+
+        async def main():
+            store = EdgeStore({str(tmp_path)!r})
+            await store.ensure_index(plan("ns.product--a"))
+            print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+            os._exit(1)
+
+        asyncio.run(main())
+        """
+    )
+    # Its output is read to the end: every process holding its stderr (builder, resource tracker) is gone.
+    done = run_python(script)
+    assert done.returncode == 1, done.stderr
+    builders = [int(pid) for pid in done.stdout.split()]
+    assert builders, "no builder process"
+    assert done.stderr == ""
+    for pid in builders:  # gone, or a zombie its new parent has not reaped
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", f"builder {pid} lives on"
+
+
 async def test_embedded_writes_survive_a_crash(tmp_path: Path) -> None:
     """kill -9 after an upsert that was never flushed: the engine's write-ahead log replays it."""
     script = textwrap.dedent(

@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import uuid
@@ -224,6 +225,12 @@ def _exit_when_ready(sentinel: int) -> None:
 
 _builder: ProcessPoolExecutor | None = None
 _builder_lock = threading.Lock()
+# The builder's queues hold semaphores that multiprocessing's resource tracker (a process of its own)
+# frees if this process exits without closing them: kill -9, or the election's exit when the
+# operator does not stop in time. Freeing them is right; the tracker also warns about each on stderr,
+# which put a "leaked semaphore objects" line in the log of every such exit. The tracker takes its
+# warning filters from this process' -W options when it starts.
+_QUIET_TRACKER = "ignore:resource_tracker:UserWarning"
 
 
 def _builder_process() -> ProcessPoolExecutor:
@@ -231,6 +238,8 @@ def _builder_process() -> ProcessPoolExecutor:
     global _builder
     with _builder_lock:
         if _builder is None:
+            if _QUIET_TRACKER not in sys.warnoptions:
+                sys.warnoptions.append(_QUIET_TRACKER)
             # spawn, never fork: this process runs threads (kopf's, the engine's, onnxruntime's).
             context = multiprocessing.get_context("spawn")
             _builder = ProcessPoolExecutor(2, mp_context=context, initializer=_exit_with_parent)
