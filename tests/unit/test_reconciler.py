@@ -190,6 +190,26 @@ async def test_a_refresh_rereads_the_source_and_removes_rows_that_left_it(world:
     assert await world.store.count("sales.churn") == 2
 
 
+async def test_rows_missing_from_the_routing_collection_are_written_again_by_the_next_reconcile(
+    world: World,
+) -> None:
+    first = await world.reconcile(product())
+    spec = parse_spec(product())
+    assert spec is not None and spec.semantic_search is not None
+    routing = routing_plan(collection_plan("sales", "churn", spec, 384), spec.semantic_search.embedding_model, None)
+    held = await world.store.count(routing.alias)
+    # An unchanged product whose routing rows are all there: nothing written on a refresh.
+    unchanged = await world.reconcile(product(status=wire(first)), refresh=True)
+    assert unchanged.points_written == 0
+    # Its rows gone from routing (its own collection and status intact), as a CI run once found
+    # after a leader's kill -9: the next reconcile writes them again.
+    await world.store.remove_product(routing.alias, "sales/churn")
+    assert await world.store.count(routing.alias) == 0
+    healed = await world.reconcile(product(status=wire(first)), refresh=True)
+    assert healed.points_written == len(ROWS) and healed.status.phase == "Ready"
+    assert await world.store.count(routing.alias) == held
+
+
 async def test_an_invalid_spec_fails_with_the_field_and_touches_nothing(world: World) -> None:
     body = product()
     body["spec"]["semanticSearch"]["keyFields"] = ["nowhere"]

@@ -501,6 +501,18 @@ class EdgeStore:
             self._counts[name] = counted
         return counted
 
+    async def routing_rows(self, collection: str, product: str, digest: str) -> int:
+        """Routing collections: how many rows of a product's ingestion ``digest`` it holds."""
+        name = self._resolve(collection)
+        rows = qe.Filter(
+            must=[
+                qe.FieldCondition(key=key, match=qe.MatchValue(value))
+                for key, value in ((PRODUCT_KEY, product), (DIGEST_KEY, digest), (KIND_KEY, "row"))
+            ]
+        )
+        async with self._use(name) as shard:
+            return int(await self._engine(name, shard.engine.count, qe.CountRequest(exact=True, filter=rows)))
+
     async def drop(self, collection: str) -> None:
         """Close and delete a collection if it exists (aliases pointing at it are left alone)."""
         async with self._lock(collection):

@@ -266,6 +266,17 @@ class QdrantStore:
         result = await self._call("count", self.client.count(collection, exact=True))
         return int(result.count)
 
+    async def routing_rows(self, collection: str, product: str, digest: str) -> int:
+        """Routing collections: how many rows of a product's ingestion ``digest`` it holds."""
+        rows = qm.Filter(
+            must=[
+                qm.FieldCondition(key=key, match=qm.MatchValue(value=value))
+                for key, value in ((PRODUCT_KEY, product), (DIGEST_KEY, digest), (KIND_KEY, "row"))
+            ]
+        )
+        result = await self._call("count rows", self.client.count(collection, count_filter=rows, exact=True))
+        return int(result.count)
+
     async def exists(self, collection: str) -> bool:
         """Whether a collection (or alias) exists."""
         return bool(await self._call("check collection", self.client.collection_exists(collection)))

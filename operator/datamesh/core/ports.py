@@ -185,6 +185,10 @@ class VectorStore(Protocol):
         """Exact number of points in a collection or alias."""
         ...
 
+    async def routing_rows(self, collection: str, product: str, digest: str) -> int:
+        """Routing collections: how many rows of a product's ingestion ``digest`` it holds."""
+        ...
+
     async def exists(self, collection: str) -> bool:
         """Whether a collection (or alias) exists."""
         ...

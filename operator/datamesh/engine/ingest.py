@@ -189,6 +189,19 @@ async def _upsert(store: VectorStore, target: Target, batch: _Embedded, digest: 
         await store.upsert(target.routing.index, [ids[i] for i in picked], vectors, [texts[i] for i in picked], routing)
 
 
+async def routing_holds(store: VectorStore, target: Target, found: Scan) -> bool:
+    """Whether the routing collection holds the rows an ingestion like ``found`` writes there.
+
+    Exactly for a source the first pass kept; for a larger one, at least one row (the sample's exact
+    size would take another read of the source).
+    """
+    held = await store.routing_rows(target.routing.index, target.product, found.digest)
+    if found.kept is None:
+        return held > 0 or found.accepted == 0
+    share = target.routing_share
+    return held == sum(in_routing_sample(pid, share) for batch in found.kept for pid in batch.ids)
+
+
 async def write_card(store: VectorStore, target: Target, card: str, digest: str) -> None:
     """The product's card in the routing collection; then everything of its older ingestions goes."""
     (vector,) = await target.provider.embed([card])

@@ -54,7 +54,7 @@ from datamesh.core.rows import Refusals, RowValidator
 from datamesh.core.sla import sla_check
 from datamesh.engine.catalog_writer import CatalogWriter
 from datamesh.engine.heartbeat import Heartbeat
-from datamesh.engine.ingest import Target, replay, scan, validated, write_card, write_points
+from datamesh.engine.ingest import Target, replay, routing_holds, scan, validated, write_card, write_points
 from datamesh.resource.catalog import card_text, catalog_entry, entry_key
 from datamesh.resource.models import (
     DataProductSpec,
@@ -404,7 +404,13 @@ class Reconciler:
             return IngestResult(check, events=(Event("TooManyRejectedRows", message, warning=True),))
         written = 0
         calibrated = status.score_calibration
-        if found.digest != status.ingested_digest or await store.count(target.plan.index) != found.accepted:
+        # Both collections an ingestion writes are checked: rows missing from the routing collection
+        # (once seen after a leader's kill -9, cause not found) are written again, not left missing.
+        if (
+            found.digest != status.ingested_digest
+            or await store.count(target.plan.index) != found.accepted
+            or not await routing_holds(store, target, found)
+        ):
             if found.kept is not None:
                 batches = replay(found.kept)
             else:
