@@ -337,13 +337,15 @@ def test_killing_the_leader_during_a_burst_loses_and_duplicates_nothing(make_pai
     wrong = {n: (pts, rows) for n, pts in points.items() if pts != rows}
     assert not wrong, f"points per collection != records: {wrong}"
     assert all(p["status"]["records"] == rows for p in products)
-    held: dict[str, Counter[str]] = {f"{b['metadata']['namespace']}/{b['metadata']['name']}": Counter() for b in bodies}
+    held: dict[str, Counter[tuple[str, str]]] = {
+        f"{b['metadata']['namespace']}/{b['metadata']['name']}": Counter() for b in bodies
+    }
     for p in payloads:
-        held.setdefault(p[PRODUCT_KEY], Counter())[f"{p[KIND_KEY]} {p[DIGEST_KEY]}"] += 1
+        held.setdefault(p[PRODUCT_KEY], Counter())[p[KIND_KEY], p[DIGEST_KEY]] += 1
     short = {
         product: dict(kinds)
         for product, kinds in held.items()
-        if sorted((k.split()[0], n) for k, n in kinds.items()) != [("card", 1), ("row", rows)]
+        if sorted((kind, n) for (kind, _), n in kinds.items()) != [("card", 1), ("row", rows)]
     }
     assert not short and routing == len(payloads) == count * (rows + 1), (
         f"every row and one card per product in the routing collection, once: {routing} counted, "

@@ -64,6 +64,7 @@ from datamesh.core.plan import (
     PRODUCT_KEY,
     SPARSE_VECTOR,
     CollectionPlan,
+    routing_row_fields,
 )
 from datamesh.core.ports import (
     TIE_SLACK,
@@ -504,12 +505,8 @@ class EdgeStore:
     async def routing_rows(self, collection: str, product: str, digest: str) -> int:
         """Routing collections: how many rows of a product's ingestion ``digest`` it holds."""
         name = self._resolve(collection)
-        rows = qe.Filter(
-            must=[
-                qe.FieldCondition(key=key, match=qe.MatchValue(value))
-                for key, value in ((PRODUCT_KEY, product), (DIGEST_KEY, digest), (KIND_KEY, "row"))
-            ]
-        )
+        fields = routing_row_fields(product, digest).items()
+        rows = qe.Filter(must=[qe.FieldCondition(key=key, match=qe.MatchValue(value)) for key, value in fields])
         async with self._use(name) as shard:
             return int(await self._engine(name, shard.engine.count, qe.CountRequest(exact=True, filter=rows)))
 

@@ -29,6 +29,7 @@ from datamesh.core.plan import (
     PRODUCT_KEY,
     SPARSE_VECTOR,
     CollectionPlan,
+    routing_row_fields,
 )
 from datamesh.core.ports import (
     TIE_SLACK,
@@ -268,12 +269,8 @@ class QdrantStore:
 
     async def routing_rows(self, collection: str, product: str, digest: str) -> int:
         """Routing collections: how many rows of a product's ingestion ``digest`` it holds."""
-        rows = qm.Filter(
-            must=[
-                qm.FieldCondition(key=key, match=qm.MatchValue(value=value))
-                for key, value in ((PRODUCT_KEY, product), (DIGEST_KEY, digest), (KIND_KEY, "row"))
-            ]
-        )
+        fields = routing_row_fields(product, digest).items()
+        rows = qm.Filter(must=[qm.FieldCondition(key=key, match=qm.MatchValue(value=value)) for key, value in fields])
         result = await self._call("count rows", self.client.count(collection, count_filter=rows, exact=True))
         return int(result.count)
 

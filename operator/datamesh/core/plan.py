@@ -121,6 +121,11 @@ def product_ref(namespace: str, name: str) -> str:
     return f"{namespace}/{name}"
 
 
+def routing_row_fields(product: str, digest: str) -> dict[str, str]:
+    """The payload fields that mark a routing point as one of a product's rows from ingestion ``digest``."""
+    return {PRODUCT_KEY: product, KIND_KEY: "row", DIGEST_KEY: digest}
+
+
 def card_point_id(namespace: str, name: str) -> str:
     """The routing collection's point holding a product's card."""
     return str(uuid.uuid5(_POINT_NAMESPACE, f"card:{namespace}/{name}"))

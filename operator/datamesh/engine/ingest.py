@@ -28,6 +28,7 @@ from datamesh.core.plan import (
     CollectionPlan,
     card_point_id,
     in_routing_sample,
+    routing_row_fields,
     row_key,
 )
 from datamesh.core.ports import EmbeddingProvider, RowSource, VectorStore
@@ -176,15 +177,8 @@ async def _upsert(store: VectorStore, target: Target, batch: _Embedded, digest: 
     await store.upsert(target.plan.index, ids, batch.vectors, texts, payloads)
     picked = [i for i, pid in enumerate(ids) if in_routing_sample(pid, target.routing_share)]
     if picked:
-        routing = [
-            {
-                PRODUCT_KEY: target.product,
-                ROW_KEY: row_key(rows[i], target.primary_key),
-                KIND_KEY: "row",
-                DIGEST_KEY: digest,
-            }
-            for i in picked
-        ]
+        marks = routing_row_fields(target.product, digest)
+        routing = [{**marks, ROW_KEY: row_key(rows[i], target.primary_key)} for i in picked]
         vectors = [batch.vectors[i] for i in picked]
         await store.upsert(target.routing.index, [ids[i] for i in picked], vectors, [texts[i] for i in picked], routing)
 
