@@ -210,6 +210,29 @@ async def test_rows_missing_from_the_routing_collection_are_written_again_by_the
     assert await world.store.count(routing.alias) == held
 
 
+async def test_a_periodic_check_writes_back_routing_rows_that_went_missing_and_reads_nothing_otherwise(
+    world: World,
+) -> None:
+    first = await world.reconcile(product())
+    spec = parse_spec(product())
+    assert spec is not None and spec.semantic_search is not None
+    routing = routing_plan(collection_plan("sales", "churn", spec, 384), spec.semantic_search.embedding_model, None)
+    held = await world.store.count(routing.alias)
+    # The check of an unchanged product whose rows are all in place reads nothing.
+    checked = await world.reconcile(product(status=wire(first)))
+    assert checked.points_written == 0 and world.rows.reads == 1
+    # Its points gone from the routing collection (its own collection and its status intact): the
+    # next periodic check, with no refresh due, reads the source again and puts them back.
+    digest = first.status.ingested_digest
+    assert digest is not None
+    await world.store.remove_product(routing.alias, "sales/churn")
+    assert await world.store.routing_rows(routing.alias, "sales/churn", digest) == 0
+    healed = await world.reconcile(product(status=wire(first)))
+    assert healed.points_written == len(ROWS) and world.rows.reads == 2 and healed.status.phase == "Ready"
+    assert await world.store.routing_rows(routing.alias, "sales/churn", digest) == len(ROWS)
+    assert await world.store.count(routing.alias) == held
+
+
 async def test_an_invalid_spec_fails_with_the_field_and_touches_nothing(world: World) -> None:
     body = product()
     body["spec"]["semanticSearch"]["keyFields"] = ["nowhere"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,6 +81,10 @@ class Scan:
     too_many_refused: bool
     # The validated batches of a small source (None past KEEP_ROWS rows: the write reads again).
     kept: tuple[ValidatedBatch, ...] | None = None
+
+    def kept_ids(self) -> list[str] | None:
+        """The point ids of the rows the first pass kept (None when it kept none)."""
+        return None if self.kept is None else [pid for batch in self.kept for pid in batch.ids]
 
 
 async def scan(rows: RowSource, target: Target, spec: DataProductSpec, batch_size: int) -> Scan:
@@ -183,17 +187,21 @@ async def _upsert(store: VectorStore, target: Target, batch: _Embedded, digest: 
         await store.upsert(target.routing.index, [ids[i] for i in picked], vectors, [texts[i] for i in picked], routing)
 
 
-async def routing_holds(store: VectorStore, target: Target, found: Scan) -> bool:
-    """Whether the routing collection holds the rows an ingestion like ``found`` writes there.
+async def routing_holds(
+    store: VectorStore, target: Target, digest: str, accepted: int, ids: Iterable[str] | None = None
+) -> bool:
+    """Whether the routing collection holds the rows of ingestion ``digest`` (``accepted`` rows written).
 
-    Exactly for a source the first pass kept; for a larger one, at least one row (the sample's exact
-    size would take another read of the source).
+    Exactly when every row is routed, or when the row ids (``ids``) are known; otherwise at least
+    one row (the sample's exact size would take another read of the source).
     """
-    held = await store.routing_rows(target.routing.index, target.product, found.digest)
-    if found.kept is None:
-        return held > 0 or found.accepted == 0
+    held = await store.routing_rows(target.routing.index, target.product, digest)
     share = target.routing_share
-    return held == sum(in_routing_sample(pid, share) for batch in found.kept for pid in batch.ids)
+    if share >= 1.0:
+        return held == accepted
+    if ids is None:
+        return held > 0 or accepted == 0
+    return held == sum(in_routing_sample(pid, share) for pid in ids)
 
 
 async def write_card(store: VectorStore, target: Target, card: str, digest: str) -> None:

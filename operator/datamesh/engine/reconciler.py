@@ -360,9 +360,19 @@ class Reconciler:
             await write_card(store, target, card_text(ref.namespace, ref.name, spec), "no-source")
             check = Check(ConditionType.ingested, True, "NoSource", "no source declared; the collection is empty")
             return IngestResult(check, records=records, rejected=0)
-        # Nothing read when the last ingestion already matches this spec and the store still holds it.
+        # Nothing read when the last ingestion already matches this spec and the store still holds it:
+        # the product's collection and its rows in the routing collection (a periodic check that
+        # finds them gone writes them again, whatever removed them).
         unchanged_spec = status.observed_generation == ref.generation and status.ingested_digest is not None
-        if unchanged_spec and not refresh and current == plan.index and await store.count(plan.index) == status.records:
+        records = status.records or 0
+        routed = replace(target, routing_share=routing_share(records, self.settings.routing_rows_per_product))
+        if (
+            unchanged_spec
+            and not refresh
+            and current == plan.index
+            and await store.count(plan.index) == records
+            and await routing_holds(store, routed, status.ingested_digest or "", records)
+        ):
             previous = next((c for c in status.conditions if c.type == ConditionType.ingested.value), None)
             if previous is not None and previous.status == "True":
                 return IngestResult(Check(ConditionType.ingested, True, previous.reason, previous.message))
@@ -409,7 +419,7 @@ class Reconciler:
         if (
             found.digest != status.ingested_digest
             or await store.count(target.plan.index) != found.accepted
-            or not await routing_holds(store, target, found)
+            or not await routing_holds(store, target, found.digest, found.accepted, found.kept_ids())
         ):
             if found.kept is not None:
                 batches = replay(found.kept)
