@@ -12,7 +12,7 @@ low-confidence, and why.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from datamesh.core.calibration import IDENTITY, Scale
@@ -82,7 +82,8 @@ class Selection:
     """The routes of one question, and whether the evidence is too weak to trust."""
 
     routes: list[Route]
-    ranked: list[Route]  # every candidate, best first (what was not asked, too)
+    # Every candidate with evidence, best first, and the first of the others (at zero) in name order.
+    ranked: list[Route]
     low_confidence: bool
     reason: str | None
 
@@ -123,12 +124,27 @@ def select(
     max_products: int,
     named: Sequence[str] = (),
     policy: RoutingPolicy = POLICY,
+    others: Iterable[str] = (),
 ) -> Selection:
-    """The products to ask: every named one, else the best and those close to it (never none)."""
-    ranked = sorted(
-        (Route(e.product, score(e, policy), e, e.product in named) for e in evidence),
-        key=lambda r: (-r.score, r.product),
-    )
+    """The products to ask: every named one, else the best and those close to it (never none).
+
+    ``others``: every candidate's name in name order, for the candidates without evidence; each of
+    them scores zero, so only as many as the choice can reach are weighed one by one (with
+    thousands of candidates and a few dozen hits, weighing every one was most of the routing).
+    """
+    wanted_names = set(named)
+    weighed = [Route(e.product, score(e, policy), e, e.product in wanted_names) for e in evidence]
+    held = {r.product for r in weighed}
+    enough = max_products + policy.min_products + 1
+    unweighed: list[str] = []
+    for product in others:
+        if len(unweighed) >= enough:
+            break
+        if product not in held:
+            unweighed.append(product)
+    unweighed += [p for p in wanted_names if p not in held and p not in unweighed]
+    weighed += [Route(p, 0.0, Evidence(p), p in wanted_names) for p in unweighed]
+    ranked = sorted(weighed, key=lambda r: (-r.score, r.product))
     if not ranked:
         return Selection([], [], True, "no product you may read can answer questions")
     if named:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -36,6 +37,7 @@ from datamesh.resource.models import DEFAULT_EMBEDDING_MODEL, SearchMode, parse_
 
 log = logging.getLogger(__name__)
 _STALE_CARDS = 16  # extra cards fetched when a routing search excludes products rather than naming them
+VIEWS_KEPT = 8  # candidate sets whose routing view is kept (callers who see different products, domains)
 T = TypeVar("T")
 ModelKey = tuple[str, str | None]
 
@@ -151,6 +153,53 @@ class Asked:
     error: ProductFailure | None = None
 
 
+@dataclass(frozen=True)
+class CandidateView:
+    """What routing reads of one set of candidates in one catalog, worked out once, not per question.
+
+    Every question over the same candidates (the usual case: one catalog, every product visible)
+    would otherwise redo this for the whole catalog: at 3,000 products it was most of the time a
+    question took beside its routing searches.
+    """
+
+    held: tuple[CatalogEntry, ...]  # the entries the cache key names by id, kept alive with it
+    by_product: dict[str, CatalogEntry]
+    ordered: tuple[str, ...]  # the candidates' names in name order
+    scales: dict[str, Scale]
+    calibrations: dict[str, tuple[float, float] | None]
+    # Per routing collection and model: its candidates, and the filter scope of its searches.
+    groups: dict[tuple[str, ModelKey], tuple[tuple[str, ...], dict[str, list[str]]]]
+    models: frozenset[ModelKey]
+    remote_models: frozenset[ModelKey]  # embedded by a service of their own, whose timeout applies
+
+    @classmethod
+    def of(cls, candidates: Sequence[CatalogEntry], catalog: Sequence[CatalogEntry]) -> CandidateView:
+        """The view of ``candidates`` among every product of ``catalog``."""
+        population: dict[str, set[str]] = {}
+        for entry in catalog:
+            if entry.routing_collection:
+                population.setdefault(entry.routing_collection, set()).add(entry.product)
+        members: dict[tuple[str, ModelKey], list[str]] = {}
+        for entry in candidates:
+            if entry.routing_collection:
+                members.setdefault((entry.routing_collection, model_of(entry)), []).append(entry.product)
+        groups = {
+            key: (tuple(products), routing_scope(products, population.get(key[0], set())))
+            for key, products in members.items()
+        }
+        models = frozenset(model_of(e) for e in candidates)
+        return cls(
+            held=(*candidates, *catalog),
+            by_product={e.product: e for e in candidates},
+            ordered=tuple(sorted(e.product for e in candidates)),
+            scales=scales_of(candidates),
+            calibrations={e.product: calibration_of(e) for e in candidates},
+            groups=groups,
+            models=models,
+            remote_models=frozenset(m for m in models if m[1] is not None),
+        )
+
+
 class QueryEngine:
     """Routes and asks products; shared by the HTTP handlers."""
 
@@ -166,6 +215,22 @@ class QueryEngine:
         self.metrics = metrics
         self.embedders = embedders
         self._slots: asyncio.Semaphore | None = None
+        self._views: OrderedDict[tuple[tuple[int, ...], tuple[int, ...]], CandidateView] = OrderedDict()
+
+    def view(self, candidates: Sequence[CatalogEntry], catalog: Iterable[CatalogEntry] = ()) -> CandidateView:
+        """The routing view of ``candidates``, from a small cache keyed by the entries themselves."""
+        everything = tuple(catalog)
+        # By identity: a catalog update brings new entry objects, and the view holds the old ones
+        # alive, so an id in a key cannot be reused by another entry while the key is cached.
+        key = (tuple(map(id, candidates)), tuple(map(id, everything)))
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = CandidateView.of(candidates, everything)
+            while len(self._views) > VIEWS_KEPT:
+                self._views.popitem(last=False)
+        else:
+            self._views.move_to_end(key)
+        return view
 
     def _store_slots(self) -> asyncio.Semaphore:
         # As many as the store serves at once (the service opens it so); made on the serving loop.
@@ -251,65 +316,50 @@ class QueryEngine:
     # ---- routing ------------------------------------------------------------------------------
 
     async def route(
-        self,
-        vectors: QuestionVectors,
-        candidates: Sequence[CatalogEntry],
-        *,
-        named: Sequence[str],
-        max_products: int,
-        scales: Mapping[str, Scale],
-        catalog: Iterable[CatalogEntry] = (),
+        self, vectors: QuestionVectors, view: CandidateView, *, named: Sequence[str], max_products: int
     ) -> Selection:
-        """The products to ask, from the evidence of their rows and cards in the routing collections.
+        """The products to ask, from the evidence of their rows and cards in the routing collections."""
+        evidence: dict[str, Evidence] = {}
 
-        ``catalog`` is every product the service knows (not only the candidates): when most of a
-        routing collection's products are candidates, the search excludes the few others instead.
-        """
-        population: dict[str, set[str]] = {}
-        for entry in catalog:
-            if entry.routing_collection:
-                population.setdefault(entry.routing_collection, set()).add(entry.product)
-        evidence = {
-            e.product: Evidence(e.product, calibration=calibration_of(e), scale=scales[e.product]) for e in candidates
-        }
-        groups: dict[tuple[str, ModelKey], list[CatalogEntry]] = {}
-        for entry in candidates:
-            if entry.routing_collection:
-                groups.setdefault((entry.routing_collection, model_of(entry)), []).append(entry)
+        def of(product: str) -> Evidence:
+            found = evidence.get(product)
+            if found is None:
+                calibration, scale = view.calibrations[product], view.scales[product]
+                found = evidence[product] = Evidence(product, calibration=calibration, scale=scale)
+            return found
+
         found = await asyncio.gather(
-            *(self._gather(c, m, g, vectors, evidence, population.get(c, set())) for (c, m), g in groups.items())
+            *(self._gather(c, m, len(group), scope, vectors) for (c, m), (group, scope) in view.groups.items())
         )
-        for hit in (hit for group in found for hit in group):
-            add_row_hit(evidence[str(hit.payload[PRODUCT_KEY])], hit.similarity, hit.payload.get(ROW_KEY))
-        return select(list(evidence.values()), max_products=max_products, named=named)
+        for rows, cards in found:
+            for hit in cards:
+                product = str(hit.payload.get(PRODUCT_KEY))
+                if product in view.by_product:
+                    of(product).card = hit.similarity
+            for hit in rows:
+                product = str(hit.payload.get(PRODUCT_KEY))
+                if hit.payload.get(KIND_KEY) == "row" and product in view.by_product:
+                    add_row_hit(of(product), hit.similarity, hit.payload.get(ROW_KEY))
+        # The candidates without any evidence are weighed too (at zero), without an object each.
+        return select(list(evidence.values()), max_products=max_products, named=named, others=view.ordered)
 
     async def _gather(
-        self,
-        collection: str,
-        model: ModelKey,
-        group: Sequence[CatalogEntry],
-        vectors: QuestionVectors,
-        evidence: Mapping[str, Evidence],
-        population: set[str],
-    ) -> list[ScoredRow]:
-        """One routing collection's row hits (fused ranking) for the group; its cards' similarity noted."""
+        self, collection: str, model: ModelKey, asked: int, scope: Mapping[str, list[str]], vectors: QuestionVectors
+    ) -> tuple[list[ScoredRow], list[ScoredRow]]:
+        """One routing collection's row hits (fused ranking) and card hits for the candidates in ``scope``."""
         try:
             vector = await vectors.vector(model)
         except ProductFailure:
-            return []  # the products of this model fail with the reason when asked
-        rows, cards = routing_searches(vector, vectors.question, [e.product for e in group], population)
+            return [], []  # the products of this model fail with the reason when asked
+        rows, cards = routing_requests(vector, vectors.question, asked, scope)
         try:
             found_rows, found_cards = await asyncio.gather(
                 self.store.search(collection, rows), self.store.search(collection, cards)
             )
         except VectorStoreError as exc:
             log.warning("routing collection %s cannot be searched: %s", collection, exc)
-            return []  # routing falls back on what the other collections say; the products are still asked
-        for hit in found_cards:
-            product = str(hit.payload.get(PRODUCT_KEY))
-            if product in evidence:
-                evidence[product].card = hit.similarity
-        return [h for h in found_rows if h.payload.get(KIND_KEY) == "row" and h.payload.get(PRODUCT_KEY) in evidence]
+            return [], []  # routing falls back on what the other collections say; the products are still asked
+        return found_rows, found_cards
 
     # ---- the whole question -------------------------------------------------------------------
 
@@ -331,27 +381,24 @@ class QueryEngine:
         """
         started = time.perf_counter()
         vectors = self.question(question)
-        for entry in candidates:
-            key = model_of(entry)
-            if key[1] is not None:
-                # A remote embedding service is part of its products' answer: their timeout applies. A
-                # model in this process is only queued behind other questions: the service's cap applies.
-                vectors.timeouts[key] = max(vectors.timeouts.get(key, 0.0), self.timeout_for(entry))
-        vectors.start({model_of(e) for e in candidates})
-        scales = scales_of(candidates)
+        view = self.view(candidates, catalog)
+        if view.remote_models:
+            for entry in candidates:
+                key = model_of(entry)
+                if key in view.remote_models:
+                    # A remote embedding service is part of its products' answer: their timeout applies. A
+                    # model in this process is only queued behind other questions: the service's cap applies.
+                    vectors.timeouts[key] = max(vectors.timeouts.get(key, 0.0), self.timeout_for(entry))
+        vectors.start(view.models)
+        scales = view.scales
         try:
             routing_started = time.perf_counter()
             selection = await self.route(
-                vectors,
-                candidates,
-                named=named,
-                max_products=max_products or self.settings.max_products,
-                scales=scales,
-                catalog=catalog,
+                vectors, view, named=named, max_products=max_products or self.settings.max_products
             )
             self.metrics.routing_seconds.observe(time.perf_counter() - routing_started)
             self.metrics.routed.observe(len(selection.routes))
-            entries = {e.product: e for e in candidates}
+            entries = view.by_product
             slots = asyncio.Semaphore(self.settings.fanout_concurrency)
 
             async def one(product: str) -> Asked:
@@ -361,13 +408,12 @@ class QueryEngine:
             asked = await asyncio.gather(*(one(r.product) for r in selection.routes))
             # A product whose model could not embed the question was never weighed: say so.
             routed = {r.product for r in selection.routes}
-            unweighed = []
-            for entry in candidates:
-                if entry.product in routed:
-                    continue
-                failure = vectors.failure(model_of(entry))
-                if failure is not None:
-                    unweighed.append(Asked(entry, [], 0.0, ProductFailure(failure.kind, f"not routed: {failure}")))
+            failed = {key: failure for key in view.models if (failure := vectors.failure(key)) is not None}
+            unweighed = [
+                Asked(entry, [], 0.0, ProductFailure(failure.kind, f"not routed: {failure}"))
+                for entry in (candidates if failed else ())
+                if (failure := failed.get(model_of(entry))) is not None and entry.product not in routed
+            ]
         finally:
             await vectors.close()
         scores = {r.product: r.score for r in selection.routes}
@@ -408,26 +454,36 @@ class QueryEngine:
         }
 
 
-def routing_searches(
-    vector: Sequence[float], question: str, products: Sequence[str], population: set[str]
-) -> tuple[SearchRequest, SearchRequest]:
-    """The two searches of a routing collection for ``products``: their best rows, and their cards.
+def routing_scope(products: Sequence[str], population: set[str]) -> dict[str, list[str]]:
+    """The filter of a routing collection's searches for ``products`` among all of its ``population``.
 
-    ``population`` is every known product of that collection; when most of it is asked for, the
-    few others are excluded instead (the shorter list filters faster). Points of products outside
-    the catalog (a deletion not yet cleaned up) may then come back: the caller drops them, and a
-    few more cards are fetched for them.
+    When most of the population is asked for, the few others are excluded instead (the shorter list
+    filters faster). Points of products outside the catalog (a deletion not yet cleaned up) may then
+    come back: the caller drops them, and a few more cards are fetched for them.
     """
     others = population.difference(products)
-    scope: dict[str, Any] = {"products": list(products)}
     if population and len(others) < len(products):
-        scope = {"excluded": sorted(others)}
+        return {"excluded": sorted(others)}
+    return {"products": list(products)}
+
+
+def routing_requests(
+    vector: Sequence[float], question: str, asked: int, scope: Mapping[str, list[str]]
+) -> tuple[SearchRequest, SearchRequest]:
+    """The two searches of a routing collection for ``asked`` products within ``scope``: best rows, cards."""
     wanted = (PRODUCT_KEY, ROW_KEY, KIND_KEY)  # the routing decision needs no more of each point
-    cards = min(len(products), POLICY.cards) + (_STALE_CARDS if "excluded" in scope else 0)
+    cards = min(asked, POLICY.cards) + (_STALE_CARDS if "excluded" in scope else 0)
     return (
         SearchRequest(vector, question, POLICY.fetch, SearchMode.hybrid, kind="row", payload=wanted, **scope),
         SearchRequest(vector, question, cards, SearchMode.dense, kind="card", payload=wanted, **scope),
     )
+
+
+def routing_searches(
+    vector: Sequence[float], question: str, products: Sequence[str], population: set[str]
+) -> tuple[SearchRequest, SearchRequest]:
+    """The two searches of a routing collection for ``products`` (see :func:`routing_scope`)."""
+    return routing_requests(vector, question, len(products), routing_scope(products, population))
 
 
 def calibration_of(entry: CatalogEntry) -> tuple[float, float] | None:
