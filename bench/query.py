@@ -290,6 +290,9 @@ async def main(args: argparse.Namespace) -> int:
         )
     flat = pct(cases[2].latencies, 0.5) / pct(cases[1].latencies, 0.5)
     non_2xx = sum(c.non_2xx for c in cases)
+    for case in cases:
+        if case.non_2xx:  # which answers: a 503 is a timeout, a 502 a product that failed
+            print(f"  {case.label}: " + ", ".join(f"HTTP {s} x{n}" for s, n in sorted(case.statuses.items())))
     p50_10 = pct(cases[1].latencies, 0.5) * 1000
     checks = [
         ("federated(10) p50 <= 1.2 x floor", ratios["federated(10)"], ratios["federated(10)"] <= 1.2),

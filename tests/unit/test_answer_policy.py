@@ -35,6 +35,28 @@ def test_the_best_products_are_asked_and_never_none() -> None:
     assert [r.product for r in capped.routes] == ["x/strong"]
 
 
+@pytest.mark.parametrize(
+    "found",
+    [
+        {},  # nothing matched: the first products by name are still asked
+        {"m/p040": (0.7, None)},  # one strong product among many with no evidence
+        {"m/p003": (0.30, 0.25), "m/p077": (0.29, None), "m/p150": (None, 0.26)},  # close ones: ambiguous
+        {"m/p010": (-0.2, -0.3), "m/p011": (-0.1, None)},  # negative similarities rank below zero
+    ],
+)
+@pytest.mark.parametrize("named", [(), ("m/p120", "m/p040")])
+def test_candidates_without_evidence_are_weighed_at_zero_as_if_each_had_an_empty_evidence(
+    found: dict[str, tuple[float | None, float | None]], named: tuple[str, ...]
+) -> None:
+    products = [f"m/p{i:03d}" for i in range(200)]
+    hits = [evidence(p, row, card=card) for p, (row, card) in found.items()]
+    one_by_one = select([*hits, *(Evidence(p) for p in products if p not in found)], max_products=5, named=named)
+    at_zero = select(hits, max_products=5, named=named, others=products)
+    assert [(r.product, r.score) for r in at_zero.routes] == [(r.product, r.score) for r in one_by_one.routes]
+    assert (at_zero.low_confidence, at_zero.reason) == (one_by_one.low_confidence, one_by_one.reason)
+    assert len(at_zero.ranked) < len(one_by_one.ranked) == len(products), "the others are not each weighed"
+
+
 def test_weak_evidence_is_answered_and_flagged_low_confidence() -> None:
     weak = [evidence("w/a", 0.18, typical=0.1), evidence("w/b", 0.15, typical=0.1)]
     chosen = select(weak, max_products=10)
