@@ -190,45 +190,27 @@ async def test_a_refresh_rereads_the_source_and_removes_rows_that_left_it(world:
     assert await world.store.count("sales.churn") == 2
 
 
+@pytest.mark.parametrize("refresh", [True, False], ids=["refresh", "periodic-check"])
 async def test_rows_missing_from_the_routing_collection_are_written_again_by_the_next_reconcile(
-    world: World,
+    world: World, refresh: bool
 ) -> None:
     first = await world.reconcile(product())
     spec = parse_spec(product())
     assert spec is not None and spec.semantic_search is not None
     routing = routing_plan(collection_plan("sales", "churn", spec, 384), spec.semantic_search.embedding_model, None)
     held = await world.store.count(routing.alias)
-    # An unchanged product whose routing rows are all there: nothing written on a refresh.
-    unchanged = await world.reconcile(product(status=wire(first)), refresh=True)
-    assert unchanged.points_written == 0
-    # Its rows gone from routing (its own collection and status intact), as a CI run once found
-    # after a leader's kill -9: the next reconcile writes them again.
-    await world.store.remove_product(routing.alias, "sales/churn")
-    assert await world.store.count(routing.alias) == 0
-    healed = await world.reconcile(product(status=wire(first)), refresh=True)
-    assert healed.points_written == len(ROWS) and healed.status.phase == "Ready"
-    assert await world.store.count(routing.alias) == held
-
-
-async def test_a_periodic_check_writes_back_routing_rows_that_went_missing_and_reads_nothing_otherwise(
-    world: World,
-) -> None:
-    first = await world.reconcile(product())
-    spec = parse_spec(product())
-    assert spec is not None and spec.semantic_search is not None
-    routing = routing_plan(collection_plan("sales", "churn", spec, 384), spec.semantic_search.embedding_model, None)
-    held = await world.store.count(routing.alias)
-    # The check of an unchanged product whose rows are all in place reads nothing.
-    checked = await world.reconcile(product(status=wire(first)))
-    assert checked.points_written == 0 and world.rows.reads == 1
-    # Its points gone from the routing collection (its own collection and its status intact): the
-    # next periodic check, with no refresh due, reads the source again and puts them back.
     digest = first.status.ingested_digest
     assert digest is not None
+    # An unchanged product whose routing rows are all there: nothing written, and on a periodic
+    # check with no refresh due, nothing read.
+    unchanged = await world.reconcile(product(status=wire(first)), refresh=refresh)
+    assert unchanged.points_written == 0 and world.rows.reads == (2 if refresh else 1)
+    # Its points gone from routing (its own collection and status intact), as a CI run once found
+    # after a leader's kill -9: the next reconcile, a refresh or a periodic check, writes them again.
     await world.store.remove_product(routing.alias, "sales/churn")
     assert await world.store.routing_rows(routing.alias, "sales/churn", digest) == 0
-    healed = await world.reconcile(product(status=wire(first)))
-    assert healed.points_written == len(ROWS) and world.rows.reads == 2 and healed.status.phase == "Ready"
+    healed = await world.reconcile(product(status=wire(first)), refresh=refresh)
+    assert healed.points_written == len(ROWS) and healed.status.phase == "Ready"
     assert await world.store.routing_rows(routing.alias, "sales/churn", digest) == len(ROWS)
     assert await world.store.count(routing.alias) == held
 
