@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 import kopf
@@ -215,6 +216,7 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
                     body.metadata.name,
                 )
                 return
+            checked_at = utcnow()
             spec, status = parse_spec(body), parse_status(body)  # kopf keeps body current
             # Only products whose status answers their spec: the others are the change handlers' own.
             if spec is not None and status.observed_generation == body.metadata.get("generation"):
@@ -223,7 +225,10 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
                         await _resync(memo.runtime, body, spec, status)
                 except Exception as exc:  # the next check retries; a failing one must not end the daemon
                     log.warning("check of %s/%s failed: %s", body.metadata.namespace, body.metadata.name, exc)
-            delay = _next_check(body, period)
+            # Counted from when the check began: a check that ends just after a refresh fell due
+            # would otherwise read the refresh as missed and wait a whole interval for it.
+            spent = (utcnow() - checked_at).total_seconds()
+            delay = max(0.0, _next_check(body, period, checked_at) - spent)
 
     @kopf.on.delete(*RESOURCE, registry=registry)
     async def delete_product(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -263,9 +268,10 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
     return registry
 
 
-def _next_check(body: kopf.Body, period: float) -> float:
+def _next_check(body: kopf.Body, period: float, now: datetime | None = None) -> float:
     spec = parse_spec(body)
-    return period if spec is None else next_check_in(spec, parse_status(body).last_ingested_at, utcnow(), period)
+    at = now or utcnow()
+    return period if spec is None else next_check_in(spec, parse_status(body).last_ingested_at, at, period)
 
 
 async def _resync(runtime: Runtime, body: kopf.Body, spec: DataProductSpec, status: DataProductStatus) -> None:
