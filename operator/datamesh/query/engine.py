@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -37,7 +36,6 @@ from datamesh.resource.models import DEFAULT_EMBEDDING_MODEL, SearchMode, parse_
 
 log = logging.getLogger(__name__)
 _STALE_CARDS = 16  # extra cards fetched when a routing search excludes products rather than naming them
-VIEWS_KEPT = 8  # candidate sets whose routing view is kept (callers who see different products, domains)
 T = TypeVar("T")
 ModelKey = tuple[str, str | None]
 
@@ -162,7 +160,6 @@ class CandidateView:
     question took beside its routing searches.
     """
 
-    held: tuple[CatalogEntry, ...]  # the entries the cache key names by id, kept alive with it
     by_product: dict[str, CatalogEntry]
     ordered: tuple[str, ...]  # the candidates' names in name order
     scales: dict[str, Scale]
@@ -173,7 +170,7 @@ class CandidateView:
     remote_models: frozenset[ModelKey]  # embedded by a service of their own, whose timeout applies
 
     @classmethod
-    def of(cls, candidates: Sequence[CatalogEntry], catalog: Sequence[CatalogEntry]) -> CandidateView:
+    def of(cls, candidates: Sequence[CatalogEntry], catalog: Iterable[CatalogEntry]) -> CandidateView:
         """The view of ``candidates`` among every product of ``catalog``."""
         population: dict[str, set[str]] = {}
         for entry in catalog:
@@ -189,7 +186,6 @@ class CandidateView:
         }
         models = frozenset(model_of(e) for e in candidates)
         return cls(
-            held=(*candidates, *catalog),
             by_product={e.product: e for e in candidates},
             ordered=tuple(sorted(e.product for e in candidates)),
             scales=scales_of(candidates),
@@ -215,22 +211,6 @@ class QueryEngine:
         self.metrics = metrics
         self.embedders = embedders
         self._slots: asyncio.Semaphore | None = None
-        self._views: OrderedDict[tuple[tuple[int, ...], tuple[int, ...]], CandidateView] = OrderedDict()
-
-    def view(self, candidates: Sequence[CatalogEntry], catalog: Iterable[CatalogEntry] = ()) -> CandidateView:
-        """The routing view of ``candidates``, from a small cache keyed by the entries themselves."""
-        everything = tuple(catalog)
-        # By identity: a catalog update brings new entry objects, and the view holds the old ones
-        # alive, so an id in a key cannot be reused by another entry while the key is cached.
-        key = (tuple(map(id, candidates)), tuple(map(id, everything)))
-        view = self._views.get(key)
-        if view is None:
-            view = self._views[key] = CandidateView.of(candidates, everything)
-            while len(self._views) > VIEWS_KEPT:
-                self._views.popitem(last=False)
-        else:
-            self._views.move_to_end(key)
-        return view
 
     def _store_slots(self) -> asyncio.Semaphore:
         # As many as the store serves at once (the service opens it so); made on the serving loop.
@@ -366,22 +346,18 @@ class QueryEngine:
     async def answer(
         self,
         question: str,
-        candidates: Sequence[CatalogEntry],
+        view: CandidateView,
         caller: Identity,
         *,
         named: Sequence[str] = (),
         limit: int = 10,
         per_product: int = 5,
         max_products: int | None = None,
-        catalog: Iterable[CatalogEntry] = (),
     ) -> dict[str, Any]:
-        """Route, ask concurrently (bounded), merge: the answer as the API returns it.
-
-        ``catalog``: every product the service knows, which lets routing searches filter faster.
-        """
+        """Route among ``view``'s candidates, ask concurrently (bounded), merge: the answer as the API returns it."""
         started = time.perf_counter()
         vectors = self.question(question)
-        view = self.view(candidates, catalog)
+        candidates = view.by_product.values()
         if view.remote_models:
             for entry in candidates:
                 key = model_of(entry)

@@ -14,7 +14,7 @@ from typing import Any
 
 from datamesh.query.access import Identity, can_read
 from datamesh.query.catalog_sources import CatalogSource
-from datamesh.query.engine import ProductFailure, QueryEngine, elapsed_ms
+from datamesh.query.engine import CandidateView, ProductFailure, QueryEngine, elapsed_ms
 from datamesh.query.routing import Candidates, ProductNameError, candidates, product_ref, resolve_names
 from datamesh.query.schemas import QueryRequest
 from datamesh.resource.catalog import CatalogEntry, entry_key
@@ -68,33 +68,41 @@ def find_product(source: CatalogSource, identity: Identity, name: str) -> Catalo
     return entry
 
 
-class _RecentChoices:
-    """The candidates of the last few (catalog, caller, narrowing) combinations.
+@dataclass(frozen=True)
+class _Choice:
+    catalog: dict[str, CatalogEntry]  # kept alive so that its id, in the cache key, names no other dict
+    candidates: Candidates
+    view: CandidateView | None  # None when there is no candidate to route among
 
-    Reading who may see what and sorting the catalog took milliseconds per question at thousands
-    of products, and a catalog changes far less often than questions come. A catalog is known by
-    its entries dict, which every source swaps whole when it changes; the dict is kept with its
-    choice, so its id cannot name another dict while it is cached.
+
+class _RecentChoices:
+    """The candidates, and their routing view, of the last few (catalog, caller, narrowing) combinations.
+
+    Reading who may see what, sorting the catalog and working out each candidate's routing took
+    milliseconds per question at thousands of products, and a catalog changes far less often than
+    questions come. A catalog is known by its entries dict, which every source swaps whole when it
+    changes.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._kept: OrderedDict[tuple[Any, ...], tuple[dict[str, CatalogEntry], Candidates]] = OrderedDict()
+        self._kept: OrderedDict[tuple[Any, ...], _Choice] = OrderedDict()
 
-    def get(self, source: CatalogSource, identity: Identity, request: QueryRequest) -> Candidates:
-        """The candidates of ``request`` for ``identity`` (ProductNameError as :func:`candidates` raises it)."""
+    def get(self, source: CatalogSource, identity: Identity, request: QueryRequest) -> _Choice:
+        """The choice of ``request`` for ``identity`` (ProductNameError as :func:`candidates` raises it)."""
         catalog = source.entries()
         key = (id(catalog), identity, tuple(request.domains or ()), tuple(request.products or ()))
         kept = self._kept.get(key)
         if kept is not None:
             self._kept.move_to_end(key)
-            return kept[1]
+            return kept
         readable = (e for e in catalog.values() if can_read(identity, e))
         chosen = candidates(readable, domains=request.domains, products=request.products)
-        self._kept[key] = (catalog, chosen)
+        view = CandidateView.of(chosen.entries, catalog.values()) if chosen.entries else None
+        kept = self._kept[key] = _Choice(catalog, chosen, view)
         while len(self._kept) > self.size:
             self._kept.popitem(last=False)
-        return chosen
+        return kept
 
 
 _choices = _RecentChoices(8)
@@ -115,21 +123,21 @@ async def answer_question(
     started = time.perf_counter()
     require_catalog(source)
     try:
-        chosen = _choices.get(source, identity, request)
+        choice = _choices.get(source, identity, request)
     except ProductNameError as exc:
         raise ApiError(exc.status, str(exc)) from None
-    if not chosen.entries:
+    chosen = choice.candidates
+    if choice.view is None:
         empty = {"routedTo": [], "lowConfidence": True, "confidenceNote": chosen.note, "results": [], "merged": []}
         return Answer({**empty, "errors": [], "message": chosen.note, "latencyMs": elapsed_ms(started)})
     answer = await engine.answer(
         request.question,
-        chosen.entries,
+        choice.view,
         identity,
         named=chosen.named,
         limit=request.limit,
         per_product=request.per_product,
         max_products=request.max_products,
-        catalog=source.entries().values(),
     )
     errors = answer["errors"]
     if errors and not answer["results"]:
