@@ -7,6 +7,7 @@ they stand for a ConfigMap, a remote server and a Deployment that do not exist h
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,6 +324,31 @@ async def test_a_deployed_model_reports_its_service_url(world: World) -> None:
         product(inference={"enabled": True, "model": "builtin:ngram-384"}, status=wire(outcome))
     )
     assert waiting.status.phase == "Provisioning" and conditions(waiting)["Ready"][0] == "False"
+
+
+async def test_of_two_overlapping_reconciles_the_later_ones_status_is_written_last(world: World) -> None:
+    """A periodic check and a Deployment's event reconcile one product at once: the status that
+    stays is the one read last (the Deployment lost its replicas), not the one whose write was slower."""
+    spec = {"inference": {"enabled": True, "model": "builtin:ngram-384"}}
+    body = product(status=wire(await world.reconcile(product(**spec))), **spec)
+    written: list[str] = []
+    writing = asyncio.Event()
+
+    async def slow_write(outcome: Outcome) -> None:
+        writing.set()
+        await asyncio.sleep(0.2)  # an API server slow to take the status
+        written.append(conditions(outcome)["InferenceReady"][0])
+
+    async def write(outcome: Outcome) -> None:
+        written.append(conditions(outcome)["InferenceReady"][0])
+
+    async def replicas_lost() -> None:
+        await writing.wait()  # the first reconcile read the Deployment available and is writing that
+        world.inference.available = False
+        await world.reconciler.reconcile(body, write=write)
+
+    await asyncio.gather(world.reconciler.reconcile(body, write=slow_write), replicas_lost())
+    assert written == ["True", "False"]
 
 
 async def test_an_older_generation_never_rolls_a_product_back(world: World) -> None:

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 RESOURCE = (GROUP, VERSION, PLURAL)
 
 
-async def write_outcome(runtime: Runtime, outcome: Outcome, body: kopf.Body) -> None:
+async def write_outcome(runtime: Runtime, outcome: Outcome, body: Mapping[str, Any]) -> None:
     """Write the outcome's status, then post its events.
 
     Written by the handler itself rather than through kopf's patch: kopf patches the object (its
@@ -188,10 +188,12 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
     @kopf.on.create(*RESOURCE, registry=registry)
     @kopf.on.update(*RESOURCE, registry=registry, field="spec")
     async def reconcile_product(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
-        outcome = await memo.runtime.reconciler.reconcile(body, retry=retry)
+        runtime: Runtime = memo.runtime
+        outcome = await runtime.reconciler.reconcile(
+            body, retry=retry, write=lambda outcome: write_outcome(runtime, outcome, body)
+        )
         if outcome is None:
             return
-        await write_outcome(memo.runtime, outcome, body)
         if outcome.retry_after is not None:
             raise kopf.TemporaryError(outcome.status.message or "transient failure", delay=outcome.retry_after)
 
@@ -259,11 +261,9 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
             if await _repair_children(runtime, product, body, deleted=type == "DELETED"):
                 return
             if body.get("kind") == "Deployment" and _availability_changed(product, body):
-                outcome = await runtime.reconciler.reconcile(product)
-                if outcome is not None:
-                    await runtime.kube.patch_product_status(*RESOURCE, product, outcome.status.wire_status())
-                    for event in outcome.events:
-                        post_event(product, event)
+                await runtime.reconciler.reconcile(
+                    product, write=lambda outcome: write_outcome(runtime, outcome, product)
+                )
 
     return registry
 
@@ -277,11 +277,16 @@ def _next_check(body: kopf.Body, period: float, now: datetime | None = None) -> 
 async def _resync(runtime: Runtime, body: kopf.Body, spec: DataProductSpec, status: DataProductStatus) -> None:
     """One periodic check of a product whose status reflects its spec; writes status only when it changed."""
     refresh = refresh_due(spec, status.last_ingested_at, utcnow())
-    outcome = await runtime.reconciler.reconcile(body, refresh=refresh)
+
+    async def write_if_changed(outcome: Outcome) -> None:
+        # Compared with the status as kopf sees it now: another reconcile may have written since
+        # this check read it.
+        if outcome.events or _comparable(outcome.status) != _comparable(parse_status(body)):
+            await write_outcome(runtime, outcome, body)
+
+    outcome = await runtime.reconciler.reconcile(body, refresh=refresh, write=write_if_changed)
     if outcome is None:
         return
-    if outcome.events or _comparable(outcome.status) != _comparable(status):
-        await write_outcome(runtime, outcome, body)
     sla = outcome.status.sla
     for objective, met in (
         ("freshness", sla and sla.freshness_met),

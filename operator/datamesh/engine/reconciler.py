@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -189,11 +189,19 @@ class Reconciler:
         """Backoff after a transient failure (``retry`` counts earlier attempts, from 0)."""
         return backoff_delay(retry + 1, self.settings.retry_base_seconds, self.settings.retry_max_seconds, jitter=False)
 
-    async def reconcile(self, body: Mapping[str, Any], *, refresh: bool = False, retry: int = 0) -> Outcome | None:
+    async def reconcile(
+        self,
+        body: Mapping[str, Any],
+        *,
+        refresh: bool = False,
+        retry: int = 0,
+        write: Callable[[Outcome], Awaitable[None]] | None = None,
+    ) -> Outcome | None:
         """Bring one product to its desired state and return the status that says how it went.
 
-        None when ``body`` is older than a generation already reconciled (a timer that
-        queued behind a spec change must not roll the product back).
+        ``write`` publishes the outcome (its status, its events) before another reconcile of the
+        product may start. None when ``body`` is older than a generation already reconciled (a
+        timer that queued behind a spec change must not roll the product back).
         """
         ref = ProductRef.of(body)
         started = time.perf_counter()
@@ -204,6 +212,15 @@ class Reconciler:
                     return None
                 self._generations[key] = ref.generation
                 outcome = await self._reconcile(ref, body, refresh=refresh, retry=retry)
+                self._observe(ref, outcome, started)
+                if write is not None:
+                    # Under the product's lock: two reconciles of one product (a periodic check and
+                    # a Deployment's event, say) would otherwise write in either order, and a status
+                    # read before the other's could be written last and stay.
+                    await write(outcome)
+        return outcome
+
+    def _observe(self, ref: ProductRef, outcome: Outcome, started: float) -> None:
         phase = outcome.phase.value
         reason = None
         if outcome.phase in (Phase.degraded, Phase.failed):
@@ -211,7 +228,6 @@ class Reconciler:
             reason = ready.reason if ready else "Unknown"
         self.ports.observer.reconciled(phase, time.perf_counter() - started, reason)
         self._track_phase(ref, phase)
-        return outcome
 
     @property
     def known_products(self) -> int:
