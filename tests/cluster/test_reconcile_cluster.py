@@ -123,6 +123,31 @@ def test_every_example_becomes_ready_with_collection_and_catalog_entry(
         assert entry["tags"] == doc["spec"]["tags"]
 
 
+def scheduler_sees_cordon(kubectl: Kubectl) -> None:
+    """Wait until kube-scheduler refuses a pod for the cordoned node.
+
+    The scheduler learns of the cordon through its watch: a replacement pod created before that
+    is still bound to the node, and kwok makes it Ready at once.
+    """
+    probe = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "cordon-probe", "namespace": "default"},
+        "spec": {"containers": [{"name": "probe", "image": "registry.k8s.io/pause:3.10"}]},
+    }
+    apply(kubectl, probe)
+    try:
+
+        def refused() -> bool:
+            pod = kubectl.get("pod", "cordon-probe", "default") or {}
+            conds = (pod.get("status") or {}).get("conditions") or []
+            return any(c["type"] == "PodScheduled" and c.get("reason") == "Unschedulable" for c in conds)
+
+        wait_for(refused, 30, what="the scheduler to refuse a pod for the cordoned node")
+    finally:
+        kubectl.run("delete", "pod", "cordon-probe", "-n", "default", "--wait=false")
+
+
 def test_inference_model_gets_owned_deployment_restored_and_garbage_collected(
     kubectl: Kubectl, operator: OperatorThread, fake_node: str
 ) -> None:
@@ -160,6 +185,7 @@ def test_inference_model_gets_owned_deployment_restored_and_garbage_collected(
     # Drain the node: the pods go, their replacements cannot be scheduled, nothing is available.
     kubectl.run("cordon", fake_node)
     try:
+        scheduler_sees_cordon(kubectl)
         kubectl.run("delete", "pods", "-n", "default", "-l", "app.kubernetes.io/instance=with-model-inference")
         st = wait_for(lambda: inference("False", "0/3 replicas available"), 60, what="InferenceReady False")
         assert st["phase"] == "Provisioning" and st["sla"]["availabilityMet"] is False
