@@ -20,7 +20,7 @@ from datamesh.adapters.files import FileCatalogBackend, read_catalog_file
 from datamesh.adapters.sources import RowsInMemory
 from datamesh.adapters.stores import open_store
 from datamesh.core.conditions import Check, ConditionType
-from datamesh.core.plan import collection_plan, routing_plan
+from datamesh.core.plan import DIGEST_KEY, KIND_KEY, PRODUCT_KEY, card_point_id, collection_plan, routing_plan
 from datamesh.core.ports import SearchRequest, SourceError, VectorStore
 from datamesh.core.rows import Row
 from datamesh.engine.catalog_writer import CatalogWriter
@@ -209,11 +209,35 @@ async def test_rows_missing_from_the_routing_collection_are_written_again_by_the
     # Its points gone from routing (its own collection and status intact), as a CI run once found
     # after a leader's kill -9: the next reconcile, a refresh or a periodic check, writes them again.
     await world.store.remove_product(routing.alias, "sales/churn")
-    assert await world.store.routing_rows(routing.alias, "sales/churn", digest) == 0
+    assert await world.store.routing_points(routing.alias, "sales/churn", digest) == 0
     healed = await world.reconcile(product(status=wire(first)), refresh=refresh)
     assert healed.points_written == len(ROWS) and healed.status.phase == "Ready"
-    assert await world.store.routing_rows(routing.alias, "sales/churn", digest) == len(ROWS)
+    assert await world.store.routing_points(routing.alias, "sales/churn", digest) == len(ROWS)
     assert await world.store.count(routing.alias) == held
+
+
+async def test_a_card_missing_from_the_routing_collection_is_written_again_by_the_next_periodic_check(
+    world: World,
+) -> None:
+    first = await world.reconcile(product())
+    spec = parse_spec(product())
+    assert spec is not None and spec.semantic_search is not None
+    routing = routing_plan(collection_plan("sales", "churn", spec, 384), spec.semantic_search.embedding_model, None)
+    digest = first.status.ingested_digest
+    assert digest is not None and await world.store.routing_points(routing.alias, "sales/churn", digest, "card") == 1
+    # The card alone gone (an older ingestion's card point, removed with that ingestion), rows intact.
+    (vector,) = await resolve_provider("builtin:ngram-384").embed(["stale card"])
+    stale = {PRODUCT_KEY: "sales/churn", KIND_KEY: "card", DIGEST_KEY: "older"}
+    await world.store.upsert(routing.alias, [card_point_id("sales", "churn")], [vector], ["stale card"], [stale])
+    await world.store.remove_product(routing.alias, "sales/churn", keep_digest=digest)
+    assert await world.store.routing_points(routing.alias, "sales/churn", digest, "card") == 0
+    assert await world.store.routing_points(routing.alias, "sales/churn", digest) == len(ROWS)
+    healed = await world.reconcile(product(status=wire(first)))
+    assert await world.store.routing_points(routing.alias, "sales/churn", digest, "card") == 1
+    assert healed.points_written == 0 and healed.status.phase == "Ready"  # the rows were not written again
+    asked = SearchRequest(vector=vector, text="why customers cancel", limit=5, products=["sales/churn"], kind="card")
+    (card,) = await world.store.search(routing.alias, asked)
+    assert card.payload[DIGEST_KEY] == digest  # routing finds the product's card again
 
 
 async def test_an_invalid_spec_fails_with_the_field_and_touches_nothing(world: World) -> None:

@@ -450,7 +450,7 @@ async def test_routing_searches_keep_to_the_products_and_kind_asked_for(store: V
     assert await found(products=["ns/a", "ns/c"], excluded=["ns/a"]) == {("ns/c", "row")}
 
 
-async def test_routing_rows_counts_one_products_rows_of_one_ingestion(store: VectorStore) -> None:
+async def test_routing_points_counts_one_products_rows_or_card_of_one_ingestion(store: VectorStore) -> None:
     routing = CollectionPlan("routing", "routing", DIM, Distance.cosine, {PRODUCT_KEY: FieldType.string})
     assert await store.ensure_index(routing)
     # ns/a: rows 0, 2 of ingestion d1 and row 4 of d2; ns/b: rows 1, 3 and its card (5), all d1.
@@ -463,10 +463,12 @@ async def test_routing_rows_counts_one_products_rows_of_one_ingestion(store: Vec
         for i in range(6)
     ]
     await store.upsert("routing", IDS, VECTORS, TEXTS, payloads)
-    assert await store.routing_rows("routing", "ns/a", "d1") == 2
-    assert await store.routing_rows("routing", "ns/a", "d2") == 1
-    assert await store.routing_rows("routing", "ns/b", "d1") == 2  # its card is not a row
-    assert await store.routing_rows("routing", "ns/c", "d1") == 0
+    assert await store.routing_points("routing", "ns/a", "d1") == 2
+    assert await store.routing_points("routing", "ns/a", "d2") == 1
+    assert await store.routing_points("routing", "ns/b", "d1") == 2  # its card is not a row
+    assert await store.routing_points("routing", "ns/b", "d1", "card") == 1
+    assert await store.routing_points("routing", "ns/a", "d1", "card") == 0
+    assert await store.routing_points("routing", "ns/c", "d1") == 0
 
 
 def test_tied_hits_come_back_in_the_same_order_whatever_order_the_engine_gave() -> None:

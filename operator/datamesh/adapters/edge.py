@@ -64,7 +64,8 @@ from datamesh.core.plan import (
     PRODUCT_KEY,
     SPARSE_VECTOR,
     CollectionPlan,
-    routing_row_fields,
+    RoutingKind,
+    routing_fields,
 )
 from datamesh.core.ports import (
     TIE_SLACK,
@@ -502,10 +503,10 @@ class EdgeStore:
             self._counts[name] = counted
         return counted
 
-    async def routing_rows(self, collection: str, product: str, digest: str) -> int:
-        """Routing collections: how many rows of a product's ingestion ``digest`` it holds."""
+    async def routing_points(self, collection: str, product: str, digest: str, kind: RoutingKind = "row") -> int:
+        """Routing collections: how many rows (or cards) of a product's ingestion ``digest`` it holds."""
         name = self._resolve(collection)
-        fields = routing_row_fields(product, digest).items()
+        fields = routing_fields(product, digest, kind).items()
         rows = qe.Filter(must=[qe.FieldCondition(key=key, match=qe.MatchValue(value)) for key, value in fields])
         async with self._use(name) as shard:
             return int(await self._engine(name, shard.engine.count, qe.CountRequest(exact=True, filter=rows)))

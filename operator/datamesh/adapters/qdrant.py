@@ -29,7 +29,8 @@ from datamesh.core.plan import (
     PRODUCT_KEY,
     SPARSE_VECTOR,
     CollectionPlan,
-    routing_row_fields,
+    RoutingKind,
+    routing_fields,
 )
 from datamesh.core.ports import (
     TIE_SLACK,
@@ -267,9 +268,9 @@ class QdrantStore:
         result = await self._call("count", self.client.count(collection, exact=True))
         return int(result.count)
 
-    async def routing_rows(self, collection: str, product: str, digest: str) -> int:
-        """Routing collections: how many rows of a product's ingestion ``digest`` it holds."""
-        fields = routing_row_fields(product, digest).items()
+    async def routing_points(self, collection: str, product: str, digest: str, kind: RoutingKind = "row") -> int:
+        """Routing collections: how many rows (or cards) of a product's ingestion ``digest`` it holds."""
+        fields = routing_fields(product, digest, kind).items()
         rows = qm.Filter(must=[qm.FieldCondition(key=key, match=qm.MatchValue(value=value)) for key, value in fields])
         result = await self._call("count rows", self.client.count(collection, count_filter=rows, exact=True))
         return int(result.count)

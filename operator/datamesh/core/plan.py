@@ -11,7 +11,7 @@ import hashlib
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from datamesh.resource.models import (
     CollectionLayout,
@@ -31,6 +31,7 @@ DIGEST_KEY = "_ingest"
 PRODUCT_KEY = "_product"
 ROW_KEY = "_key"
 KIND_KEY = "_kind"  # "card" or "row": keywords, since the embedded engine matches booleans as 1
+RoutingKind = Literal["row", "card"]
 ROUTING_PREFIX = "_routing--"  # "_" never starts a namespace, so no product alias can collide
 # Vector names of every collection: the key fields' embedding, and BM25 over their words.
 DENSE_VECTOR = "dense"
@@ -121,9 +122,9 @@ def product_ref(namespace: str, name: str) -> str:
     return f"{namespace}/{name}"
 
 
-def routing_row_fields(product: str, digest: str) -> dict[str, str]:
-    """The payload fields that mark a routing point as one of a product's rows from ingestion ``digest``."""
-    return {PRODUCT_KEY: product, KIND_KEY: "row", DIGEST_KEY: digest}
+def routing_fields(product: str, digest: str, kind: RoutingKind = "row") -> dict[str, str]:
+    """The payload fields that mark a routing point as a product's row (or its card) from ingestion ``digest``."""
+    return {PRODUCT_KEY: product, KIND_KEY: kind, DIGEST_KEY: digest}
 
 
 def card_point_id(namespace: str, name: str) -> str:

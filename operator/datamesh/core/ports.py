@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from datamesh.core.conditions import Check
-from datamesh.core.plan import CollectionPlan
+from datamesh.core.plan import CollectionPlan, RoutingKind
 from datamesh.core.rows import Row
 from datamesh.resource.models import CollectionLayout, Inference, SearchMode, Source
 
@@ -185,8 +185,8 @@ class VectorStore(Protocol):
         """Exact number of points in a collection or alias."""
         ...
 
-    async def routing_rows(self, collection: str, product: str, digest: str) -> int:
-        """Routing collections: how many rows of a product's ingestion ``digest`` it holds."""
+    async def routing_points(self, collection: str, product: str, digest: str, kind: RoutingKind = "row") -> int:
+        """Routing collections: how many rows (or cards) of a product's ingestion ``digest`` it holds."""
         ...
 
     async def exists(self, collection: str) -> bool:

@@ -21,14 +21,12 @@ import numpy as np
 
 from datamesh.core.plan import (
     DIGEST_KEY,
-    KIND_KEY,
-    PRODUCT_KEY,
     ROW_KEY,
     TEXT_KEY,
     CollectionPlan,
     card_point_id,
     in_routing_sample,
-    routing_row_fields,
+    routing_fields,
     row_key,
 )
 from datamesh.core.ports import EmbeddingProvider, RowSource, VectorStore
@@ -181,7 +179,7 @@ async def _upsert(store: VectorStore, target: Target, batch: _Embedded, digest: 
     await store.upsert(target.plan.index, ids, batch.vectors, texts, payloads)
     picked = [i for i, pid in enumerate(ids) if in_routing_sample(pid, target.routing_share)]
     if picked:
-        marks = routing_row_fields(target.product, digest)
+        marks = routing_fields(target.product, digest)
         routing = [{**marks, ROW_KEY: row_key(rows[i], target.primary_key)} for i in picked]
         vectors = [batch.vectors[i] for i in picked]
         await store.upsert(target.routing.index, [ids[i] for i in picked], vectors, [texts[i] for i in picked], routing)
@@ -195,7 +193,7 @@ async def routing_holds(
     Exactly when every row is routed, or when the row ids (``ids``) are known; otherwise at least
     one row (the sample's exact size would take another read of the source).
     """
-    held = await store.routing_rows(target.routing.index, target.product, digest)
+    held = await store.routing_points(target.routing.index, target.product, digest)
     share = target.routing_share
     if share >= 1.0:
         return held == accepted
@@ -204,10 +202,15 @@ async def routing_holds(
     return held == sum(in_routing_sample(pid, share) for pid in ids)
 
 
+async def card_held(store: VectorStore, target: Target, digest: str) -> bool:
+    """Whether the routing collection holds the product's card of ingestion ``digest``."""
+    return await store.routing_points(target.routing.index, target.product, digest, "card") == 1
+
+
 async def write_card(store: VectorStore, target: Target, card: str, digest: str) -> None:
     """The product's card in the routing collection; then everything of its older ingestions goes."""
     (vector,) = await target.provider.embed([card])
-    payload = {PRODUCT_KEY: target.product, KIND_KEY: "card", DIGEST_KEY: digest, TEXT_KEY: card}
+    payload = {**routing_fields(target.product, digest, "card"), TEXT_KEY: card}
     await store.upsert(
         target.routing.index, [card_point_id(target.namespace, target.name)], [vector], [card], [payload]
     )

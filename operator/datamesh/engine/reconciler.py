@@ -54,7 +54,16 @@ from datamesh.core.rows import Refusals, RowValidator
 from datamesh.core.sla import sla_check
 from datamesh.engine.catalog_writer import CatalogWriter
 from datamesh.engine.heartbeat import Heartbeat
-from datamesh.engine.ingest import Target, replay, routing_holds, scan, validated, write_card, write_points
+from datamesh.engine.ingest import (
+    Target,
+    card_held,
+    replay,
+    routing_holds,
+    scan,
+    validated,
+    write_card,
+    write_points,
+)
 from datamesh.resource.catalog import card_text, catalog_entry, entry_key
 from datamesh.resource.models import (
     DataProductSpec,
@@ -377,8 +386,8 @@ class Reconciler:
             check = Check(ConditionType.ingested, True, "NoSource", "no source declared; the collection is empty")
             return IngestResult(check, records=records, rejected=0)
         # Nothing read when the last ingestion already matches this spec and the store still holds it:
-        # the product's collection and its rows in the routing collection (a periodic check that
-        # finds them gone writes them again, whatever removed them).
+        # the product's collection, its rows in the routing collection and its card (a periodic
+        # check that finds any of them gone writes them again, whatever removed them).
         unchanged_spec = status.observed_generation == ref.generation and status.ingested_digest is not None
         records = status.records or 0
         routed = replace(target, routing_share=routing_share(records, self.settings.routing_rows_per_product))
@@ -388,6 +397,7 @@ class Reconciler:
             and current == plan.index
             and await store.count(plan.index) == records
             and await routing_holds(store, routed, status.ingested_digest or "", records)
+            and await card_held(store, routed, status.ingested_digest or "")
         ):
             previous = next((c for c in status.conditions if c.type == ConditionType.ingested.value), None)
             if previous is not None and previous.status == "True":
