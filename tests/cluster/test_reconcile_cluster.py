@@ -368,7 +368,7 @@ def test_unreachable_url_and_endpoint_degrade_then_recover(kubectl: Kubectl, ope
 
 
 def test_operator_restart_mid_reconcile_loses_and_duplicates_nothing(
-    kubectl: Kubectl, operator: OperatorThread
+    kubectl: Kubectl, operator: OperatorThread, caplog: pytest.LogCaptureFixture
 ) -> None:
     names = [f"restart-{i:02d}" for i in range(20)]
     bodies = [
@@ -388,6 +388,15 @@ def test_operator_restart_mid_reconcile_loses_and_duplicates_nothing(
         lambda: (c := catalog(kubectl)) and all(f"default.{n}" in c for n in names) and c, 15, what="catalog complete"
     )
     assert all(entries[f"default.{n}"]["phase"] == "Ready" for n in names)
+    # Stopped again with every product Ready: each product's periodic checks end quietly (kopf
+    # logged "Daemon 'resync' is cancelled. Will escalate." for every one of them).
+    caplog.set_level(logging.INFO, logger="kopf")
+    caplog.clear()
+    operator.stop()
+    operator.start()
+    stopped = [r for r in caplog.records if "resync'" in r.getMessage()]  # kopf names it by its qualified name
+    assert stopped, "no daemon stopped: the operator had no product to check"
+    assert [r.getMessage() for r in stopped if r.levelno >= logging.WARNING] == []
     kubectl.run("delete", "dp", *names, "--timeout=120s")
 
 

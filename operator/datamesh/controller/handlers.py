@@ -7,6 +7,7 @@ operator command, the tests and a second operator in one process never share glo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from datetime import datetime
@@ -206,31 +207,34 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
         watched[uid] = token
         delay = min(first_check_in(uid, period), _next_check(body, period))
         # Slept with asyncio, and stopped by kopf's cancellation: awaiting stopped.wait() left a
-        # task behind that failed the operator's shutdown with a TimeoutError.
-        while not stopped:
-            await asyncio.sleep(delay)
-            if watched.get(uid) is not token:
-                # It left this operator's watch (see arrived): another shard's now, or gone.
-                log.info(
-                    "%s/%s left this operator's watch (relabelled into another shard, or deleted): its periodic "
-                    "checks stop here",
-                    body.metadata.namespace,
-                    body.metadata.name,
-                )
-                return
-            checked_at = utcnow()
-            spec, status = parse_spec(body), parse_status(body)  # kopf keeps body current
-            # Only products whose status answers their spec: the others are the change handlers' own.
-            if spec is not None and status.observed_generation == body.metadata.get("generation"):
-                try:
-                    async with memo.runtime.checks:
-                        await _resync(memo.runtime, body, spec, status)
-                except Exception as exc:  # the next check retries; a failing one must not end the daemon
-                    log.warning("check of %s/%s failed: %s", body.metadata.namespace, body.metadata.name, exc)
-            # Counted from when the check began: a check that ends just after a refresh fell due
-            # would otherwise read the refresh as missed and wait a whole interval for it.
-            spent = (utcnow() - checked_at).total_seconds()
-            delay = max(0.0, _next_check(body, period, checked_at) - spent)
+        # task behind that failed the operator's shutdown with a TimeoutError. The cancellation is
+        # how kopf ends every product's checks (at shutdown, on deletion), no error: kopf logged a
+        # WARNING for each product when it propagated.
+        with contextlib.suppress(asyncio.CancelledError):
+            while not stopped:
+                await asyncio.sleep(delay)
+                if watched.get(uid) is not token:
+                    # It left this operator's watch (see arrived): another shard's now, or gone.
+                    log.info(
+                        "%s/%s left this operator's watch (relabelled into another shard, or deleted): its periodic "
+                        "checks stop here",
+                        body.metadata.namespace,
+                        body.metadata.name,
+                    )
+                    return
+                checked_at = utcnow()
+                spec, status = parse_spec(body), parse_status(body)  # kopf keeps body current
+                # Only products whose status answers their spec: the others are the change handlers' own.
+                if spec is not None and status.observed_generation == body.metadata.get("generation"):
+                    try:
+                        async with memo.runtime.checks:
+                            await _resync(memo.runtime, body, spec, status)
+                    except Exception as exc:  # the next check retries; a failing one must not end the daemon
+                        log.warning("check of %s/%s failed: %s", body.metadata.namespace, body.metadata.name, exc)
+                # Counted from when the check began: a check that ends just after a refresh fell due
+                # would otherwise read the refresh as missed and wait a whole interval for it.
+                spent = (utcnow() - checked_at).total_seconds()
+                delay = max(0.0, _next_check(body, period, checked_at) - spent)
 
     @kopf.on.delete(*RESOURCE, registry=registry)
     async def delete_product(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
