@@ -43,7 +43,7 @@ from starlette.staticfiles import StaticFiles
 from datamesh.adapters.edge import EdgeStore
 from datamesh.adapters.embeddings.registry import resolve_provider
 from datamesh.adapters.files import FileCatalogBackend
-from datamesh.core.plan import DIGEST_KEY, KIND_KEY, PRODUCT_KEY, ROW_KEY, TEXT_KEY, CollectionPlan, point_id
+from datamesh.core.plan import DIGEST_KEY, ROW_KEY, TEXT_KEY, CollectionPlan, point_id, routing_fields
 from datamesh.engine.catalog_writer import CatalogWriter
 from datamesh.local import standalone_reconciler
 from datamesh.resource.models import Distance, SearchMode
@@ -139,7 +139,7 @@ async def floor(store: EdgeStore, size: int, model: str, batch: int, routing: bo
         payloads = [{**r, TEXT_KEY: t, DIGEST_KEY: "d"} for r, t in zip(part, texts, strict=True)]
         await store.upsert(plan.index, ids, vectors, texts, payloads)
         if routing:
-            routed = [{PRODUCT_KEY: "bench/floor", ROW_KEY: r["id"], KIND_KEY: "row", DIGEST_KEY: "d"} for r in part]
+            routed = [{**routing_fields("bench/floor", "d"), ROW_KEY: r["id"]} for r in part]
             await store.upsert(second.index, ids, vectors, texts, routed)
     return time.perf_counter() - started
 

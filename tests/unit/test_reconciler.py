@@ -20,7 +20,14 @@ from datamesh.adapters.files import FileCatalogBackend, read_catalog_file
 from datamesh.adapters.sources import RowsInMemory
 from datamesh.adapters.stores import open_store
 from datamesh.core.conditions import Check, ConditionType
-from datamesh.core.plan import DIGEST_KEY, KIND_KEY, PRODUCT_KEY, card_point_id, collection_plan, routing_plan
+from datamesh.core.plan import (
+    DIGEST_KEY,
+    CollectionPlan,
+    card_point_id,
+    collection_plan,
+    routing_fields,
+    routing_plan,
+)
 from datamesh.core.ports import SearchRequest, SourceError, VectorStore
 from datamesh.core.rows import Row
 from datamesh.engine.catalog_writer import CatalogWriter
@@ -142,6 +149,14 @@ def product(
     return body
 
 
+def routing_of(body: Mapping[str, Any]) -> CollectionPlan:
+    """The routing collection a product's rows and card go to."""
+    spec = parse_spec(body)
+    assert spec is not None and spec.semantic_search is not None
+    plan = collection_plan(body["metadata"]["namespace"], body["metadata"]["name"], spec, 384)
+    return routing_plan(plan, spec.semantic_search.embedding_model, None)
+
+
 def conditions(outcome: Outcome) -> dict[str, tuple[str, str, str]]:
     return {c.type: (c.status, c.reason, c.message) for c in outcome.status.conditions}
 
@@ -196,9 +211,7 @@ async def test_rows_missing_from_the_routing_collection_are_written_again_by_the
     world: World, refresh: bool
 ) -> None:
     first = await world.reconcile(product())
-    spec = parse_spec(product())
-    assert spec is not None and spec.semantic_search is not None
-    routing = routing_plan(collection_plan("sales", "churn", spec, 384), spec.semantic_search.embedding_model, None)
+    routing = routing_of(product())
     held = await world.store.count(routing.alias)
     digest = first.status.ingested_digest
     assert digest is not None
@@ -220,14 +233,12 @@ async def test_a_card_missing_from_the_routing_collection_is_written_again_by_th
     world: World,
 ) -> None:
     first = await world.reconcile(product())
-    spec = parse_spec(product())
-    assert spec is not None and spec.semantic_search is not None
-    routing = routing_plan(collection_plan("sales", "churn", spec, 384), spec.semantic_search.embedding_model, None)
+    routing = routing_of(product())
     digest = first.status.ingested_digest
     assert digest is not None and await world.store.routing_points(routing.alias, "sales/churn", digest, "card") == 1
     # The card alone gone (an older ingestion's card point, removed with that ingestion), rows intact.
     (vector,) = await resolve_provider("builtin:ngram-384").embed(["stale card"])
-    stale = {PRODUCT_KEY: "sales/churn", KIND_KEY: "card", DIGEST_KEY: "older"}
+    stale = routing_fields("sales/churn", "older", "card")
     await world.store.upsert(routing.alias, [card_point_id("sales", "churn")], [vector], ["stale card"], [stale])
     await world.store.remove_product(routing.alias, "sales/churn", keep_digest=digest)
     assert await world.store.routing_points(routing.alias, "sales/churn", digest, "card") == 0
