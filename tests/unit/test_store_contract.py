@@ -9,6 +9,7 @@ the query service rely on is asserted against both, so the code above cannot tel
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import os
 import signal
@@ -214,6 +215,46 @@ async def test_embedded_collections_survive_a_restart(tmp_path: Path) -> None:
     try:
         assert await again.current_index("ns.product") == index
         assert await again.count("ns.product") == len(TEXTS)
+    finally:
+        await again.close()
+
+
+async def test_a_store_with_all_its_aliases_in_one_file_keeps_them_after_an_upgrade(tmp_path: Path) -> None:
+    """Earlier versions kept every alias in aliases.json; a store opened now converts it to one file per alias."""
+    first = EdgeStore(tmp_path)
+    kept, other = await filled(first, "ns.product--a"), await filled(first, "ns.other--a")
+    await first.close()
+    (tmp_path / "aliases").rename(tmp_path / "aliases-new")  # as an earlier version left the folder
+    (tmp_path / "aliases.json").write_text(json.dumps({"ns.product": kept, "ns.other": other}))
+    upgraded = EdgeStore(tmp_path)
+    try:
+        assert await upgraded.current_index("ns.product") == kept
+        assert await upgraded.count("ns.other") == len(TEXTS)
+        assert not (tmp_path / "aliases.json").exists()
+        await upgraded.drop_product("ns.other")
+    finally:
+        await upgraded.close()
+    again = EdgeStore(tmp_path)
+    try:
+        assert await again.current_index("ns.product") == kept, "the converted alias outlives another restart"
+        assert await again.current_index("ns.other") is None, "a dropped alias stays dropped"
+    finally:
+        await again.close()
+
+
+async def test_an_unreadable_alias_file_loses_only_that_alias(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    first = EdgeStore(tmp_path)
+    for name in ("ns.product", "ns.other"):
+        await first.point_alias(name, await filled(first, f"{name}--a"))
+    await first.close()
+    broken = next(p for p in (tmp_path / "aliases").iterdir() if p.name.startswith("ns.other"))
+    broken.write_text("{not json")
+    again = EdgeStore(tmp_path)
+    try:
+        assert await again.current_index("ns.product") == "ns.product--a"
+        assert await again.current_index("ns.other") is None
+        assert any(broken.name in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+        assert await again.point_alias("ns.other", "ns.other--a") is None, "the next reconcile points it again"
     finally:
         await again.close()
 
