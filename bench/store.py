@@ -8,7 +8,10 @@ Not a test. Re-measures, through ``EdgeStore`` as the operator and the query ser
    both fused by the engine), median of many;
 3. the cost of many collections: 100 and 300 collections of 20 points each, opened and searched
    once each (the store keeps at most ``--max-open`` open), with the process's threads and RSS
-   before and after, per collection.
+   before and after, per collection;
+4. one alias switch (``point_alias``) with 100 and 10,000 aliases in the store, against the floor
+   of any atomic pointer swap: one small file written and renamed into place. A switch must not
+   grow with the number of products.
 
 The baseline of each search figure is the same engine call made directly on the ``EdgeShard``
 (no port, no thread hop), so the port's overhead prints as a ratio.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import tempfile
@@ -31,6 +35,7 @@ import numpy as np
 
 from datamesh.adapters import bm25
 from datamesh.adapters.edge import EdgeStore
+from datamesh.adapters.files import atomic_write
 from datamesh.core.plan import DIGEST_KEY, TEXT_KEY, CollectionPlan
 from datamesh.core.ports import SearchRequest
 from datamesh.resource.models import Distance, SearchMode
@@ -131,9 +136,35 @@ async def main(args: argparse.Namespace) -> int:
                     f"RSS {rss_before:.0f} -> {rss:.0f} MiB ({(rss - rss_before) / count:.2f} MiB per collection)",
                     flush=True,
                 )
+            print()
+            for count in (int(c) for c in args.aliases.split(",")):
+                await alias_switches(store, Path(tmp), count, args.repeats)
         finally:
             await store.close()
     return 0
+
+
+async def alias_switches(store: EdgeStore, tmp: Path, count: int, repeats: int) -> None:
+    """Milliseconds per alias switch with ``count`` aliases in the store, and the same per atomic file write."""
+    first, second = "bench.alias--a", "bench.alias--b"
+    for index in (first, second):
+        await store.ensure_index(CollectionPlan("bench.alias", index, DIM, Distance.cosine, {}, SearchMode.hybrid))
+    for i in range(count):  # many aliases, one collection: a switch's cost is the alias bookkeeping
+        if await store.current_index(f"bench.alias-{i}") is None:
+            await store.point_alias(f"bench.alias-{i}", first)
+    started = time.perf_counter()
+    for k in range(repeats):
+        await store.point_alias(f"bench.alias-{k % count}", second if k % 2 == 0 else first)
+    switch = (time.perf_counter() - started) / repeats
+    started = time.perf_counter()
+    for k in range(repeats):
+        atomic_write(tmp / "floor" / f"a{k % count}", json.dumps({"alias": f"bench.alias-{k}", "index": second}))
+    floor = (time.perf_counter() - started) / repeats
+    print(
+        f"alias switch with {count} aliases: {switch * 1000:.3f} ms; one atomic file write {floor * 1000:.3f} ms "
+        f"({switch / floor:.1f}x the floor)",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
@@ -141,5 +172,6 @@ if __name__ == "__main__":
     parser.add_argument("--sizes", default="400,5000,50000", help="Points per collection, comma-separated.")
     parser.add_argument("--collections", default="100,300", help="Numbers of small collections, comma-separated.")
     parser.add_argument("--max-open", type=int, default=256, help="Collections the store keeps open.")
-    parser.add_argument("--repeats", type=int, default=200, help="Searches per figure.")
+    parser.add_argument("--repeats", type=int, default=200, help="Searches (and alias switches) per figure.")
+    parser.add_argument("--aliases", default="100,10000", help="Aliases in the store, comma-separated.")
     raise SystemExit(asyncio.run(main(parser.parse_args())))
