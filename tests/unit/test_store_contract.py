@@ -219,6 +219,26 @@ async def test_embedded_collections_survive_a_restart(tmp_path: Path) -> None:
         await again.close()
 
 
+async def test_a_reopened_store_drops_every_index_an_earlier_run_built_for_a_product(tmp_path: Path) -> None:
+    first = EdgeStore(tmp_path)
+    for index in ("ns.product--a", "ns.product--b", "ns.product-2--a", "ns.other--a"):
+        await first.ensure_index(plan(index))
+    await first.point_alias("ns.product", "ns.product--b")
+    await first.close()
+    again = EdgeStore(tmp_path)
+    try:
+        await again.ensure_index(plan("ns.product--c"))  # a re-index this run began
+        await again.drop_product("ns.product")
+        for gone in ("ns.product--a", "ns.product--b", "ns.product--c"):
+            assert not await again.exists(gone), gone
+        assert await again.exists("ns.product-2--a") and await again.exists("ns.other--a")
+        await again.ensure_index(plan("ns.product--a"))  # the same name again, after the drop
+        await again.drop_product("ns.product")
+        assert not await again.exists("ns.product--a")
+    finally:
+        await again.close()
+
+
 async def test_a_store_with_all_its_aliases_in_one_file_keeps_them_after_an_upgrade(tmp_path: Path) -> None:
     """Earlier versions kept every alias in aliases.json; a store opened now converts it to one file per alias."""
     first = EdgeStore(tmp_path)

@@ -27,8 +27,10 @@ again: a script that opens an ``EdgeStore`` needs the usual ``if __name__ == "__
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -290,6 +292,10 @@ class EdgeStore:
         self._tmp = tempfile.TemporaryDirectory(prefix="datamesh-store-") if root is None else None
         self.root = Path(self._tmp.name) if self._tmp is not None else Path(root or ".")
         (self.root / "collections").mkdir(parents=True, exist_ok=True)
+        # The collections' folder names, sorted, kept as this process (their only writer) makes and
+        # drops them: finding a product's collections is then a range of this list, not a listing of
+        # the folder (23 ms with 10,000 collections, once per deleted product).
+        self._folders = sorted(os.listdir(self.root / "collections"))
         self.max_open = max_open
         self.search_threads = search_threads
         self.batch_size = batch_size
@@ -501,6 +507,7 @@ class EdgeStore:
     async def _create(self, name: str, meta: dict[str, Any]) -> qe.EdgeShard:
         """A new collection, made by the builder process and opened here."""
         directory = str(self._dir(name))
+        self._add_folder(self._dir(name).name)  # before it exists: a drop meanwhile must find it
         for attempt in (1, 2):
             builder = _builder_process()
             try:
@@ -543,7 +550,18 @@ class EdgeStore:
         async with self._lock(collection):
             self._changed(collection)
             await self._close_locked(collection)
+            self._drop_folder(self._dir(collection).name)
             await self._engine(collection, self._remove, collection)
+
+    def _add_folder(self, folder: str) -> None:
+        at = bisect.bisect_left(self._folders, folder)
+        if at == len(self._folders) or self._folders[at] != folder:
+            self._folders.insert(at, folder)
+
+    def _drop_folder(self, folder: str) -> None:
+        at = bisect.bisect_left(self._folders, folder)
+        if at < len(self._folders) and self._folders[at] == folder:
+            del self._folders[at]
 
     def _remove(self, name: str) -> None:
         directory = self._dir(name)
@@ -559,21 +577,27 @@ class EdgeStore:
             if alias in self._aliases:
                 await self._engine(alias, self._remove_alias, alias)
                 del self._aliases[alias]
-        for name in await self._engine(alias, self._collections, _slug(alias)):
+        for name in await self._engine(alias, self._collections, self._folders_starting(_slug(alias))):
             if name.startswith(f"{alias}--"):
                 await self.drop(name)
 
-    def _collections(self, slug: str = "") -> list[str]:
-        # Only the folders whose name starts like the collections asked for are read: deleting a
-        # thousand products must not read every collection's metadata a thousand times.
+    def _folders_starting(self, slug: str) -> list[str]:
+        # In the event loop's thread, the only one that changes the list.
+        folders = []
+        for folder in itertools.islice(self._folders, bisect.bisect_left(self._folders, slug), None):
+            if not folder.startswith(slug):
+                break
+            folders.append(folder)
+        return folders
+
+    def _collections(self, folders: Sequence[str]) -> list[str]:
+        """The names of the collections in ``folders`` (from their metadata)."""
         names = []
-        for directory in (self.root / "collections").iterdir():
-            if not directory.name.startswith(slug):
-                continue
+        for folder in folders:
             try:
-                names.append(json.loads((directory / META_FILE).read_text())["name"])
+                names.append(json.loads((self.root / "collections" / folder / META_FILE).read_text())["name"])
             except (FileNotFoundError, NotADirectoryError):
-                continue
+                continue  # a creation a crash cut short, or one in progress
         return names
 
     # ---- points --------------------------------------------------------------------------------
