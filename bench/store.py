@@ -11,7 +11,10 @@ Not a test. Re-measures, through ``EdgeStore`` as the operator and the query ser
    before and after, per collection;
 4. one alias switch (``point_alias``) with 100 and 10,000 aliases in the store, against the floor
    of any atomic pointer swap: one small file written and renamed into place. A switch must not
-   grow with the number of products.
+   grow with the number of products;
+5. deleting a product (``drop_product``: its alias and every collection built for it) with 100
+   and 10,000 collection folders in the store, against dropping its one collection by name
+   (``drop``). Finding a product's collections must not grow with the number of products.
 
 The baseline of each search figure is the same engine call made directly on the ``EdgeShard``
 (no port, no thread hop), so the port's overhead prints as a ratio.
@@ -34,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from datamesh.adapters import bm25
-from datamesh.adapters.edge import EdgeStore
+from datamesh.adapters.edge import EdgeStore, safe_dirname
 from datamesh.adapters.files import atomic_write
 from datamesh.core.plan import DIGEST_KEY, TEXT_KEY, CollectionPlan
 from datamesh.core.ports import SearchRequest
@@ -141,7 +144,35 @@ async def main(args: argparse.Namespace) -> int:
                 await alias_switches(store, Path(tmp), count, args.repeats)
         finally:
             await store.close()
+        for count in (int(c) for c in args.aliases.split(",")):
+            await product_drops(Path(tmp) / f"drops-{count}", count, repeats=20)
     return 0
+
+
+async def product_drops(root: Path, count: int, repeats: int) -> None:
+    """Milliseconds to delete a product with ``count`` collection folders in the store, and to drop its collection."""
+    # Empty folders named as collections are: what finding a product's collections has to look through.
+    for i in range(count):
+        (root / "collections" / safe_dirname(f"bench.other-{i}--a")).mkdir(parents=True)
+    store = EdgeStore(root)
+    try:
+        timings: dict[str, list[float]] = {"drop_product": [], "drop": []}
+        for k in range(repeats):
+            for call in timings:
+                index = f"bench.gone-{k}-{call}--a"
+                await store.ensure_index(CollectionPlan(index[:-3], index, DIM, Distance.cosine, {}, SearchMode.hybrid))
+                await store.point_alias(index[:-3], index)
+                started = time.perf_counter()
+                await (store.drop_product(index[:-3]) if call == "drop_product" else store.drop(index))
+                timings[call].append(time.perf_counter() - started)
+        product, floor = (statistics.median(timings[c]) for c in ("drop_product", "drop"))
+        print(
+            f"product deleted with {count} collections in the store: {product * 1000:.2f} ms; its collection "
+            f"dropped by name {floor * 1000:.2f} ms ({product / floor:.1f}x the floor)",
+            flush=True,
+        )
+    finally:
+        await store.close()
 
 
 async def alias_switches(store: EdgeStore, tmp: Path, count: int, repeats: int) -> None:
