@@ -204,7 +204,8 @@ async def probe_store(store: ports.VectorStore, state_dir: Path) -> None:
         if not collection:
             continue
         try:
-            await store.count(collection)
+            # A sample, not a count: a count may come from what the last run saved, opening nothing.
+            await store.sample(collection, 1)
         except VectorStoreError as exc:
             if "WAL" in str(exc) or "lock" in str(exc).lower():
                 raise StateInUse(state_dir, None) from exc

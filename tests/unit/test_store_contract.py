@@ -12,6 +12,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import numpy as np
 import pytest
 import qdrant_edge as qe
 
-from datamesh.adapters.edge import EdgeStore
+from datamesh.adapters.edge import EdgeStore, safe_dirname
 from datamesh.adapters.qdrant import QdrantStore
 from datamesh.core.plan import DIGEST_KEY, KIND_KEY, PRODUCT_KEY, CollectionPlan, collection_alias
 from datamesh.core.ports import (
@@ -332,7 +333,7 @@ def test_a_process_that_exits_at_once_takes_its_builder_along_and_prints_nothing
         import asyncio, multiprocessing, os, sys
         sys.path[:0] = {sys.path!r}
         from tests.unit.test_store_contract import plan
-        from datamesh.adapters.edge import EdgeStore
+        from datamesh.adapters.edge import EdgeStore, safe_dirname
 
         async def main():
             store = EdgeStore({str(tmp_path)!r})
@@ -361,7 +362,7 @@ async def test_embedded_writes_survive_a_crash(tmp_path: Path) -> None:
         import asyncio, os, signal, sys
         sys.path[:0] = {sys.path!r}
         from tests.unit.test_store_contract import filled
-        from datamesh.adapters.edge import EdgeStore
+        from datamesh.adapters.edge import EdgeStore, safe_dirname
 
         async def main():
             store = EdgeStore({str(tmp_path)!r})
@@ -381,6 +382,50 @@ async def test_embedded_writes_survive_a_crash(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_after_a_clean_restart_counts_reopen_no_collection_and_after_a_kill_every_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart's periodic checks count every product: after a clean close the counts the last run
+    kept are used once (no collection reopened); a collection gone since is not counted from them."""
+    first = EdgeStore(tmp_path)
+    names = [f"ns.p{i}--a" for i in range(3)]
+    for name in names:
+        await filled(first, name)
+        assert await first.count(name) == len(TEXTS)  # as an ingestion ends: the count it reports
+    await first.close()
+    loads = 0
+    real_load = qe.EdgeShard.load
+
+    def counting_load(*args: Any) -> Any:
+        nonlocal loads
+        loads += 1
+        return real_load(*args)
+
+    monkeypatch.setattr(qe.EdgeShard, "load", counting_load)
+    shutil.rmtree(tmp_path / "collections" / safe_dirname(names[2]))  # removed by hand while stopped
+    again = EdgeStore(tmp_path)
+    try:
+        assert not (tmp_path / "counts.json").exists(), "read once: a crash of this run must not reuse it"
+        assert [await again.count(n) for n in names[:2]] == [len(TEXTS)] * 2
+        assert loads == 0, "the clean run's counts were used"
+        with pytest.raises(CollectionMissing):
+            await again.count(names[2])
+        await again.upsert(names[0], IDS[:1], [unit(7)], TEXTS[:1], [{DIGEST_KEY: "d2"}])
+        assert await again.count(names[0]) == len(TEXTS), "an upsert of an existing id: still exact"
+        await again.delete_other_ingests(names[0], "d2")
+        assert await again.count(names[0]) == 1, "a count after a write is the engine's"
+    finally:
+        # Not closed, as after a kill: the next run finds no counts and counts every collection itself.
+        for name in list(again._open):
+            await asyncio.to_thread(again._open.pop(name).engine.close)
+    loads = 0
+    third = EdgeStore(tmp_path)
+    try:
+        assert await third.count(names[1]) == len(TEXTS) and loads == 1
+    finally:
+        await third.close()
+
+
 async def test_a_folder_open_in_another_process_is_an_error_not_a_hang(tmp_path: Path) -> None:
     store = EdgeStore(tmp_path)
     await filled(store)
@@ -388,7 +433,7 @@ async def test_a_folder_open_in_another_process_is_an_error_not_a_hang(tmp_path:
         f"""
         import asyncio, sys
         sys.path[:0] = {sys.path!r}
-        from datamesh.adapters.edge import EdgeStore
+        from datamesh.adapters.edge import EdgeStore, safe_dirname
         from datamesh.core.ports import VectorStoreError
 
         async def main():
