@@ -25,6 +25,28 @@ async def test_concurrent_changes_become_one_write(tmp_path: Path) -> None:
     assert len(read_catalog_file(tmp_path / "catalog.json")) == 200
 
 
+async def test_an_entry_already_in_the_catalog_is_not_written_again_but_one_removed_by_hand_is(
+    tmp_path: Path,
+) -> None:
+    """Periodic checks put every product's entry back: unchanged ones must not rewrite the shard."""
+    path = tmp_path / "catalog.json"
+    writer = CatalogWriter(FileCatalogBackend(path), "cat", shard_bytes=10_000_000, flush_seconds=0.0)
+    await asyncio.gather(*(writer.upsert(entry(i)) for i in range(3)))
+    assert writer.writes == 1
+    stamp = path.stat().st_mtime_ns
+    await writer.upsert(entry(1))
+    await writer.remove("ns.p0099")  # not there either
+    assert writer.writes == 1 and path.stat().st_mtime_ns == stamp, "nothing changed, nothing written"
+    await writer.upsert(entry(1, "A changed description."))
+    assert writer.writes == 2 and read_catalog_file(path)["ns.p0001"].description == "A changed description."
+    doc = json.loads(path.read_text())
+    for shard in doc.values():
+        shard.pop("ns.p0002", None)
+    path.write_text(json.dumps(doc))  # an entry deleted by hand
+    await writer.upsert(entry(2))
+    assert writer.writes == 3 and "ns.p0002" in read_catalog_file(path), "a check writes a lost entry again"
+
+
 async def test_shards_stay_under_the_limit_and_removal_works(tmp_path: Path) -> None:
     path = tmp_path / "catalog.json"
     writer = CatalogWriter(FileCatalogBackend(path), "cat", shard_bytes=20_000, flush_seconds=0.01)
