@@ -280,6 +280,20 @@ async def test_an_unreadable_alias_file_loses_only_that_alias(tmp_path: Path, ca
         await again.close()
 
 
+class ShardLoads:
+    """Counts the engine's shard openings (``EdgeShard.load``) from now on."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real_load = qe.EdgeShard.load
+
+        def counting_load(*args: Any) -> Any:
+            self.count += 1
+            return real_load(*args)
+
+        monkeypatch.setattr(qe.EdgeShard, "load", counting_load)
+
+
 def _builders() -> list[multiprocessing.process.BaseProcess]:
     return [p for p in multiprocessing.active_children() if p.is_alive()]
 
@@ -393,21 +407,13 @@ async def test_after_a_clean_restart_counts_reopen_no_collection_and_after_a_kil
         await filled(first, name)
         assert await first.count(name) == len(TEXTS)  # as an ingestion ends: the count it reports
     await first.close()
-    loads = 0
-    real_load = qe.EdgeShard.load
-
-    def counting_load(*args: Any) -> Any:
-        nonlocal loads
-        loads += 1
-        return real_load(*args)
-
-    monkeypatch.setattr(qe.EdgeShard, "load", counting_load)
+    loads = ShardLoads(monkeypatch)
     shutil.rmtree(tmp_path / "collections" / safe_dirname(names[2]))  # removed by hand while stopped
     again = EdgeStore(tmp_path)
     try:
         assert not (tmp_path / "counts.json").exists(), "read once: a crash of this run must not reuse it"
         assert [await again.count(n) for n in names[:2]] == [len(TEXTS)] * 2
-        assert loads == 0, "the clean run's counts were used"
+        assert loads.count == 0, "the clean run's counts were used"
         with pytest.raises(CollectionMissing):
             await again.count(names[2])
         await again.upsert(names[0], IDS[:1], [unit(7)], TEXTS[:1], [{DIGEST_KEY: "d2"}])
@@ -418,10 +424,10 @@ async def test_after_a_clean_restart_counts_reopen_no_collection_and_after_a_kil
         # Not closed, as after a kill: the next run finds no counts and counts every collection itself.
         for name in list(again._open):
             await asyncio.to_thread(again._open.pop(name).engine.close)
-    loads = 0
+    loads.count = 0
     third = EdgeStore(tmp_path)
     try:
-        assert await third.count(names[1]) == len(TEXTS) and loads == 1
+        assert await third.count(names[1]) == len(TEXTS) and loads.count == 1
     finally:
         await third.close()
 
@@ -480,18 +486,10 @@ async def test_counts_follow_every_write_and_checking_closed_collections_does_no
         for name in names:
             await filled(store, name)
             assert await store.count(name) == len(TEXTS)
-        loads = 0
-        real_load = qe.EdgeShard.load
-
-        def counting_load(*args: Any) -> Any:
-            nonlocal loads
-            loads += 1
-            return real_load(*args)
-
-        monkeypatch.setattr(qe.EdgeShard, "load", counting_load)
+        loads = ShardLoads(monkeypatch)
         for name in names:
             assert await store.count(name) == len(TEXTS)
-        assert loads == 0, "counting unchanged collections reopened them"
+        assert loads.count == 0, "counting unchanged collections reopened them"
         await store.delete_other_ingests(names[0], "another-digest")
         assert await store.count(names[0]) == 0, "a count after a delete is exact"
         await store.upsert(names[0], IDS[:2], VECTORS[:2], TEXTS[:2], [{DIGEST_KEY: "d2"}] * 2)
