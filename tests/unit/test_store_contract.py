@@ -347,7 +347,7 @@ def test_a_process_that_exits_at_once_takes_its_builder_along_and_prints_nothing
         import asyncio, multiprocessing, os, sys
         sys.path[:0] = {sys.path!r}
         from tests.unit.test_store_contract import plan
-        from datamesh.adapters.edge import EdgeStore, safe_dirname
+        from datamesh.adapters.edge import EdgeStore
 
         async def main():
             store = EdgeStore({str(tmp_path)!r})
@@ -376,7 +376,7 @@ async def test_embedded_writes_survive_a_crash(tmp_path: Path) -> None:
         import asyncio, os, signal, sys
         sys.path[:0] = {sys.path!r}
         from tests.unit.test_store_contract import filled
-        from datamesh.adapters.edge import EdgeStore, safe_dirname
+        from datamesh.adapters.edge import EdgeStore
 
         async def main():
             store = EdgeStore({str(tmp_path)!r})
@@ -439,7 +439,7 @@ async def test_a_folder_open_in_another_process_is_an_error_not_a_hang(tmp_path:
         f"""
         import asyncio, sys
         sys.path[:0] = {sys.path!r}
-        from datamesh.adapters.edge import EdgeStore, safe_dirname
+        from datamesh.adapters.edge import EdgeStore
         from datamesh.core.ports import VectorStoreError
 
         async def main():

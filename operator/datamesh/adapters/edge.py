@@ -333,7 +333,7 @@ class EdgeStore:
         return {
             name: count
             for name, count in saved.items()
-            if isinstance(count, int) and self._has_folder(self._dir(name).name)
+            if isinstance(count, int) and self._folder_at(safe_dirname(name))[1]
         }
 
     # ---- plumbing ------------------------------------------------------------------------------
@@ -530,7 +530,7 @@ class EdgeStore:
     async def _create(self, name: str, meta: dict[str, Any]) -> qe.EdgeShard:
         """A new collection, made by the builder process and opened here."""
         directory = str(self._dir(name))
-        self._add_folder(self._dir(name).name)  # before it exists: a drop meanwhile must find it
+        self._add_folder(safe_dirname(name))  # before it exists: a drop meanwhile must find it
         self._counts.pop(name, None)  # a count saved for a collection of this name that a crash half-made
         for attempt in (1, 2):
             builder = _builder_process()
@@ -574,21 +574,22 @@ class EdgeStore:
         async with self._lock(collection):
             self._changed(collection)
             await self._close_locked(collection)
-            self._drop_folder(self._dir(collection).name)
+            self._drop_folder(safe_dirname(collection))
             await self._engine(collection, self._remove, collection)
 
-    def _add_folder(self, folder: str) -> None:
+    def _folder_at(self, folder: str) -> tuple[int, bool]:
+        """Where ``folder`` is (or would go) in the sorted list, and whether it is there."""
         at = bisect.bisect_left(self._folders, folder)
-        if at == len(self._folders) or self._folders[at] != folder:
+        return at, at < len(self._folders) and self._folders[at] == folder
+
+    def _add_folder(self, folder: str) -> None:
+        at, found = self._folder_at(folder)
+        if not found:
             self._folders.insert(at, folder)
 
-    def _has_folder(self, folder: str) -> bool:
-        at = bisect.bisect_left(self._folders, folder)
-        return at < len(self._folders) and self._folders[at] == folder
-
     def _drop_folder(self, folder: str) -> None:
-        at = bisect.bisect_left(self._folders, folder)
-        if at < len(self._folders) and self._folders[at] == folder:
+        at, found = self._folder_at(folder)
+        if found:
             del self._folders[at]
 
     def _remove(self, name: str) -> None:
