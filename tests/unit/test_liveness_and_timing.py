@@ -10,6 +10,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from datamesh.adapters.kube import api_error
 from datamesh.controller.diffbase import DigestDiffBaseStorage, digest_essence
+from datamesh.controller.handlers import first_check
 from datamesh.core.conditions import Check, ConditionType, apply_checks, arrival_status, worth_an_event
 from datamesh.core.sla import first_check_in, next_check_in
 from datamesh.engine.heartbeat import Heartbeat
@@ -76,6 +77,20 @@ def test_checks_after_a_restart_are_spread_over_half_a_period_and_stable() -> No
     assert first_check_in("uid-1", 60) == delays[1]
 
 
+def test_a_new_product_is_first_checked_one_period_after_it_arrives_a_known_one_within_the_spread() -> None:
+    # A new one's change handler reconciles it now: a check within the restart spread would redo that.
+    pending = arrival_status(T0).wire_status()
+    assert {first_check(body({"domain": "d"}, uid=f"uid-{i}"), 60) for i in range(200)} == {60}
+    assert {first_check(body({"domain": "d"}, uid=f"uid-{i}", status=pending), 60) for i in range(50)} == {60}
+    handled = {"observedGeneration": 1}
+    known = [first_check(body({"domain": "d"}, uid=f"uid-{i}", status=handled), 60) for i in range(200)]
+    assert all(0 <= d < 30 for d in known) and len(set(known)) > 150
+    assert [first_check_in(f"uid-{i}", 60) for i in range(200)] == known
+    # A refresh due sooner than a period still sets the pace.
+    refreshed = spec("20s").model_dump(by_alias=True, mode="json", exclude_none=True)
+    assert first_check(body(refreshed, uid="uid-1"), 60) == 20
+
+
 def test_a_healthy_first_reconcile_posts_one_event_failures_and_recoveries_each_one() -> None:
     ok = [
         Check(ConditionType.collection_ready, True, "CollectionReady"),
@@ -99,9 +114,15 @@ def test_arrival_status_is_pending_with_ready_unknown_and_no_generation_claimed(
     assert ready["type"] == "Ready" and ready["status"] == "Unknown" and ready["reason"] == "Pending"
 
 
-def body(spec_: dict[str, object], annotations: dict[str, str] | None = None) -> kopf.Body:
-    meta = {"name": "p", "namespace": "n", "uid": "u", "annotations": annotations or {}, "labels": {"a": "b"}}
-    return kopf.Body({"apiVersion": "datamesh.io/v1alpha1", "kind": "DataProduct", "metadata": meta, "spec": spec_})
+def body(
+    spec_: dict[str, object],
+    annotations: dict[str, str] | None = None,
+    uid: str = "u",
+    status: dict[str, object] | None = None,
+) -> kopf.Body:
+    meta = {"name": "p", "namespace": "n", "uid": uid, "annotations": annotations or {}, "labels": {"a": "b"}}
+    raw = {"apiVersion": "datamesh.io/v1alpha1", "kind": "DataProduct", "metadata": meta, "spec": spec_}
+    return kopf.Body({**raw, "status": status} if status is not None else raw)
 
 
 def test_the_diff_base_holds_digests_of_bounded_size_and_still_shows_every_spec_change() -> None:

@@ -205,7 +205,7 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
         period = settings.sla_check_seconds
         uid, token = body.metadata.uid or "", object()
         watched[uid] = token
-        delay = min(first_check_in(uid, period), _next_check(body, period))
+        delay = first_check(body, period)
         # Slept with asyncio, and stopped by kopf's cancellation: awaiting stopped.wait() left a
         # task behind that failed the operator's shutdown with a TimeoutError. The cancellation is
         # how kopf ends every product's checks (at shutdown, on deletion), no error: kopf logged a
@@ -270,6 +270,12 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
                 )
 
     return registry
+
+
+def first_check(body: kopf.Body, period: float) -> float:
+    """Seconds until a product's first periodic check in this run (see ``core.sla.first_check_in``)."""
+    reconciled = parse_status(body).observed_generation is not None
+    return min(first_check_in(body.metadata.uid or "", period, reconciled), _next_check(body, period))
 
 
 def _next_check(body: kopf.Body, period: float, now: datetime | None = None) -> float:

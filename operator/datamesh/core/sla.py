@@ -46,11 +46,16 @@ def next_check_in(spec: DataProductSpec, last_ingested_at: datetime | None, now:
     return max(1.0, min(period, due if due > 0 else interval))
 
 
-def first_check_in(uid: str, period: float) -> float:
+def first_check_in(uid: str, period: float, reconciled: bool = True) -> float:
     """When a product's periodic checks start: a stable point of the first half period, spread by uid.
 
     After a restart every product is checked once within half a period, not all at the same moment.
+    A product never reconciled yet (new: its change handler is reconciling it now) waits one period.
     """
+    if not reconciled:
+        # Checked sooner, it would only redo its first reconcile: a burst of new products paid a
+        # second reconcile each within 30 s of the first.
+        return period
     return period / 2 * int(hashlib.sha256(uid.encode()).hexdigest()[:8], 16) / 2**32
 
 
