@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import time
+import uuid
 
 import httpx
 import pyarrow as pa
@@ -14,6 +15,7 @@ import pytest
 from fastapi import FastAPI, Response
 
 from datamesh.adapters.sources import SourceLoader, fetch_url, parse_rows
+from datamesh.core.plan import _POINT_NAMESPACE, point_id
 from datamesh.core.ports import SourceError
 from datamesh.core.rows import validate_rows
 from datamesh.resource.models import DataProductSpec, Source, SourceFormat
@@ -151,6 +153,16 @@ def test_validation_counts_and_explains_bad_rows() -> None:
     assert refused.ignored_columns == {"extra"}
     again, _ = validate_rows("ns", "p", spec, rows)
     assert again.ids == result.ids, "point ids are derived from the primary key"
+
+
+def test_point_ids_are_the_uuid5_of_product_and_key_as_stores_already_hold_them() -> None:
+    # Computed by hand for speed; a different id would orphan every point of every existing store.
+    keys: list[list[object]] = [["R-0000001"], [1], [2.5, "b"], ["café", None], ["a\x1fb"], [""], ["x" * 500], []]
+    for namespace, name in (("ns", "p"), ("sales", "orders-2026"), ("é", "ü")):
+        for key in keys:
+            text = f"{namespace}/{name}/" + "\x1f".join(map(str, key))
+            assert point_id(namespace, name, key) == str(uuid.uuid5(_POINT_NAMESPACE, text))
+    assert point_id("ns", "p", ["1"]) == "f4337d3c-9cbe-5ad5-8a9e-47927c7067ac"
 
 
 def test_numbers_keep_their_type_and_case_mismatches_are_named() -> None:

@@ -42,6 +42,7 @@ LAYOUT = "2"
 MAX_ALIAS = 255 - 12
 
 _POINT_NAMESPACE = uuid.UUID("6f1c8e0a-4b7d-5f3a-9c2e-d4a1b0e7f9c3")
+_POINT_NAMESPACE_BYTES = _POINT_NAMESPACE.bytes
 
 
 @dataclass(frozen=True)
@@ -153,5 +154,12 @@ def in_routing_sample(pid: str, share: float) -> bool:
 
 
 def point_id(namespace: str, name: str, key: Sequence[Any]) -> str:
-    """Deterministic point id from the product and its row's primary key."""
-    return str(uuid.uuid5(_POINT_NAMESPACE, f"{namespace}/{name}/" + "\x1f".join(map(str, key))))
+    """Deterministic point id from the product and its row's primary key: ``uuid5`` of both."""
+    name_bytes = (f"{namespace}/{name}/" + "\x1f".join(map(str, key))).encode()
+    # uuid.uuid5 builds, then formats, a UUID object: 13 us a row, a third of validating one. The
+    # same bytes by hand take 5 us (the unit tests compare both).
+    raw = bytearray(hashlib.sha1(_POINT_NAMESPACE_BYTES + name_bytes).digest()[:16])
+    raw[6] = (raw[6] & 0x0F) | 0x50  # version 5
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
