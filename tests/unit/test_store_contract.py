@@ -150,6 +150,13 @@ async def test_hybrid_search_finds_the_exact_rare_word_the_embedding_misses(stor
     hybrid = await store.search(index, request(far, question, limit=2))
     assert hybrid[0].id == IDS[3]
     assert hybrid[0].similarity is not None and abs(hybrid[0].similarity - float(np.dot(far, VECTORS[3]))) < 1e-4
+    # Every fused hit carries the question's cosine with its row, whichever prefetch found it.
+    every = await store.search(index, request(far, question, limit=len(TEXTS)))
+    assert len(every) == len(TEXTS)
+    for hit in every:
+        assert (
+            hit.similarity is not None and abs(hit.similarity - float(np.dot(far, VECTORS[IDS.index(hit.id)]))) < 1e-4
+        )
     sparse = await store.search(index, request(far, question, limit=5, mode=SearchMode.sparse))
     assert [h.id for h in sparse] == [IDS[3]], "BM25 returns only rows sharing a word"
     assert await store.search(index, request(far, "the of and", mode=SearchMode.sparse)) == []
