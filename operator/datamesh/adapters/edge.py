@@ -46,7 +46,7 @@ import tempfile
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -190,6 +190,20 @@ def _edge_config(meta: Mapping[str, Any], search_threads: int) -> qe.EdgeConfig:
     )
     sparse = {SPARSE_VECTOR: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)} if meta["sparse"] else None
     return qe.EdgeConfig(vectors={DENSE_VECTOR: dense}, sparse_vectors=sparse, max_search_threads=search_threads)
+
+
+@contextlib.contextmanager
+def _translated(collection: str) -> Iterator[None]:
+    """The engine's errors (a Rust panic is a BaseException) as the port's, by kind; the rest as they are."""
+    try:
+        yield
+    except BaseException as exc:
+        if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
+        translated = _translate(exc, collection)
+        if translated is exc:
+            raise
+        raise translated from exc
 
 
 def build_shard(directory: str, meta: dict[str, Any], search_threads: int) -> None:
@@ -349,16 +363,21 @@ class EdgeStore:
         if self._closed:
             raise VectorStoreError("the embedded store is closed")
         async with self._slots:
-            try:
+            with _translated(collection):
                 # Threads of our own, as many as the slots: a call holding a slot never waits for a thread.
                 return await asyncio.get_running_loop().run_in_executor(executor or self._threads, call, *args)
-            except BaseException as exc:  # a Rust panic is a BaseException
-                if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
-                    raise
-                translated = _translate(exc, collection)
-                if translated is exc:
-                    raise
-                raise translated from exc
+
+    def _inline(self, collection: str, call: Callable[..., T], *args: Any) -> T:
+        """Run one short engine call (a search) on the event loop's thread, its errors translated by kind.
+
+        The engine holds the GIL for the whole of every call, so a worker thread runs nothing beside
+        it and only adds two hand-overs of the GIL: a question's twelve searches in threads took 7-10
+        ms more than the same searches called here (bench/query's engine floor, 2026-12-01).
+        """
+        if self._closed:
+            raise VectorStoreError("the embedded store is closed")
+        with _translated(collection):
+            return call(*args)
 
     def _config(self, meta: Mapping[str, Any]) -> qe.EdgeConfig:
         return _edge_config(meta, self.search_threads)
@@ -700,13 +719,12 @@ class EdgeStore:
             by_engine = not scored and shard.meta["distance"] == Distance.cosine.value
             query = self._query(request, dense, words, with_vectors=not (scored or by_engine))
             if by_engine:
-                points, similarity = await self._engine(name, self._fused_with_similarity, shard.engine, query, dense)
-            else:
-                points = await self._engine(name, shard.engine.query, query)
+                return stable_top(
+                    self._inline(name, self._fused_with_similarity, shard.engine, query, dense), request.limit
+                )
+            points = self._inline(name, shard.engine.query, query)
         if scored:
             rows = [ScoredRow(str(p.id), float(p.score), p.payload or {}, float(p.score)) for p in points]
-        elif by_engine:
-            rows = [ScoredRow(str(p.id), float(p.score), p.payload or {}, similarity.get(str(p.id))) for p in points]
         else:
             similarities = cosines(dense, [dense_of(p.vector) for p in points])
             rows = [
@@ -716,18 +734,16 @@ class EdgeStore:
         return stable_top(rows, request.limit)
 
     @staticmethod
-    def _fused_with_similarity(
-        engine: qe.EdgeShard, query: qe.QueryRequest, dense: list[float]
-    ) -> tuple[list[qe.ScoredPoint], dict[str, float]]:
-        """A fused query's points, and the question's cosine with each from a dense query over those points only.
+    def _fused_with_similarity(engine: qe.EdgeShard, query: qe.QueryRequest, dense: list[float]) -> list[ScoredRow]:
+        """A fused query's rows, each with the question's cosine from a dense query over those points only.
 
         Returning the points' vectors to compute the cosines here cost more than the search (a routing
         search's 64 vectors: about 2 of 6.7 ms, converted to Python lists and back to numpy).
         """
         points = engine.query(query)
         if not points:
-            return points, {}
-        ids = [p.id for p in points]
+            return []
+        ids = [p.id for p in points]  # read once: each read of an id builds a uuid.UUID
         exact = qe.QueryRequest(
             query=qe.Query.Nearest(dense, using=DENSE_VECTOR),
             filter=qe.Filter(must=[qe.HasIdCondition(set(ids))]),
@@ -735,7 +751,11 @@ class EdgeStore:
             with_payload=False,
             params=qe.SearchParams(exact=True),
         )
-        return points, {str(p.id): float(p.score) for p in engine.query(exact)}
+        cosine = {p.id: float(p.score) for p in engine.query(exact)}
+        return [
+            ScoredRow(str(pid), float(p.score), p.payload or {}, cosine.get(pid))
+            for pid, p in zip(ids, points, strict=True)
+        ]
 
     async def sample(self, collection: str, limit: int) -> list[Mapping[str, Any]]:
         """The payloads of up to ``limit`` points in point-id order."""
