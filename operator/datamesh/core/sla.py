@@ -53,8 +53,7 @@ def first_check_in(uid: str, period: float, reconciled: bool = True) -> float:
     A product never reconciled yet (new: its change handler is reconciling it now) waits one period.
     """
     if not reconciled:
-        # Checked sooner, it would only redo its first reconcile: a burst of new products paid a
-        # second reconcile each within 30 s of the first.
+        # Checked sooner, it would only repeat what its first reconcile has just done.
         return period
     return period / 2 * int(hashlib.sha256(uid.encode()).hexdigest()[:8], 16) / 2**32
 
