@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI, Response
 
 from datamesh.adapters.sources import SourceLoader, fetch_url, parse_rows
-from datamesh.core.plan import _POINT_NAMESPACE, point_id
+from datamesh.core.plan import _POINT_NAMESPACE, card_point_id, point_id
 from datamesh.core.ports import SourceError
 from datamesh.core.rows import validate_rows
 from datamesh.resource.models import DataProductSpec, Source, SourceFormat
@@ -163,6 +163,7 @@ def test_point_ids_are_the_uuid5_of_product_and_key_as_stores_already_hold_them(
             text = f"{namespace}/{name}/" + "\x1f".join(map(str, key))
             assert point_id(namespace, name, key) == str(uuid.uuid5(_POINT_NAMESPACE, text))
     assert point_id("ns", "p", ["1"]) == "f4337d3c-9cbe-5ad5-8a9e-47927c7067ac"
+    assert card_point_id("é", "ü") == str(uuid.uuid5(_POINT_NAMESPACE, "card:é/ü"))
 
 
 def test_numbers_keep_their_type_and_case_mismatches_are_named() -> None:

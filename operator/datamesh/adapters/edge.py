@@ -705,7 +705,10 @@ class EdgeStore:
             await self._engine(collection, shard.engine.update, qe.UpdateOperation.delete_points_by_filter(doomed))
 
     async def search(self, collection: str, request: SearchRequest) -> list[ScoredRow]:
-        """The best rows for a question: one query, with dense and BM25 prefetches fused in hybrid mode."""
+        """The best rows for a question: one query, dense and BM25 prefetches fused in hybrid mode.
+
+        A fused search on a cosine collection asks a second, exact dense query for its hits' cosines.
+        """
         name = self._resolve(collection)
         async with self._use(name) as shard:
             dense = _finite(request.vector, int(shard.meta["vector_size"]))
