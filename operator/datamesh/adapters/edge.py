@@ -21,8 +21,8 @@ New collections are made in a child process (one, shared by the stores of a proc
 engine holds the GIL while it creates a shard (12 ms on a quiet disk, far more under load, mostly
 file-system work), which made creating collections the operator's bottleneck with a thousand new
 products. The child creates, flushes and closes the shard; this process then opens it (2 ms).
-The child is started with ``spawn`` (this process runs threads), which imports the main module
-again: a script that opens an ``EdgeStore`` needs the usual ``if __name__ == "__main__":`` guard.
+The child is started with ``spawn`` (see ``adapters.processes``): a script that opens an
+``EdgeStore`` needs the usual ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
@@ -35,19 +35,14 @@ import itertools
 import json
 import logging
 import math
-import multiprocessing
-import multiprocessing.connection
 import os
 import re
 import shutil
-import signal
-import sys
 import tempfile
-import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +53,7 @@ import qdrant_edge as qe
 
 from datamesh.adapters import bm25
 from datamesh.adapters.files import atomic_write
+from datamesh.adapters.processes import ChildProcesses
 from datamesh.adapters.similarity import cosines, dense_of
 from datamesh.core.plan import (
     DENSE_VECTOR,
@@ -231,51 +227,8 @@ def build_shard(directory: str, meta: dict[str, Any], search_threads: int) -> No
     atomic_write(folder / META_FILE, json.dumps(meta, sort_keys=True))
 
 
-def _exit_with_parent() -> None:
-    """The builder's start: it exits as soon as the process that started it is gone, kill -9 included."""
-    # Ctrl-C reaches the whole process group: the parent decides what it means, and the builder goes with it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent = multiprocessing.parent_process()
-    if parent is not None:
-        threading.Thread(target=_exit_when_ready, args=(parent.sentinel,), daemon=True).start()
-
-
-def _exit_when_ready(sentinel: int) -> None:
-    # Without this an orphaned builder lives on, holding the dead process's stdout and stderr open.
-    multiprocessing.connection.wait([sentinel])
-    os._exit(0)
-
-
-_builder: ProcessPoolExecutor | None = None
-_builder_lock = threading.Lock()
-# The builder's queues hold semaphores that multiprocessing's resource tracker (a process of its own)
-# frees if this process exits without closing them: kill -9, or the election's exit when the
-# operator does not stop in time. Freeing them is right; the tracker also warns about each on stderr,
-# which put a "leaked semaphore objects" line in the log of every such exit. The tracker takes its
-# warning filters from this process' -W options when it starts.
-_QUIET_TRACKER = "ignore:resource_tracker:UserWarning"
-
-
-def _builder_process() -> ProcessPoolExecutor:
-    """The process that creates collections, started on first use (and again after it died)."""
-    global _builder
-    with _builder_lock:
-        if _builder is None:
-            if _QUIET_TRACKER not in sys.warnoptions:
-                sys.warnoptions.append(_QUIET_TRACKER)
-            # spawn, never fork: this process runs threads (kopf's, the engine's, onnxruntime's).
-            context = multiprocessing.get_context("spawn")
-            _builder = ProcessPoolExecutor(2, mp_context=context, initializer=_exit_with_parent)
-        return _builder
-
-
-def _retire_builder(pool: ProcessPoolExecutor) -> None:
-    """Forget a builder whose process died, so the next creation starts another."""
-    global _builder
-    with _builder_lock:
-        if _builder is pool:  # not one that replaced it meanwhile
-            _builder = None
-    pool.shutdown(wait=False)
+# The processes that create collections (see the module docstring): two, for two creations at once.
+_BUILDER = ChildProcesses(2)
 
 
 @dataclass
@@ -358,14 +311,20 @@ class EdgeStore:
     def _dir(self, name: str) -> Path:
         return self.root / "collections" / safe_dirname(name)
 
-    async def _engine(self, collection: str, call: Callable[..., T], *args: Any, executor: Executor | None = None) -> T:
-        """Run one engine call in a worker thread (or ``executor``), bounded, its errors translated by kind."""
+    async def _engine(self, collection: str, call: Callable[..., T], *args: Any) -> T:
+        """Run one engine call in a worker thread, bounded, its errors translated by kind."""
+        async with self._bounded(collection):
+            # Threads of our own, as many as the slots: a call holding a slot never waits for a thread.
+            return await asyncio.get_running_loop().run_in_executor(self._threads, call, *args)
+
+    @contextlib.asynccontextmanager
+    async def _bounded(self, collection: str) -> AsyncIterator[None]:
+        """One of the store's slots for an engine call, its errors translated by kind."""
         if self._closed:
             raise VectorStoreError("the embedded store is closed")
         async with self._slots:
             with _translated(collection):
-                # Threads of our own, as many as the slots: a call holding a slot never waits for a thread.
-                return await asyncio.get_running_loop().run_in_executor(executor or self._threads, call, *args)
+                yield
 
     def _inline(self, collection: str, call: Callable[..., T], *args: Any) -> T:
         """Run one short engine call (a search) on the event loop's thread, its errors translated by kind.
@@ -551,15 +510,11 @@ class EdgeStore:
         directory = str(self._dir(name))
         self._add_folder(safe_dirname(name))  # before it exists: a drop meanwhile must find it
         self._counts.pop(name, None)  # a count saved for a collection of this name that a crash half-made
-        for attempt in (1, 2):
-            builder = _builder_process()
-            try:
-                await self._engine(name, build_shard, directory, meta, self.search_threads, executor=builder)
-                break
-            except BrokenProcessPool as exc:  # killed, out of memory: once more, in a new process
-                _retire_builder(builder)
-                if attempt == 2:
-                    raise VectorStoreError(f"embedded store, collection {name}: the process creating it died") from exc
+        try:
+            async with self._bounded(name):
+                await _BUILDER.run(build_shard, directory, meta, self.search_threads)
+        except BrokenProcessPool as exc:
+            raise VectorStoreError(f"embedded store, collection {name}: the process creating it died") from exc
         return await self._engine(name, qe.EdgeShard.load, str(self._dir(name) / "shard"), self._config(meta))
 
     async def exists(self, collection: str) -> bool:
