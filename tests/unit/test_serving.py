@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from datamesh.web.json import SafeJSONResponse
 from datamesh.web.serving import ServerStartError, bind_socket, free_ports, serve_app, serve_forever
 from tests.httpserver import LoopThread, ServerThread
 
@@ -126,3 +128,21 @@ def test_server_thread_and_loop_thread() -> None:
         assert httpx.get(f"{url}/hello").json() == {"hello": "world"}
     with pytest.raises(ServerStartError):
         ServerThread(failing_app(), lifespan="on").start()
+
+
+# ==== JSON answers ============================================================================
+
+
+@pytest.mark.parametrize(
+    ("content", "parsed"),
+    [
+        ({"city": "Zürich", "score": 0.5}, {"city": "Zürich", "score": 0.5}),
+        ({"score": float("nan"), "similarity": float("-inf")}, {"score": None, "similarity": None}),
+        # A lone surrogate (not UTF-8) and an integer over 64 bits: the slower encoder, never an error.
+        ({"text": "caf\ud800", "score": float("inf")}, {"text": "caf\ud800", "score": None}),
+        ({"count": 2**70}, {"count": 2**70}),
+    ],
+)
+def test_a_json_answer_always_encodes_and_parses_back(content: dict[str, object], parsed: dict[str, object]) -> None:
+    body = SafeJSONResponse(content).body
+    assert json.loads(body) == parsed

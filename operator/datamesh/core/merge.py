@@ -62,13 +62,12 @@ def merge(
 ) -> list[Merged]:
     """The best ``limit`` hits of every product together, best first (ties keep each product's order)."""
     best_route = max((s for p, s in route_scores.items() if p in results), default=0.0)
-    scored: list[tuple[float, int, str, Merged]] = []
+    scored: list[tuple[float, int, str, Candidate]] = []
     for product, hits in results.items():
         share = route_scores.get(product, 0.0) / best_route if best_route > 0 else 1.0
         weight = 1.0 - policy.route_weight + policy.route_weight * share
         scale = scales.get(product, IDENTITY)
         for hit in hits:
-            value = relevance(hit, scale, policy) * weight
-            scored.append((-value, hit.rank, product, Merged(product, hit.key, round(value, 6))))
+            scored.append((-relevance(hit, scale, policy) * weight, hit.rank, product, hit))
     scored.sort(key=lambda item: item[:3])
-    return [item[3] for item in scored[:limit]]
+    return [Merged(product, hit.key, round(-value, 6)) for value, _, product, hit in scored[:limit]]

@@ -74,9 +74,10 @@ class QuestionVectors:
         """The question's vector in one model; raises ProductFailure(embedding or timeout)."""
         self.start([key])
         task = self._tasks[key]
-        # asyncio.wait never cancels: one waiter giving up leaves the embedding to the others.
         timeout = self.timeouts.get(key, self.timeout)
-        await asyncio.wait({task}, timeout=timeout)
+        if not task.done():  # the products after the first find it done: no timer, no waiter each
+            # asyncio.wait never cancels: one waiter giving up leaves the embedding to the others.
+            await asyncio.wait({task}, timeout=timeout)
         failure: ProductFailure
         if not task.done():
             failure = ProductFailure("timeout", f"embedding the question took over {timeout * 1000:.0f} ms")
@@ -117,28 +118,29 @@ async def within(call: Awaitable[T], timeout: float) -> T | None:
     return None
 
 
-def row_of(entry: CatalogEntry, payload: Mapping[str, Any], unmask: bool) -> dict[str, Any]:
-    """A stored row as the API shows it: product, key, embedded text, fields (PII masked unless granted)."""
-    fields = {k: v for k, v in payload.items() if not k.startswith("_")}
-    masked: list[str] = []
-    if not unmask:
-        for field in entry.fields:
-            if field.pii and field.name in fields:
-                fields[field.name] = None
-                masked.append(field.name)
-    return {
-        "product": entry.product,
-        "key": row_key(payload, entry.primary_key),
-        "text": payload.get(TEXT_KEY),
-        "fields": fields,
-        "masked": masked,
-    }
+def rows_of(entry: CatalogEntry, payloads: Iterable[Mapping[str, Any]], unmask: bool) -> list[dict[str, Any]]:
+    """Stored rows as the API shows them: product, key, embedded text, fields (PII masked unless granted)."""
+    # The entry's names are worked out once for all of its rows: they are properties computed per call.
+    product, primary_key = entry.product, entry.primary_key
+    hidden = () if unmask else tuple(f.name for f in entry.fields if f.pii)
+    shown = []
+    for payload in payloads:
+        fields = {k: v for k, v in payload.items() if not k.startswith("_")}
+        masked = [name for name in hidden if name in fields]
+        for name in masked:
+            fields[name] = None
+        key, text = row_key(payload, primary_key), payload.get(TEXT_KEY)
+        shown.append({"product": product, "key": key, "text": text, "fields": fields, "masked": masked})
+    return shown
 
 
-def hit_of(entry: CatalogEntry, row: ScoredRow, unmask: bool) -> dict[str, Any]:
-    """A search hit as the API shows it: the row (as :func:`row_of` shows it) with its scores."""
-    similarity = None if row.similarity is None else round(row.similarity, 6)
-    return {**row_of(entry, row.payload, unmask), "score": round(row.score, 6), "similarity": similarity}
+def hits_of(entry: CatalogEntry, rows: Sequence[ScoredRow], unmask: bool) -> list[dict[str, Any]]:
+    """Search hits as the API shows them: the rows (as :func:`rows_of` shows them) with their scores."""
+    shown = rows_of(entry, (r.payload for r in rows), unmask)
+    for hit, row in zip(shown, rows, strict=True):
+        hit["score"] = round(row.score, 6)
+        hit["similarity"] = None if row.similarity is None else round(row.similarity, 6)
+    return shown
 
 
 @dataclass
@@ -253,7 +255,7 @@ class QueryEngine:
             if rows is None:
                 raise self._timed_out(entry, timeout)
             unmask = can_read_pii(caller, entry)
-            return Asked(entry, [hit_of(entry, r, unmask) for r in rows], _ms(started))
+            return Asked(entry, hits_of(entry, rows, unmask), _ms(started))
         except ProductFailure as failure:
             outcome = failure.kind
             return Asked(entry, [], _ms(started), failure)
@@ -285,7 +287,7 @@ class QueryEngine:
         if payloads is None:
             raise self._timed_out(entry, timeout)
         unmask = can_read_pii(caller, entry)
-        return [row_of(entry, payload, unmask) for payload in payloads]
+        return rows_of(entry, payloads, unmask)
 
     def _timed_out(self, entry: CatalogEntry, timeout: float) -> ProductFailure:
         p99 = entry.sla.query_latency_p99 if entry.sla else None
@@ -475,7 +477,7 @@ def scales_of(entries: Sequence[CatalogEntry]) -> dict[str, Scale]:
 
 def fused_share(entry: CatalogEntry, score: float) -> float:
     """A hit's score in its product's hybrid ranking, as a share of the best a fused score can be."""
-    if SearchMode(entry.search_mode or SearchMode.hybrid) is not SearchMode.hybrid:
+    if entry.search_mode not in (None, SearchMode.hybrid.value):  # per hit: a string test, not an enum lookup
         return 0.0
     best = (FUSION.dense_weight + FUSION.sparse_weight) / (FUSION.k + 1)
     return min(max(score / best, 0.0), 1.0)

@@ -8,6 +8,7 @@ is mirrored here by a validator, so local mode and the operator refuse exactly w
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Mapping
@@ -68,6 +69,7 @@ def qualified_name(namespace: str, name: str, limit: int) -> str:
     return f"{full[: limit - len(digest) - 1].rstrip('.-')}-{digest}"
 
 
+@functools.lru_cache(maxsize=1024)  # the query service reads each product's SLA once per question
 def parse_duration(value: str) -> float:
     """Seconds in a duration string such as ``1h30m`` or ``500ms``."""
     if not _DURATION_RE.match(value):

