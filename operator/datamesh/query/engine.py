@@ -1,8 +1,8 @@
 """Answering a question: embed it once per model, route it on evidence, ask the products, merge.
 
 The hot path builds plain dicts (the response is validated once by construction, not per hit);
-every store call runs in the engine's own threads, and a product's timeout starts when its
-search starts, so a busy event loop cannot turn a finished search into a timeout.
+a product's timeout starts when its search starts, and a search that finished counts even if the
+loop noticed late, so a busy event loop cannot turn a finished search into a timeout.
 """
 
 from __future__ import annotations

@@ -374,9 +374,9 @@ class BuiltinNgramProvider:
         return as_lists(matrix)
 
 
-# Hashing a batch holds the GIL for all of its 0.3 ms a text: in a thread it ran nothing beside it
-# (a thread beside it kept 15-20 of 300 ms), so an ingestion's writes waited for its embedding. In
-# a child process the two overlap, on two cores. One child: this process needs the other core.
+# Hashing holds the GIL (about 0.3 ms a text): in a thread, a batch let nothing run beside it (a
+# thread beside it kept 15-20 of 300 ms), so an ingestion's writes waited for its embedding. In a
+# child process the two overlap on two cores. One child: this process needs the other core.
 _ENCODER = ChildProcesses(1)
 
 
