@@ -472,7 +472,10 @@ class EdgeStore:
             "payload_indexes": indexes,
         }
         async with self._lock(plan.index):
-            meta = await self._engine(plan.index, self._read_meta, plan.index)
+            shard = self._open.get(plan.index)
+            # An open collection's description is the one in memory (this process is its only writer):
+            # every reconcile and periodic check asks, and reading the file took a worker thread each.
+            meta = shard.meta if shard is not None else await self._engine(plan.index, self._read_meta, plan.index)
             if meta is None:
                 engine = await self._create(plan.index, wanted)
                 self._open[plan.index] = _Shard(plan.index, wanted, engine)
