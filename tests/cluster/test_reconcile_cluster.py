@@ -606,3 +606,43 @@ def test_catalog_shards_across_config_maps_without_losing_writes(kubectl: Kubect
         assert all(sum(len(k) + len(v) for k, v in (cm.get("data") or {}).items()) <= 6_000 for cm in cms)
     finally:
         kubectl.run("delete", "namespace", "shard-test", "--wait=false")
+
+
+async def _stale_and_missing(kubeconfig: Path) -> tuple[str, str, str]:
+    from datamesh.adapters.kube import ConfigMapCatalogBackend, Kube, api_client
+    from datamesh.core.ports import CatalogUnavailable, Conflict, Shard
+
+    kube = Kube(await api_client())
+    try:
+        backend = ConfigMapCatalogBackend(kube, "shard-stale", "stale")
+        await backend.write_shard(Shard("stale-0", {"ns.a": "{}"}, None))
+        first = await backend.read_shard("stale-0")
+        await backend.write_shard(Shard("stale-0", {"ns.a": "{}", "ns.b": "{}"}, first.version))
+        try:  # the version the first write replaced: the API server refuses it
+            await backend.write_shard(Shard("stale-0", {"ns.c": "{}"}, first.version))
+            conflict = "written"
+        except Conflict as exc:
+            conflict = f"Conflict: {exc}"
+        try:
+            await ConfigMapCatalogBackend(kube, "no-such-namespace", "x").write_shard(Shard("x-0", {}, None))
+            missing = "written"
+        except CatalogUnavailable as exc:
+            missing = str(exc)
+        kept = await backend.read_shard("stale-0")
+        return conflict, missing, ",".join(sorted(kept.data))
+    finally:
+        await kube.close()
+
+
+def test_a_stale_catalog_write_is_a_conflict_and_a_failed_one_says_why(kubectl: Kubectl, kubeconfig: Path) -> None:
+    """Catalog writes do not parse the API server's answer (the whole shard again): its status still counts."""
+    import asyncio as aio
+
+    kubectl.run("create", "namespace", "shard-stale")
+    try:
+        conflict, missing, kept = aio.run(_stale_and_missing(kubeconfig))
+        assert conflict.startswith("Conflict: writing ConfigMap shard-stale/stale-0")
+        assert "HTTP 404" in missing and 'namespaces "no-such-namespace" not found' in missing
+        assert kept == "ns.a,ns.b", "the refused write changed nothing"
+    finally:
+        kubectl.run("delete", "namespace", "shard-stale", "--wait=false")
