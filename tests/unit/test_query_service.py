@@ -41,6 +41,7 @@ from datamesh.query import app as query_app
 from datamesh.query.access import Authenticator, Unauthenticated
 from datamesh.query.app import create_app, serve
 from datamesh.query.catalog_sources import FileCatalogSource, StaticCatalogSource
+from datamesh.query.engine import within
 from datamesh.query.schemas import INFERENCE_KEY
 from datamesh.query.settings import QuerySettings
 from datamesh.settings import StoreSettings
@@ -744,3 +745,24 @@ async def test_serve_sizes_the_store_for_the_fan_out(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(uvicorn.Server, "serve", no_serving)
     await serve("127.0.0.1", 0, QuerySettings(fanout_concurrency=5, catalog_file=str(tmp_path / "catalog.json")))
     assert [s._slots._value for s in stores] == [5]
+
+
+async def test_a_question_given_up_cancels_the_searches_it_started() -> None:
+    """A question given up (its caller cancelled) leaves none of its products' searches running."""
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def search() -> list[object]:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return []
+
+    asking = asyncio.create_task(within(search(), 30))
+    await started.wait()
+    asking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asking
+    await asyncio.wait_for(cancelled.wait(), 5)

@@ -110,7 +110,11 @@ class QuestionVectors:
 async def within(call: Awaitable[T], timeout: float) -> T | None:
     """The call's result, or None when it has not finished after ``timeout`` seconds of its own."""
     task = asyncio.ensure_future(call)
-    await asyncio.wait({task}, timeout=timeout)
+    try:
+        await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:  # the question was given up: its search must not run on orphaned
+        task.cancel()
+        raise
     if task.done():
         return task.result()  # finished in time, even if the loop noticed late
     task.cancel()
