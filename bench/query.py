@@ -215,6 +215,7 @@ class Case:
         self.latencies: list[float] = []
         self.loaded: list[float] = []
         self.floor: list[float] = []
+        self.round_ratios: list[float] = []  # p50/floor of each round: how much one run's ratio can move
         self.wall = 0.0
         self.requests = 0
         self.statuses: dict[int, int] = {}
@@ -267,9 +268,14 @@ async def main(args: argparse.Namespace) -> int:
                 floor_batch = await loop.run_in_executor(pool, client_batch, cases[0].url, None, serial, 0)
                 http_floor += floor_batch["latencies"]
                 for case in cases:
-                    case.add(await loop.run_in_executor(pool, client_batch, case.url, case.body, serial, concurrent))
-                    for _ in range(serial):
-                        case.floor.append(await engine_floor(case.store, args.model, case.entries, case.asked))
+                    result = await loop.run_in_executor(pool, client_batch, case.url, case.body, serial, concurrent)
+                    case.add(result)
+                    floors = [
+                        await engine_floor(case.store, args.model, case.entries, case.asked) for _ in range(serial)
+                    ]
+                    case.floor += floors
+                    round_floor = pct(floor_batch["latencies"], 0.5) + pct(floors, 0.5)
+                    case.round_ratios.append(pct(result["latencies"], 0.5) / round_floor)
 
     rtt = pct(http_floor, 0.5)
     print(f"\nHTTP round trip (GET /healthz): p50 {rtt * 1000:.2f} ms\n")
@@ -288,6 +294,8 @@ async def main(args: argparse.Namespace) -> int:
             f"{case.label:<27} {len(case.asked):>5} {floor * 1000:>9.2f} {p50 * 1000:>8.2f} {p95 * 1000:>8.2f} "
             f"{p50 / floor:>9.2f} {case.throughput:>9.0f} {pct(case.loaded, 0.5) * 1000:>10.2f} {case.non_2xx:>8}"
         )
+    spread = ", ".join(f"{c.label} {min(c.round_ratios):.2f}-{max(c.round_ratios):.2f}" for c in cases)
+    print(f"\np50/floor of each round ({serial} requests each), lowest-highest: {spread}")
     flat = pct(cases[2].latencies, 0.5) / pct(cases[1].latencies, 0.5)
     non_2xx = sum(c.non_2xx for c in cases)
     for case in cases:
