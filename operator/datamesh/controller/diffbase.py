@@ -50,8 +50,10 @@ class DigestDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
     """kopf's annotation diff-base storage, holding digests of the spec's fields."""
 
     def build(self, *, body: kopf.Body, extra_fields: Iterable[kopf.FieldSpec] | None = None) -> kopf.BodyEssence:
-        essence = super().build(body=body, extra_fields=extra_fields)
-        return cast(kopf.BodyEssence, digest_essence(cast(Mapping[str, Any], essence)))
+        # Straight from the spec: kopf's own build deep-copies the whole object (status included)
+        # only for everything but the spec to be dropped here, a tenth of the event loop's time in
+        # the listing after a restart. extra_fields are dropped as before: no handler uses them.
+        return cast(kopf.BodyEssence, digest_essence({"spec": body.get("spec")}))
 
     def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
         stored = super().fetch(body=body)
