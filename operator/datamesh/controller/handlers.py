@@ -234,7 +234,7 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
                 # Counted from when the check began: a check that ends just after a refresh fell due
                 # would otherwise read the refresh as missed and wait a whole interval for it.
                 spent = (utcnow() - checked_at).total_seconds()
-                delay = max(0.0, _next_check(body, period, checked_at) - spent)
+                delay = max(0.0, _next_check(parse_spec(body), parse_status(body), period, checked_at) - spent)
 
     @kopf.on.delete(*RESOURCE, registry=registry)
     async def delete_product(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -274,14 +274,15 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
 
 def first_check(body: kopf.Body, period: float) -> float:
     """Seconds until a product's first periodic check in this run (see ``core.sla.first_check_in``)."""
-    reconciled = parse_status(body).observed_generation is not None
-    return min(first_check_in(body.metadata.uid or "", period, reconciled), _next_check(body, period))
+    status = parse_status(body)
+    spread = first_check_in(body.metadata.uid or "", period, status.observed_generation is not None)
+    return min(spread, _next_check(parse_spec(body), status, period, utcnow()))
 
 
-def _next_check(body: kopf.Body, period: float, now: datetime | None = None) -> float:
-    spec = parse_spec(body)
-    at = now or utcnow()
-    return period if spec is None else next_check_in(spec, parse_status(body).last_ingested_at, at, period)
+def _next_check(spec: DataProductSpec | None, status: DataProductStatus, period: float, at: datetime) -> float:
+    # Parsed by the caller, once: after a restart every product's daemon starts at once, while kopf
+    # is still listing them, and each parse of a status then delays the listing.
+    return period if spec is None else next_check_in(spec, status.last_ingested_at, at, period)
 
 
 async def _resync(runtime: Runtime, body: kopf.Body, spec: DataProductSpec, status: DataProductStatus) -> None:
