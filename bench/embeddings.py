@@ -26,13 +26,14 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, "bench")  # run from the repository's root
+from procstatus import status_mib
+
 def rss_mb():
-    with open("/proc/self/status") as f:
-        return int(next(line.split()[1] for line in f if line.startswith("VmRSS:"))) / 1024
+    return status_mib("VmRSS")
 
 def peak_mb():
-    with open("/proc/self/status") as f:
-        return int(next(line.split()[1] for line in f if line.startswith("VmHWM:"))) / 1024
+    return status_mib("VmHWM")
 
 texts = []
 docs = [d for p in sorted(Path("examples").glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import json
 import multiprocessing
@@ -52,6 +51,7 @@ from datamesh.local import standalone_reconciler
 from datamesh.resource.models import Distance, SearchMode
 from datamesh.settings import OperatorSettings
 from datamesh.web.serving import serve_app
+from procstatus import status_mib
 
 TARGET_RATIO = 0.8
 TARGET_RSS_MIB = 500
@@ -173,12 +173,7 @@ def peak_rss_mib() -> float:
 
 def children_peak_rss_mib() -> float:
     """The largest peak RSS of this process's live children (the embedding and shard-building processes)."""
-    peaks = [0.0]
-    for child in multiprocessing.active_children():
-        with contextlib.suppress(OSError):
-            status = Path(f"/proc/{child.pid}/status").read_text()
-            peaks += [int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")]
-    return max(peaks)
+    return max([status_mib("VmHWM", child.pid) for child in multiprocessing.active_children()], default=0.0)
 
 
 async def main(args: argparse.Namespace) -> int:

@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from typing import Any
 import yaml
 
 from datamesh.web.serving import free_port
+from procstatus import status_field, status_mib
 
 REPO = Path(__file__).resolve().parents[1]
 PLATFORM_NAMESPACE = "datamesh-system"
@@ -395,33 +395,24 @@ class Operator:
         if self.proc is not None and self.proc.poll() is not None:
             raise BenchError(f"the operator exited with code {self.proc.returncode}; log tail:\n{self.log_tail()}")
 
-    def _status_kb(self, field_name: str) -> int | None:
-        try:
-            text = Path(f"/proc/{self.proc.pid}/status").read_text()  # type: ignore[union-attr]
-        except OSError:
-            return None
-        m = re.search(rf"^{field_name}:\s+(\d+) kB", text, re.MULTILINE)
-        return int(m.group(1)) if m else None
-
     def _sample(self) -> None:
+        pid = self.proc.pid  # type: ignore[union-attr]
         while not self._stop.wait(0.2):
-            kb = self._status_kb("VmRSS")
+            kb = status_field("VmRSS", pid)
             if kb is not None:
                 self._samples.append((time.monotonic(), kb))
             try:
-                status = Path(f"/proc/{self.proc.pid}/status").read_text()  # type: ignore[union-attr]
-                fds = len(os.listdir(f"/proc/{self.proc.pid}/fd"))  # type: ignore[union-attr]
+                fds = len(os.listdir(f"/proc/{pid}/fd"))
             except OSError:
                 continue
-            threads = re.search(r"^Threads:\s+(\d+)", status, re.MULTILINE)
-            self.peak_threads = max(self.peak_threads, int(threads.group(1)) if threads else 0)
+            self.peak_threads = max(self.peak_threads, status_field("Threads", pid) or 0)
             self.peak_fds = max(self.peak_fds, fds)
 
     def rss_mib(self) -> float:
-        return (self._status_kb("VmRSS") or 0) / 1024
+        return status_mib("VmRSS", self.proc.pid)  # type: ignore[union-attr]
 
     def hwm_mib(self) -> float:
-        return (self._status_kb("VmHWM") or 0) / 1024
+        return status_mib("VmHWM", self.proc.pid)  # type: ignore[union-attr]
 
     def peak_rss_mib(self, t0: float, t1: float) -> float:
         window = [kb for t, kb in list(self._samples) if t0 <= t <= t1]

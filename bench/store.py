@@ -42,6 +42,7 @@ from datamesh.adapters.files import atomic_write
 from datamesh.core.plan import DIGEST_KEY, TEXT_KEY, CollectionPlan
 from datamesh.core.ports import SearchRequest
 from datamesh.resource.models import Distance, SearchMode
+from procstatus import status_mib
 
 DIM = 384
 WORDS = ["shipment", "delayed", "storm", "customs", "carrier", "invoice", "refund", "churn", "price", "outage", "login"]
@@ -49,10 +50,7 @@ WORDS = ["shipment", "delayed", "storm", "customs", "carrier", "invoice", "refun
 
 def status() -> tuple[int, float]:
     """Threads and RSS (MiB) of this process."""
-    threads = len(os.listdir("/proc/self/task"))
-    lines = Path("/proc/self/status").read_text().splitlines()
-    rss = next(int(line.split()[1]) for line in lines if line.startswith("VmRSS:"))
-    return threads, rss / 1024
+    return len(os.listdir("/proc/self/task")), status_mib("VmRSS")
 
 
 def points(count: int, seed: int) -> tuple[list[str], list[list[float]], list[str], list[dict[str, str]]]:
