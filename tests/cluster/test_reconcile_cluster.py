@@ -608,7 +608,7 @@ def test_catalog_shards_across_config_maps_without_losing_writes(kubectl: Kubect
         kubectl.run("delete", "namespace", "shard-test", "--wait=false")
 
 
-async def _stale_and_missing(kubeconfig: Path) -> tuple[str, str, str]:
+async def _stale_and_missing(kubeconfig: Path) -> tuple[str, str, str, list[tuple[str, str, bool]]]:
     from datamesh.adapters.kube import ConfigMapCatalogBackend, Kube, api_client
     from datamesh.core.ports import CatalogUnavailable, Conflict, Shard
 
@@ -629,20 +629,28 @@ async def _stale_and_missing(kubeconfig: Path) -> tuple[str, str, str]:
         except CatalogUnavailable as exc:
             missing = str(exc)
         kept = await backend.read_shard("stale-0")
-        return conflict, missing, ",".join(sorted(kept.data))
+        await backend.write_shard(Shard("stale-1", {"ns.d": "{}"}, None))
+        listed = [(s.name, ",".join(sorted(s.data)), s.version == kept.version) for s in await backend.list_shards()]
+        return conflict, missing, ",".join(sorted(kept.data)), sorted(listed)
     finally:
         await kube.close()
 
 
 def test_a_stale_catalog_write_is_a_conflict_and_a_failed_one_says_why(kubectl: Kubectl, kubeconfig: Path) -> None:
-    """Catalog writes do not parse the API server's answer (the whole shard again): its status still counts."""
+    """Catalog writes do not parse the API server's answer (the whole shard again): its status still counts.
+
+    Shards are read and listed as JSON (orjson), not through the client's models: the listing must
+    give what a read gives, resourceVersion included.
+    """
     import asyncio as aio
 
     kubectl.run("create", "namespace", "shard-stale")
     try:
-        conflict, missing, kept = aio.run(_stale_and_missing(kubeconfig))
+        conflict, missing, kept, listed = aio.run(_stale_and_missing(kubeconfig))
         assert conflict.startswith("Conflict: writing ConfigMap shard-stale/stale-0")
         assert "HTTP 404" in missing and 'namespaces "no-such-namespace" not found' in missing
         assert kept == "ns.a,ns.b", "the refused write changed nothing"
+        # The start-up listing sees what a read sees, versions included (its next write must not conflict).
+        assert listed == [("stale-0", "ns.a,ns.b", True), ("stale-1", "ns.d", False)]
     finally:
         kubectl.run("delete", "namespace", "shard-stale", "--wait=false")

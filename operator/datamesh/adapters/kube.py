@@ -223,21 +223,25 @@ class ConfigMapCatalogBackend:
         self.prefix = prefix
 
     async def list_shards(self) -> list[Shard]:
-        result = await _catalog_call(
+        """Every catalog shard (at start-up and on a rebuild): parsed with orjson, as a read of one is."""
+        body = await _catalog_call(
             f"listing the catalog ConfigMaps in {self.namespace}",
-            self.kube.core.list_namespaced_config_map(
-                self.namespace, label_selector=f"{CATALOG_LABEL}=true", _request_timeout=REQUEST_TIMEOUT
+            _raw(
+                self.kube.core.list_namespaced_config_map(
+                    self.namespace,
+                    label_selector=f"{CATALOG_LABEL}=true",
+                    _request_timeout=REQUEST_TIMEOUT,
+                    _preload_content=False,
+                )
             ),
         )
-        return [Shard(cm.metadata.name, dict(cm.data or {}), cm.metadata.resource_version) for cm in result.items]
+        return [_shard_of(cm) for cm in orjson.loads(body).get("items") or []]
 
     async def read_shard(self, name: str) -> Shard:
         cm = await _catalog_call(
             f"reading ConfigMap {self.namespace}/{name}", self.kube.read_config_map(self.namespace, name)
         )
-        if cm is None:
-            return Shard(name, {}, None)
-        return Shard(name, dict(cm.get("data") or {}), cm["metadata"]["resourceVersion"])
+        return Shard(name, {}, None) if cm is None else _shard_of(cm)
 
     async def write_shard(self, shard: Shard) -> None:
         labels = {
@@ -256,6 +260,12 @@ class ConfigMapCatalogBackend:
         else:
             write = self.kube.core.replace_namespaced_config_map(shard.name, self.namespace, body, **options)
         await _catalog_call(what, _raw(write))
+
+
+def _shard_of(config_map: Mapping[str, Any]) -> Shard:
+    """A catalog shard from a ConfigMap as the API server sends it (JSON-shaped)."""
+    meta = config_map["metadata"]
+    return Shard(meta["name"], dict(config_map.get("data") or {}), meta["resourceVersion"])
 
 
 class KubeInferenceBackend:
