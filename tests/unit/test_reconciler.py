@@ -22,6 +22,7 @@ from datamesh.adapters.stores import open_store
 from datamesh.core.conditions import Check, ConditionType
 from datamesh.core.plan import (
     DIGEST_KEY,
+    ROUTING_PREFIX,
     CollectionPlan,
     card_point_id,
     collection_plan,
@@ -509,3 +510,46 @@ async def test_a_large_product_gives_routing_a_stable_sample_and_answers_from_ev
     world.rows.rows = [dict(r) for r in ROWS]
     await world.reconcile(product(name="small"))
     assert await world.store.count(routing) - 1 - sampled == 3 + 1
+
+
+@dataclass
+class BuildOrder:
+    """A store that records, in order, each product collection built and each one written to."""
+
+    store: VectorStore
+    order: list[tuple[str, str]] = field(default_factory=list)
+
+    async def ensure_index(self, plan: CollectionPlan) -> bool:
+        created = await self.store.ensure_index(plan)
+        if created and not plan.index.startswith(ROUTING_PREFIX):
+            self.order.append(("built", plan.index))
+        return created
+
+    async def upsert(self, collection: str, *args: Any, **kwargs: Any) -> None:
+        await self.store.upsert(collection, *args, **kwargs)
+        if not collection.startswith(ROUTING_PREFIX):
+            self.order.append(("filled", collection))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+async def test_a_burst_builds_each_collection_when_its_rows_go_in_not_ahead_of_them(tmp_path: Path) -> None:
+    """Built ahead, while hundreds of products wait for an ingestion slot, a collection was closed by the
+    embedded store's cache of open ones before its rows came, and reopening one stalls the operator."""
+    settings = OperatorSettings(catalog_flush_seconds=0.0, ingest_concurrency=1, metrics_port=0)
+    store = open_store(StoreSettings(url=None, path=":memory:"))
+    recorder = BuildOrder(store)
+    catalog = CatalogWriter(FileCatalogBackend(tmp_path / "catalog.json"), "catalog", 100_000, 0.0)
+    ports = Ports(recorder, catalog, resolve_provider, FakeRows(), FakeProbe(), FakeInference())  # type: ignore[arg-type]
+    reconciler = Reconciler(settings, ports)
+    try:
+        outcomes = await asyncio.gather(*(reconciler.reconcile(product(f"p{i}")) for i in range(4)))
+    finally:
+        await catalog.close()
+        await store.close()
+    assert all(o is not None and o.status.phase == "Ready" for o in outcomes)
+    # One slot: each collection is built and then filled before the next one is built.
+    built = [index for what, index in recorder.order if what == "built"]
+    assert len(built) == 4
+    assert recorder.order == [step for index in built for step in (("built", index), ("filled", index))]

@@ -8,6 +8,7 @@ the same decisions run against a cluster, the embedded engine, or in-memory fake
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -331,15 +332,22 @@ class Reconciler:
         events: list[Event] = []
         try:
             current = await store.current_index(plan.alias)
-            if await store.ensure_index(plan) and current is not None:
-                events.append(
-                    Event("Reindexing", f"embedding settings changed: building {plan.index} beside {current}")
-                )
-            layout = await store.apply_layout(plan)
-            if layout.changed:
-                events.append(Event("LayoutChanged", f"{plan.index}: changed in place: {', '.join(layout.changed)}"))
-            await store.ensure_index(routing)
-            ingest = await self._ingest(ref, spec, status, target, current, now, refresh)
+            # An index still to fill is built in the product's ingestion slot, not ahead of it: built
+            # while hundreds of products queued for a slot, it was closed by the store's cache of open
+            # collections before its rows came, and reopening it froze the embedded store's process.
+            building = current != plan.index
+            async with self._ingest_slots if building else contextlib.nullcontext():
+                if await store.ensure_index(plan) and current is not None:
+                    events.append(
+                        Event("Reindexing", f"embedding settings changed: building {plan.index} beside {current}")
+                    )
+                layout = await store.apply_layout(plan)
+                if layout.changed:
+                    events.append(
+                        Event("LayoutChanged", f"{plan.index}: changed in place: {', '.join(layout.changed)}")
+                    )
+                await store.ensure_index(routing)
+                ingest = await self._ingest(ref, spec, status, target, current, now, refresh, slot_held=building)
             switched = False
             if ingest.check.ok:
                 previous = await store.point_alias(plan.alias, plan.index)
@@ -377,7 +385,9 @@ class Reconciler:
         current: str | None,
         now: datetime,
         refresh: bool,
+        slot_held: bool,
     ) -> IngestResult:
+        """The product's rows in its index (``slot_held``: the caller already holds an ingestion slot)."""
         store = self.ports.store
         plan = target.plan
         if spec.source is None:
@@ -405,7 +415,7 @@ class Reconciler:
             message = _ingest_message(status.records or 0, None)
             return IngestResult(Check(ConditionType.ingested, True, _ingest_reason(status.rejected_records), message))
 
-        async with self._ingest_slots:
+        async with contextlib.nullcontext() if slot_held else self._ingest_slots:
             try:
                 rows = await self.ports.load_rows(spec.source, ref.namespace)
             except SourceError as exc:
