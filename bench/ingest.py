@@ -55,7 +55,7 @@ from datamesh.local import standalone_reconciler
 from datamesh.resource.models import Distance, SearchMode
 from datamesh.settings import OperatorSettings
 from datamesh.web.serving import serve_app
-from procstatus import status_field, status_mib
+from procstatus import status_fields, status_mib
 
 TARGET_RATIO = 0.8
 TARGET_RSS_MIB = 500
@@ -208,8 +208,8 @@ class MemorySampler:
             self._sample()
 
     def _sample(self) -> None:
-        anonymous = (status_field("RssAnon") or 0) / 1024
-        mapped = ((status_field("RssFile") or 0) + (status_field("RssShmem") or 0)) / 1024
+        rss = status_fields(("RssAnon", "RssFile", "RssShmem"))
+        anonymous, mapped = rss.get("RssAnon", 0) / 1024, (rss.get("RssFile", 0) + rss.get("RssShmem", 0)) / 1024
         children = sum(status_mib("VmRSS", child.pid) for child in multiprocessing.active_children())
         if anonymous + mapped + children > sum(self.peak):
             self.peak = (anonymous, mapped, children)

@@ -1,18 +1,30 @@
-"""One field of ``/proc/<pid>/status``: how the benchmarks read memory (VmRSS, VmHWM) and threads."""
+"""Fields of ``/proc/<pid>/status``: how the benchmarks read memory (VmRSS, VmHWM, RssAnon) and threads."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
-def status_field(name: str, pid: int | str = "self") -> int | None:
-    """``name``'s number in the process's status (kB for Vm* fields), or None when the process is gone."""
+def status_fields(names: tuple[str, ...], pid: int | str = "self") -> dict[str, int]:
+    """The numbers of ``names`` from one read of the process's status (kB for memory fields); {} when it is gone.
+
+    One read: fields summed or compared with each other then come from the same moment.
+    """
     try:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
-        return None
-    prefix = f"{name}:"
-    return next((int(line.split()[1]) for line in text.splitlines() if line.startswith(prefix)), None)
+        return {}
+    found: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name in names:
+            found[name] = int(value.split()[0])
+    return found
+
+
+def status_field(name: str, pid: int | str = "self") -> int | None:
+    """``name``'s number in the process's status (kB for Vm* fields), or None when the process is gone."""
+    return status_fields((name,), pid).get(name)
 
 
 def status_mib(name: str, pid: int | str = "self") -> float:

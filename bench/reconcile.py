@@ -46,7 +46,7 @@ from typing import Any
 import yaml
 
 from datamesh.web.serving import free_port
-from procstatus import status_field, status_mib
+from procstatus import status_fields, status_mib
 
 REPO = Path(__file__).resolve().parents[1]
 PLATFORM_NAMESPACE = "datamesh-system"
@@ -398,14 +398,14 @@ class Operator:
     def _sample(self) -> None:
         pid = self.proc.pid  # type: ignore[union-attr]
         while not self._stop.wait(0.2):
-            kb = status_field("VmRSS", pid)
-            if kb is not None:
-                self._samples.append((time.monotonic(), kb))
+            status = status_fields(("VmRSS", "Threads"), pid)
+            if "VmRSS" in status:
+                self._samples.append((time.monotonic(), status["VmRSS"]))
             try:
                 fds = len(os.listdir(f"/proc/{pid}/fd"))
             except OSError:
                 continue
-            self.peak_threads = max(self.peak_threads, status_field("Threads", pid) or 0)
+            self.peak_threads = max(self.peak_threads, status.get("Threads", 0))
             self.peak_fds = max(self.peak_fds, fds)
 
     def rss_mib(self) -> float:
