@@ -55,7 +55,7 @@ from datamesh.local import standalone_reconciler
 from datamesh.resource.models import Distance, SearchMode
 from datamesh.settings import OperatorSettings
 from datamesh.web.serving import serve_app
-from procstatus import status_fields, status_mib
+from procstatus import pss_mib, status_fields, status_mib
 
 TARGET_RATIO = 0.8
 TARGET_RSS_MIB = 500
@@ -185,12 +185,14 @@ class MemorySampler:
 
     The kernel keeps a peak of the whole RSS only. Much of it at 100k rows is the engine's memory-mapped
     collection files (page cache, which a memory limit reclaims rather than kills for); the children
-    (the embedding process) count too in a container's memory.
+    (the embedding process) count too in a container's memory. Their RSS counts the pages they share with
+    this process (the interpreter, the libraries) once in each; the proportional set sizes count them once.
     """
 
     def __init__(self, interval: float = 0.1) -> None:
         self.interval = interval
         self.peak: tuple[float, float, float] = (0.0, 0.0, 0.0)  # (anonymous, file-backed, children) MiB
+        self.peak_pss = 0.0  # MiB, this process's and its children's proportional set sizes summed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
 
@@ -210,9 +212,11 @@ class MemorySampler:
     def _sample(self) -> None:
         rss = status_fields(("RssAnon", "RssFile", "RssShmem"))
         anonymous, mapped = rss.get("RssAnon", 0) / 1024, (rss.get("RssFile", 0) + rss.get("RssShmem", 0)) / 1024
-        children = sum(status_mib("VmRSS", child.pid) for child in multiprocessing.active_children())
+        live = multiprocessing.active_children()
+        children = sum(status_mib("VmRSS", child.pid) for child in live)
         if anonymous + mapped + children > sum(self.peak):
             self.peak = (anonymous, mapped, children)
+        self.peak_pss = max(self.peak_pss, pss_mib() + sum(pss_mib(child.pid) for child in live))
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -225,6 +229,7 @@ async def main(args: argparse.Namespace) -> int:
     worst = worst_routed = float("inf")
     product_rss = child_rss = 0.0
     together = (0.0, 0.0, 0.0)  # the largest sampled sum of this process's RSS (anonymous, file) and its children's
+    together_pss = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         served = root / "rows"
@@ -251,6 +256,7 @@ async def main(args: argparse.Namespace) -> int:
                         with MemorySampler() as memory:
                             product_s = await ingest(store, url, f"p{size}", args.model, root)
                         together = max(together, memory.peak, key=sum)
+                        together_pss = max(together_pss, memory.peak_pss)
                     finally:
                         await store.close()
                     product_rss = max(product_rss, peak_rss_mib())  # before a floor runs: the peak is the process's
@@ -287,6 +293,10 @@ async def main(args: argparse.Namespace) -> int:
         f"sampled every 0.1 s while products ingested, at the largest sum: {sum(together):.0f} MiB with the child "
         f"processes; this process {anonymous:.0f} MiB anonymous + {mapped:.0f} MiB file-backed (the engine's "
         f"memory-mapped collection files: page cache that a memory limit reclaims), children {children:.0f} MiB"
+    )
+    print(
+        f"the same processes' proportional set sizes at their largest sum: {together_pss:.0f} MiB (the pages they "
+        "share, the interpreter and its libraries, counted once as a container's memory counts them)"
     )
     return 0
 

@@ -30,3 +30,19 @@ def status_field(name: str, pid: int | str = "self") -> int | None:
 def status_mib(name: str, pid: int | str = "self") -> float:
     """A Vm* field of the process's status in MiB (0 when the process is gone)."""
     return (status_field(name, pid) or 0) / 1024
+
+
+def pss_mib(pid: int | str = "self") -> float:
+    """The process's proportional set size in MiB: each page it shares counted as a share (0 when it is gone).
+
+    Summed over processes, shared pages (the interpreter, the libraries) count once, as a cgroup counts them;
+    a sum of RSS counts them in every process.
+    """
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0.0
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return 0.0

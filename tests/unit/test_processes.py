@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -45,6 +46,35 @@ async def test_a_call_that_kills_its_child_twice_fails_and_the_next_call_works()
     with pytest.raises(BrokenProcessPool):
         await children.run(_exit_now)
     assert await children.run(sum, [1, 2, 3]) == 6
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_children_without_a_call_for_a_while_exit_and_the_next_call_starts_one() -> None:
+    children = ChildProcesses(1, idle_seconds=0.5)
+    first = await children.run(os.getpid)
+    # A call longer than the idle time does not get its child stopped under it, nor does the one right after.
+    assert await children.run(_sleep_then_pid, 1.0) == first
+    assert await children.run(os.getpid) == first
+    for _ in range(200):  # up to 10 s
+        if not _alive(first):
+            break
+        await asyncio.sleep(0.05)
+    assert not _alive(first), "an idle child still runs"
+    assert children.pids() == []
+    second = await children.run(os.getpid)
+    assert second not in (first, os.getpid())
+
+
+def _sleep_then_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
 
 
 # Longer than the inline limit: an ingestion batch, embedded in the child process.
