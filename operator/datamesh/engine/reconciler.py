@@ -415,13 +415,18 @@ class Reconciler:
             message = _ingest_message(status.records or 0, None)
             return IngestResult(Check(ConditionType.ingested, True, _ingest_reason(status.rejected_records), message))
 
-        async with contextlib.nullcontext() if slot_held else self._ingest_slots:
+        # Rows in the spec itself cost nothing to read: only writing them waits for a slot. An edit that
+        # leaves them as they were (a description, an SLA) then is not queued behind a burst's ingestions.
+        in_spec = spec.source.inline is not None and not slot_held
+        reading = contextlib.nullcontext() if slot_held or in_spec else self._ingest_slots
+        writing = self._ingest_slots if in_spec else contextlib.nullcontext()
+        async with reading:
             try:
                 rows = await self.ports.load_rows(spec.source, ref.namespace)
             except SourceError as exc:
                 return IngestResult(_source_failed(exc))
             try:
-                return await self._write(ref, spec, status, target, rows, now)
+                return await self._write(ref, spec, status, target, rows, now, writing)
             except SourceError as exc:
                 return IngestResult(_source_failed(exc))
             finally:
@@ -435,7 +440,9 @@ class Reconciler:
         target: Target,
         rows: RowSource,
         now: datetime,
+        slot: contextlib.AbstractAsyncContextManager[Any],
     ) -> IngestResult:
+        """Scan the rows, and write them (holding ``slot``) when the store does not hold them already."""
         store = self.ports.store
         batch = self.settings.ingest_batch_size
         found = await scan(rows, target, spec, batch)
@@ -466,7 +473,8 @@ class Reconciler:
                 self.heartbeat.beat()  # a long ingestion is progress, not a stall
                 await self.ports.progress(ref.namespace, ref.name, done, found.accepted)
 
-            result = await write_points(store, target, batches, spec.key_fields, found.digest, on_batch)
+            async with slot:
+                result = await write_points(store, target, batches, spec.key_fields, found.digest, on_batch)
             written, calibrated = result.rows, result.calibration
             self.ports.observer.rows_ingested(written)
         await write_card(store, target, card_text(ref.namespace, ref.name, spec), found.digest)
