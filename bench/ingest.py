@@ -46,7 +46,9 @@ import httpx
 from starlette.applications import Starlette
 from starlette.staticfiles import StaticFiles
 
+from datamesh.adapters import edge
 from datamesh.adapters.edge import EdgeStore
+from datamesh.adapters.embeddings import builtin
 from datamesh.adapters.embeddings.registry import resolve_provider
 from datamesh.adapters.files import FileCatalogBackend
 from datamesh.core.plan import DIGEST_KEY, ROW_KEY, TEXT_KEY, CollectionPlan, point_id, routing_fields
@@ -193,6 +195,7 @@ class MemorySampler:
         self.interval = interval
         self.peak: tuple[float, float, float] = (0.0, 0.0, 0.0)  # (anonymous, file-backed, children) MiB
         self.peak_pss = 0.0  # MiB, this process's and its children's proportional set sizes summed
+        self.children_at_peak: dict[str, list[float]] = {}  # each child's RSS (MiB) at the largest sum, by role
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
 
@@ -213,9 +216,14 @@ class MemorySampler:
         rss = status_fields(("RssAnon", "RssFile", "RssShmem"))
         anonymous, mapped = rss.get("RssAnon", 0) / 1024, (rss.get("RssFile", 0) + rss.get("RssShmem", 0)) / 1024
         live = multiprocessing.active_children()
-        children = sum(status_mib("VmRSS", child.pid) for child in live)
+        each = {child.pid: status_mib("VmRSS", child.pid) for child in live}
+        children = sum(each.values())
         if anonymous + mapped + children > sum(self.peak):
             self.peak = (anonymous, mapped, children)
+            roles = dict.fromkeys(builtin._ENCODER.pids(), "embedding") | dict.fromkeys(edge._BUILDER.pids(), "builder")
+            self.children_at_peak = {}
+            for pid, mib in each.items():
+                self.children_at_peak.setdefault(roles.get(pid, "other"), []).append(mib)
         self.peak_pss = max(self.peak_pss, pss_mib() + sum(pss_mib(child.pid) for child in live))
 
 
@@ -230,6 +238,7 @@ async def main(args: argparse.Namespace) -> int:
     product_rss = child_rss = 0.0
     together = (0.0, 0.0, 0.0)  # the largest sampled sum of this process's RSS (anonymous, file) and its children's
     together_pss = 0.0
+    children_at_peak: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         served = root / "rows"
@@ -255,7 +264,8 @@ async def main(args: argparse.Namespace) -> int:
                         await ingest(store, f"{base}/rows/{warmup.name}", f"w{size}", args.model, root)
                         with MemorySampler() as memory:
                             product_s = await ingest(store, url, f"p{size}", args.model, root)
-                        together = max(together, memory.peak, key=sum)
+                        if sum(memory.peak) > sum(together):
+                            together, children_at_peak = memory.peak, memory.children_at_peak
                         together_pss = max(together_pss, memory.peak_pss)
                     finally:
                         await store.close()
@@ -294,6 +304,10 @@ async def main(args: argparse.Namespace) -> int:
         f"processes; this process {anonymous:.0f} MiB anonymous + {mapped:.0f} MiB file-backed (the engine's "
         f"memory-mapped collection files: page cache that a memory limit reclaims), children {children:.0f} MiB"
     )
+    roles = ", ".join(
+        f"{role} {' + '.join(f'{m:.0f}' for m in mibs)}" for role, mibs in sorted(children_at_peak.items())
+    )
+    print(f"the children then (RSS MiB): {roles or 'none'}")
     print(
         f"the same processes' proportional set sizes at their largest sum: {together_pss:.0f} MiB (the pages they "
         "share, the interpreter and its libraries, counted once as a container's memory counts them)"

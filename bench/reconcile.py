@@ -203,6 +203,7 @@ class ProductState:
     phase: str = ""
     ready_at: float | None = None
     phases_seen: set[str] = field(default_factory=set)
+    ready_by_generation: dict[str, float] = field(default_factory=dict)  # first moment Ready at each generation
 
 
 class ProductWatch(LineWatch):
@@ -236,8 +237,10 @@ class ProductWatch(LineWatch):
             st.phase = phase
             if phase:
                 st.phases_seen.add(phase)
-            if st.ready_at is None and phase == "Ready" and observed and observed == gen:
-                st.ready_at = t
+            if phase == "Ready" and observed and observed == gen:
+                st.ready_by_generation.setdefault(gen, t)
+                if st.ready_at is None:
+                    st.ready_at = t
 
     def relist(self) -> None:
         """Read every product once with a plain list, as the watch would have shown it."""
@@ -593,6 +596,15 @@ def reconcile_stats(m0: dict[str, float], m1: dict[str, float]) -> tuple[float, 
 
 
 @dataclass
+class EditResult:
+    """A Ready product edited (its description) while a batch is being applied and reconciled."""
+
+    at_s: float  # after the start of the batch's apply
+    batch_ready: int  # products of the batch Ready at that moment
+    ready_s: float | None  # from the edit to Ready at the new generation (None: not within the timeout)
+
+
+@dataclass
 class SizeResult:
     n: int
     ready: int
@@ -622,6 +634,7 @@ class SizeResult:
     load_after: str
     delete_s: float | None
     delete_cm_writes: int
+    edit: EditResult | None = None
 
 
 class Bench:
@@ -832,11 +845,15 @@ class Bench:
         bodies = [product(f"p-{i:05d}", namespaces[i % len(namespaces)], self.args.rows, i) for i in range(n)]
         keys = [f"{b['metadata']['namespace']}/{b['metadata']['name']}" for b in bodies]
 
+        edited = self.ready_product(product("edited", namespaces[0], self.args.rows, n))
         m0 = self.operator.metrics()
         rss_before = self.operator.rss_mib()
         load_before = loadavg()
         cpu0 = self.cpu.read()
         t0 = time.monotonic()
+        edits: list[EditResult] = []
+        editor = threading.Thread(target=lambda: edits.append(self.edit_mid_batch(edited, keys, t0, timeout)))
+        editor.start()
         t_applied = self.apply_all(bodies, timeout, f"N={n}")
         print(
             f"  N={n}: applied in {t_applied - t0:.1f} s ({self.args.apply_parallel} parallel kubectl apply); "
@@ -845,6 +862,7 @@ class Bench:
         )
 
         snap = self.wait_ready(keys, t0, timeout, f"N={n}")
+        editor.join()
         ready_times = [s.ready_at - t0 for s in snap.values() if s is not None and s.ready_at is not None]
         seen_to_ready = [s.ready_at - s.first_seen for s in snap.values() if s is not None and s.ready_at is not None]
         timed_out = len(ready_times) < n
@@ -902,7 +920,7 @@ class Bench:
 
         print(f"  N={n}: deleting the batch ...", flush=True)
         t_del0 = time.monotonic()
-        delete_s = self.delete_products(namespaces, keys, max(120.0, timeout / 2))
+        delete_s = self.delete_products(namespaces, [*keys, edited], max(120.0, timeout / 2))
         print(
             f"  N={n}: kubectl delete returned after {self.last_delete_issue_s:.1f} s; products and catalog entries "
             "gone after "
@@ -943,7 +961,49 @@ class Bench:
             load_after=load_after,
             delete_s=delete_s,
             delete_cm_writes=del_writes,
+            edit=edits[0] if edits else None,
         )
+
+    def ready_product(self, body: dict[str, Any]) -> str:
+        """Apply one product and wait until it is Ready; its key."""
+        key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
+        t0 = time.monotonic()
+        self.kubectl.run("apply", "-f", "-", input=yaml.safe_dump(body))
+        state = self.wait_ready([key], t0, 60, key)[key]
+        if state is None or state.ready_at is None:
+            raise BenchError(f"{key} not Ready after 60 s; operator log tail:\n{self.operator.log_tail()}")
+        return key
+
+    def edit_mid_batch(self, key: str, batch: list[str], t0: float, timeout: float) -> EditResult:
+        """Once a quarter of ``batch`` is Ready, change ``key``'s description; how long until it is Ready again."""
+        deadline = t0 + timeout
+        while time.monotonic() < deadline:
+            ready = sum(1 for s in self.dp_watch.snapshot(batch).values() if s is not None and s.ready_at is not None)
+            if ready >= len(batch) // 4:
+                break
+            time.sleep(0.2)
+        namespace, name = key.split("/")
+        patch = json.dumps({"spec": {"description": "Edited while a batch was being applied."}})
+        t_edit = time.monotonic()
+        generation = self.kubectl.run(
+            "patch",
+            "dp",
+            name,
+            "-n",
+            namespace,
+            "--type",
+            "merge",
+            "-p",
+            patch,
+            "-o",
+            "jsonpath={.metadata.generation}",
+        ).stdout.strip()
+        while time.monotonic() < deadline:
+            state = self.dp_watch.snapshot([key])[key]
+            if state is not None and generation in state.ready_by_generation:
+                return EditResult(t_edit - t0, ready, state.ready_by_generation[generation] - t_edit)
+            time.sleep(0.1)
+        return EditResult(t_edit - t0, ready, None)
 
     # ---- restart with many products
 
@@ -1158,6 +1218,13 @@ def report(
             f"operator_cpu_ms_per_product={1000 * r.cpu['operator'] / r.n:.1f} loadavg_before={r.load_before!r} "
             f"loadavg_after={r.load_after!r}"
         )
+    for r in results:
+        if r.edit is not None:
+            ready = f"{r.edit.ready_s:.2f} s" if r.edit.ready_s is not None else "not within the timeout"
+            print(
+                f"edit N={r.n}: a Ready product's description changed {r.edit.at_s:.1f} s into the batch "
+                f"({r.edit.batch_ready}/{r.n} of it Ready): Ready at its new generation after {ready}"
+            )
     for restart in restarts:
         target = "met" if restart.resumed_s is not None and restart.resumed_s < 60 else "NOT met"
         print(f"{restart.line()} (target: steady state under 60 s, {target})")
