@@ -887,13 +887,13 @@ class Bench:
                     )
 
         # The catalog: N entries for the batch (it may trail the last status write by a flush).
-        prefixes = tuple(f"{ns}." for ns in namespaces)
+        expected = {key.replace("/", ".", 1) for key in keys}  # not the edited product beside the batch
         complete_s: float | None = None
         entries = ready_entries = 0
         cat_deadline = time.monotonic() + (5 if timed_out else 60)
         while True:
             cat = self.catalog()
-            batch = {k: v for k, v in cat.items() if k.startswith(prefixes)}
+            batch = {k: v for k, v in cat.items() if k in expected}
             entries = len(batch)
             ready_entries = sum(1 for v in batch.values() if v.get("phase") == "Ready")
             if entries == n and ready_entries == n:
