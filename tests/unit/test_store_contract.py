@@ -442,6 +442,7 @@ async def test_after_a_clean_restart_counts_reopen_no_collection_and_after_a_kil
 async def test_a_folder_open_in_another_process_is_an_error_not_a_hang(tmp_path: Path) -> None:
     store = EdgeStore(tmp_path)
     await filled(store)
+    await store.search("ns.product--a", request(VECTORS[0], TEXTS[0]))  # open here (the builder wrote it)
     script = textwrap.dedent(
         f"""
         import asyncio, sys
@@ -464,6 +465,32 @@ async def test_a_folder_open_in_another_process_is_an_error_not_a_hang(tmp_path:
         assert "refused:" in other.stdout and "WAL" in other.stdout, other.stdout + other.stderr
     finally:
         await store.close()
+
+
+async def test_a_new_collections_first_batch_is_written_without_opening_it_in_this_process(tmp_path: Path) -> None:
+    """Opening a collection holds the GIL through the engine's fsyncs: a burst of new products froze the
+    operator once per product. The builder process that made the collection writes its first batch."""
+    store = EdgeStore(tmp_path)
+    try:
+        index = await filled(store)
+        await store.delete_other_ingests(index, "d1")  # the only ingestion there is: nothing to open for
+        assert await store.count(index) == len(IDS)
+        assert index not in store._open
+        hits = await store.search(index, request(VECTORS[1], TEXTS[1], limit=1))
+        assert hits[0].id == IDS[1] and hits[0].payload["text"] == TEXTS[1]
+        # Another product's collection, whose next ingestion replaces the first: its points go.
+        other = await filled(store, "ns.other--a")
+        await store.upsert(other, IDS[:1], VECTORS[:1], TEXTS[:1], [{"text": TEXTS[0], DIGEST_KEY: "d2"}])
+        await store.delete_other_ingests(other, "d2")
+        assert await store.count(other) == 1
+    finally:
+        await store.close()
+    again = EdgeStore(tmp_path)  # what the builder wrote was flushed, and is there after a restart
+    try:
+        assert await again.count(index) == len(IDS)
+        assert (await again.search(index, request(VECTORS[2], TEXTS[2], limit=1)))[0].id == IDS[2]
+    finally:
+        await again.close()
 
 
 async def test_embedded_store_keeps_few_collections_open(tmp_path: Path) -> None:
