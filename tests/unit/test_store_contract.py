@@ -26,7 +26,9 @@ import numpy as np
 import pytest
 import qdrant_edge as qe
 
+from datamesh.adapters import edge
 from datamesh.adapters.edge import EdgeStore, safe_dirname
+from datamesh.adapters.processes import ChildProcesses
 from datamesh.adapters.qdrant import QdrantStore
 from datamesh.core.plan import DIGEST_KEY, KIND_KEY, PRODUCT_KEY, CollectionPlan, collection_alias
 from datamesh.core.ports import (
@@ -301,18 +303,29 @@ class ShardLoads:
         monkeypatch.setattr(qe.EdgeShard, "load", counting_load)
 
 
-def _builders() -> list[multiprocessing.process.BaseProcess]:
-    return [p for p in multiprocessing.active_children() if p.is_alive()]
+@pytest.fixture
+def builder_pool(monkeypatch: pytest.MonkeyPatch) -> ChildProcesses:
+    """A pool of builder processes of this test's own: no other test's children, none stopping for being idle."""
+    pool = ChildProcesses(2, idle_seconds=600)
+    monkeypatch.setattr(edge, "_BUILDER", pool)
+    return pool
 
 
-async def test_embedded_collections_are_created_in_another_process(tmp_path: Path) -> None:
+def _builders(pool: ChildProcesses) -> list[multiprocessing.process.BaseProcess]:
+    pids = set(pool.pids())
+    return [p for p in multiprocessing.active_children() if p.pid in pids]
+
+
+async def test_embedded_collections_are_created_in_another_process(
+    tmp_path: Path, builder_pool: ChildProcesses
+) -> None:
     """The engine holds the GIL while it creates a shard (over a second under disk pressure), which
     froze the operator's process, lease keeper included: a builder process creates them. With the
     builder paused, a creation waits while this process goes on serving the collections it has."""
     store = EdgeStore(tmp_path)
     try:
         index = await filled(store)  # the builder is up
-        builders = _builders()
+        builders = _builders(builder_pool)
         assert builders, "no builder process"
         for builder in builders:
             os.kill(builder.pid or 0, signal.SIGSTOP)
@@ -331,18 +344,20 @@ async def test_embedded_collections_are_created_in_another_process(tmp_path: Pat
         await store.close()
 
 
-async def test_a_builder_that_died_is_replaced_without_a_failed_creation(tmp_path: Path) -> None:
+async def test_a_builder_that_died_is_replaced_without_a_failed_creation(
+    tmp_path: Path, builder_pool: ChildProcesses
+) -> None:
     store = EdgeStore(tmp_path)
     try:
         await store.ensure_index(plan("ns.product--a"))
-        dead = _builders()
+        dead = _builders(builder_pool)
         assert dead, "no builder process"
         for builder in dead:
             os.kill(builder.pid or 0, signal.SIGKILL)
             builder.join(5)
         assert await store.ensure_index(plan("ns.product--b")) is True
         assert await store.count("ns.product--b") == 0
-        assert {b.pid for b in _builders()}.isdisjoint(b.pid for b in dead)
+        assert {b.pid for b in _builders(builder_pool)}.isdisjoint(b.pid for b in dead)
     finally:
         await store.close()
 
