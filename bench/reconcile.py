@@ -201,9 +201,13 @@ class LineWatch:
 class ProductState:
     first_seen: float
     phase: str = ""
-    ready_at: float | None = None
     phases_seen: set[str] = field(default_factory=set)
     ready_by_generation: dict[str, float] = field(default_factory=dict)  # first moment Ready at each generation
+
+    @property
+    def ready_at(self) -> float | None:
+        """The first moment it was Ready at the generation it then had (at any generation)."""
+        return next(iter(self.ready_by_generation.values()), None)
 
 
 class ProductWatch(LineWatch):
@@ -239,8 +243,6 @@ class ProductWatch(LineWatch):
                 st.phases_seen.add(phase)
             if phase == "Ready" and observed and observed == gen:
                 st.ready_by_generation.setdefault(gen, t)
-                if st.ready_at is None:
-                    st.ready_at = t
 
     def relist(self) -> None:
         """Read every product once with a plain list, as the watch would have shown it."""
@@ -764,25 +766,15 @@ class Bench:
         for i in range(self.args.single_repeats + 1):  # the first is a warm-up, not counted
             name = f"single-{i:02d}"
             body = product(name, ns, self.args.rows, i)
-            key = f"{ns}/{name}"
+            key, t0, t1, ready_at = self.apply_one(body)
             keys.append(key)
-            t0 = time.monotonic()
-            self.kubectl.run("apply", "-f", "-", input=yaml.safe_dump(body))
-            t1 = time.monotonic()
-            snap = self.wait_ready([key], t0, 60, name)
-            st = snap[key]
-            if st is None or st.ready_at is None:
-                raise BenchError(
-                    f"baseline product {key} not Ready after 60 s (phase {st.phase if st else 'not seen'}); "
-                    f"operator log tail:\n{self.operator.log_tail()}"
-                )
             if i == 0:
-                print(f"  warm-up {name}: {st.ready_at - t0:.3f} s (not counted)")
+                print(f"  warm-up {name}: {ready_at - t0:.3f} s (not counted)")
                 time.sleep(1.0)  # let the warm-up's trailing catalog write land outside the window
                 m0, t_first = self.operator.metrics(), time.monotonic()
                 continue
-            lat_start.append(st.ready_at - t0)
-            lat_return.append(st.ready_at - t1)
+            lat_start.append(ready_at - t0)
+            lat_return.append(ready_at - t1)
             apply_s.append(t1 - t0)
         time.sleep(1.0)
         m1, t_last = self.operator.metrics(), time.monotonic()
@@ -848,7 +840,7 @@ class Bench:
         bodies = [product(f"p-{i:05d}", namespaces[i % len(namespaces)], self.args.rows, i) for i in range(n)]
         keys = [f"{b['metadata']['namespace']}/{b['metadata']['name']}" for b in bodies]
 
-        edited = self.ready_product(product("edited", namespaces[0], self.args.rows, n))
+        edited, *_ = self.apply_one(product("edited", namespaces[0], self.args.rows, n))
         m0 = self.operator.metrics()
         rss_before = self.operator.rss_mib()
         load_before = loadavg()
@@ -967,15 +959,19 @@ class Bench:
             edit=edits[0] if edits else None,
         )
 
-    def ready_product(self, body: dict[str, Any]) -> str:
-        """Apply one product and wait until it is Ready; its key."""
+    def apply_one(self, body: dict[str, Any]) -> tuple[str, float, float, float]:
+        """Apply one product and wait until it is Ready: its key, when the apply began and returned, when Ready."""
         key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
         t0 = time.monotonic()
         self.kubectl.run("apply", "-f", "-", input=yaml.safe_dump(body))
+        t1 = time.monotonic()
         state = self.wait_ready([key], t0, 60, key)[key]
         if state is None or state.ready_at is None:
-            raise BenchError(f"{key} not Ready after 60 s; operator log tail:\n{self.operator.log_tail()}")
-        return key
+            raise BenchError(
+                f"product {key} not Ready after 60 s (phase {state.phase if state else 'not seen'}); "
+                f"operator log tail:\n{self.operator.log_tail()}"
+            )
+        return key, t0, t1, state.ready_at
 
     def edit_mid_batch(self, key: str, batch: list[str], t0: float, timeout: float) -> EditResult:
         """Once a quarter of ``batch`` is Ready, change ``key``'s description; how long until it is Ready again."""

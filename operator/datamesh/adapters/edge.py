@@ -234,7 +234,7 @@ def fill_shard(
     directory: str,
     meta: dict[str, Any],
     search_threads: int,
-    points: tuple[list[str], list[list[float]], list[str], list[dict[str, Any]]],
+    points: tuple[list[str], list[Sequence[float]], list[str], list[dict[str, Any]]],
 ) -> int:
     """Write a new collection's first points in the builder process (opened, written, flushed, closed); its count.
 
@@ -571,7 +571,8 @@ class EdgeStore:
             meta = self._unopened.pop(name, None)
             if meta is None or name in self._open:
                 return False
-            points = (list(ids), [list(v) for v in vectors], list(texts), [dict(p) for p in payloads])
+            # The rows as they come (``_write`` checks them and reads lists or arrays alike): no copy of each.
+            points = (list(ids), list(vectors), list(texts), [dict(p) for p in payloads])
             self._changed(name)
             try:
                 async with self._bounded(name):
