@@ -126,8 +126,8 @@ def test_every_example_becomes_ready_with_collection_and_catalog_entry(
 def scheduler_sees_cordon(kubectl: Kubectl) -> None:
     """Wait until kube-scheduler refuses a pod for the cordoned node.
 
-    The scheduler learns of the cordon through its watch: a replacement pod created before that
-    is still bound to the node, and kwok makes it Ready at once.
+    The scheduler learns of the cordon through its watch: a pod created before that is still bound
+    to the node (kwok makes it Ready at once), so a probe that got bound is replaced by a new one.
     """
     probe = {
         "apiVersion": "v1",
@@ -135,17 +135,25 @@ def scheduler_sees_cordon(kubectl: Kubectl) -> None:
         "metadata": {"name": "cordon-probe", "namespace": "default"},
         "spec": {"containers": [{"name": "probe", "image": "registry.k8s.io/pause:3.10"}]},
     }
-    apply(kubectl, probe)
+
+    def remove_probe() -> None:
+        kubectl.run("delete", "pod", "cordon-probe", "-n", "default", "--grace-period=0", "--force", "--wait=true")
+
+    def refused() -> bool:
+        pod = kubectl.get("pod", "cordon-probe", "default")
+        if pod is None:
+            apply(kubectl, probe)
+            return False
+        if pod["spec"].get("nodeName"):
+            remove_probe()
+            return False
+        conds = (pod.get("status") or {}).get("conditions") or []
+        return any(c["type"] == "PodScheduled" and c.get("reason") == "Unschedulable" for c in conds)
+
     try:
-
-        def refused() -> bool:
-            pod = kubectl.get("pod", "cordon-probe", "default") or {}
-            conds = (pod.get("status") or {}).get("conditions") or []
-            return any(c["type"] == "PodScheduled" and c.get("reason") == "Unschedulable" for c in conds)
-
         wait_for(refused, 30, what="the scheduler to refuse a pod for the cordoned node")
     finally:
-        kubectl.run("delete", "pod", "cordon-probe", "-n", "default", "--wait=false")
+        kubectl.run("delete", "pod", "cordon-probe", "-n", "default", "--wait=false", check=False)
 
 
 def test_inference_model_gets_owned_deployment_restored_and_garbage_collected(
