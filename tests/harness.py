@@ -177,7 +177,7 @@ class OperatorProcess:
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path, health_port: int, cwd: Path) -> None:
         script = Path(sys.executable).with_name("datamesh")
-        command = [str(script)] if script.exists() else [sys.executable, "-m", "datamesh.cli"]
+        command = [str(script)] if script.exists() else [sys.executable, "-m", "datamesh"]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("DATAMESH_", "KUBERNETES_"))}
         full_env.update(env)
         self.log = log

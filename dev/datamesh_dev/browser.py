@@ -85,7 +85,7 @@ def screenshot(out: Path) -> None:
         command = [
             sys.executable,
             "-m",
-            "datamesh.cli",
+            "datamesh",
             "local",
             "examples/",
             "--port",

@@ -587,7 +587,3 @@ def settings() -> None:
         for name, info in model.model_fields.items():
             table.add_row(f"{prefix}{name.upper()}", repr(getattr(current, name)), info.description or "")
     console.print(table)
-
-
-if __name__ == "__main__":
-    app()

@@ -1234,7 +1234,7 @@ def test_operator_with_the_charts_account_reconciles_an_example_and_nothing_more
             DATAMESH_LEADER_ELECTION_LEASE_NAME="dm-rbac-datamesh-operator",
         )
         script = Path(sys.executable).with_name("datamesh")
-        command = [str(script)] if script.exists() else [sys.executable, "-m", "datamesh.cli"]
+        command = [str(script)] if script.exists() else [sys.executable, "-m", "datamesh"]
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 [

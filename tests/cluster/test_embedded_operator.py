@@ -64,7 +64,7 @@ def embedded_operator(kubectl: Kubectl, crd_installed: None, tmp_path: Path) -> 
         DATAMESH_QUERY_CATALOG_NAMESPACE="somewhere-else",
     )
     script = Path(sys.executable).with_name("datamesh")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "datamesh.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "datamesh"]
     log = tmp_path / "operator.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(

@@ -24,7 +24,7 @@ def _products(path: Path) -> list[dict]:
 
 def _check(directory: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "datamesh.cli", "crd", "--check", str(directory)],
+        [sys.executable, "-m", "datamesh", "crd", "--check", str(directory)],
         capture_output=True,
         text=True,
         timeout=60,

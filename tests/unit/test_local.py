@@ -20,7 +20,7 @@ from datamesh.web.serving import free_port
 from tests.harness import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-DATAMESH = [sys.executable, "-m", "datamesh.cli"]
+DATAMESH = [sys.executable, "-m", "datamesh"]
 
 
 def _run(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -4,6 +4,7 @@ work starts and name the option that fixes them, and the exit status tells wheth
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import shutil
 import signal
@@ -29,7 +30,7 @@ from tests.harness import wait_for
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 INVALID = EXAMPLES / "invalid"
-DATAMESH = [sys.executable, "-m", "datamesh.cli"]
+DATAMESH = [sys.executable, "-m", "datamesh"]
 ENV = {**os.environ, "COLUMNS": "250", "HF_HUB_OFFLINE": "1", "NO_PROXY": "*"}
 
 
@@ -235,3 +236,17 @@ def _ready(url: str) -> bool:
         return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_the_command_starts_from_a_module_that_child_processes_can_import_cheaply() -> None:
+    """The operator's child processes (collection builders, the built-in embedder) import the program's main
+    script again. The ``datamesh`` script imports ``datamesh.__main__``, which must not pull in the command line:
+    typer, rich, pydantic and the models cost each child about 28 MiB."""
+    (script,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "datamesh"]
+    assert script.value == "datamesh.__main__:main"
+    heavy = ("datamesh.cli", "typer", "rich", "pydantic", "numpy")
+    code = f"import sys, datamesh.__main__; print([m for m in {heavy!r} if m in sys.modules])"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=ENV)
+    assert loaded.stdout.strip() == "[]"
+    help_text = subprocess.run([*DATAMESH, "--help"], capture_output=True, text=True, env=ENV)
+    assert help_text.returncode == 0 and "local" in help_text.stdout

@@ -134,7 +134,7 @@ async def stdio_session(mesh: Mesh, *args: str) -> AsyncIterator[ClientSession]:
     """`datamesh mcp --state-dir` spawned by the SDK's stdio client, initialised."""
     env = {**ENV, "DATAMESH_QUERY_TOKENS_FILE": str(mesh.tokens_file)}
     params = StdioServerParameters(
-        command=sys.executable, args=["-m", "datamesh.cli", "mcp", "--state-dir", str(mesh.state), *args], env=env
+        command=sys.executable, args=["-m", "datamesh", "mcp", "--state-dir", str(mesh.state), *args], env=env
     )
     with (mesh.tmp / "stdio-stderr.log").open("w") as errlog:
         async with (
@@ -347,7 +347,7 @@ async def test_tool_arguments_are_checked_against_their_schema(mesh: Mesh) -> No
 @contextmanager
 def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "datamesh.cli", *args], stdout=out, stderr=out, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "datamesh", *args], stdout=out, stderr=out, env=env)
         try:
             yield proc
         finally:
