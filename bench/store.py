@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from datamesh.adapters import bm25
+from datamesh.adapters.atomic import atomic_write
 from datamesh.adapters.edge import EdgeStore, safe_dirname
-from datamesh.adapters.files import atomic_write
 from datamesh.core.plan import DIGEST_KEY, TEXT_KEY, CollectionPlan
 from datamesh.core.ports import SearchRequest
 from datamesh.resource.models import Distance, SearchMode

@@ -508,6 +508,25 @@ async def test_a_new_collections_first_batch_is_written_without_opening_it_in_th
         await again.close()
 
 
+async def test_a_builder_process_imports_the_engine_and_not_the_operators_modules(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Up to four builders run while products are created, each a process of its own: numpy, pydantic and
+    the project's models (none of which a builder uses) cost each one about 30 MiB."""
+    pool = ChildProcesses(1, idle_seconds=600)  # one child: the one that made and filled the collection
+    monkeypatch.setattr(edge, "_BUILDER", pool)
+    store = EdgeStore(tmp_path)
+    try:
+        index = await filled(store)
+        assert index not in store._open and await store.count(index) == len(IDS)  # the builder wrote it
+    finally:
+        await store.close()
+    loaded = set(await pool.run(eval, "list(__import__('sys').modules)"))
+    assert "qdrant_edge" in loaded and "datamesh.adapters.edge_builder" in loaded
+    heavy = {"numpy", "pydantic", "datamesh.resource.models", "datamesh.core.ports", "datamesh.adapters.edge"}
+    assert not loaded & heavy
+
+
 async def test_embedded_store_keeps_few_collections_open(tmp_path: Path) -> None:
     store = EdgeStore(tmp_path, max_open=2)
     try:

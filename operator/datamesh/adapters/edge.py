@@ -49,13 +49,22 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import qdrant_edge as qe
 
 from datamesh.adapters import bm25
-from datamesh.adapters.files import atomic_write
+from datamesh.adapters.atomic import atomic_write
+from datamesh.adapters.edge_builder import (
+    META_FILE,
+    add_payload_indexes,
+    build_shard,
+    edge_config,
+    fill_shard,
+    panicked,
+    upsert,
+)
 from datamesh.adapters.processes import ChildProcesses
 from datamesh.adapters.similarity import cosines, dense_of
 from datamesh.core.plan import (
@@ -84,23 +93,11 @@ from datamesh.resource.models import CollectionLayout, Distance, FieldType, Sear
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-META_FILE = "collection.json"
 ALIASES_DIR = "aliases"
 # Earlier versions kept every alias in this one file, rewritten whole on each switch: 3.3 ms a switch
 # at 10,000 aliases against 0.5 ms now (bench/store.py). Converted when a store opens.
 LEGACY_ALIASES_FILE = "aliases.json"
 COUNTS_FILE = "counts.json"  # {collection: points}, written by a clean close and read by the next open
-_DISTANCES = {Distance.cosine: qe.Distance.Cosine, Distance.dot: qe.Distance.Dot, Distance.euclid: qe.Distance.Euclid}
-_PAYLOAD_TYPES = {
-    FieldType.string: qe.PayloadSchemaType.Keyword,
-    FieldType.integer: qe.PayloadSchemaType.Integer,
-    FieldType.number: qe.PayloadSchemaType.Float,
-    FieldType.boolean: qe.PayloadSchemaType.Bool,
-    FieldType.timestamp: qe.PayloadSchemaType.Datetime,
-    FieldType.date: qe.PayloadSchemaType.Datetime,
-}
-# The engine's messages are its only error signal (it raises plain Exception): the prefixes of
-# its OperationError kinds that mean the request itself was wrong, and those meaning "absent".
 _REJECTED = (
     "Vector dimension error",
     "Not existing vector name error",
@@ -122,7 +119,7 @@ def _translate(exc: BaseException, collection: str) -> BaseException:
     if isinstance(exc, VectorStoreError):
         return exc
     where = f"embedded store, collection {collection}"
-    if _panicked(exc):
+    if panicked(exc):
         return VectorStoreError(f"{where}: the engine failed: {exc}")
     if isinstance(exc, FileNotFoundError):
         return CollectionMissing(f"{where}: does not exist")
@@ -169,8 +166,8 @@ def _finite(vector: Sequence[float], size: int) -> list[float]:
     return values
 
 
-def _finite_rows(vectors: Sequence[Sequence[float]], size: int) -> np.ndarray:
-    # One array check per batch: per-value Python checks cost as much as the engine's write.
+def _checked_rows(vectors: Sequence[Sequence[float]], size: int) -> list[list[float]]:
+    """The vectors as lists of floats, once checked: ``size`` dimensions each, every value a finite float32."""
     try:
         matrix = np.asarray(vectors, dtype=np.float32)
     except ValueError as exc:  # ragged rows
@@ -179,16 +176,9 @@ def _finite_rows(vectors: Sequence[Sequence[float]], size: int) -> np.ndarray:
         raise StoreRejected(f"vectors of shape {matrix.shape} for a collection of {size} dimensions")
     if not np.isfinite(matrix).all():  # the engine would store them silently
         raise StoreRejected("a vector with NaN, infinite or out-of-range (float32) values")
-    return matrix
-
-
-def _edge_config(meta: Mapping[str, Any], search_threads: int) -> qe.EdgeConfig:
-    """The engine's configuration of a collection described by its metadata."""
-    dense = qe.EdgeVectorParams(
-        size=int(meta["vector_size"]), distance=_DISTANCES[Distance(meta["distance"])], memory=qe.Memory.Cold
-    )
-    sparse = {SPARSE_VECTOR: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)} if meta["sparse"] else None
-    return qe.EdgeConfig(vectors={DENSE_VECTOR: dense}, sparse_vectors=sparse, max_search_threads=search_threads)
+    # The engine reads a list of floats about 2.5x faster than a numpy row: the caller's own lists, if lists.
+    lists = all(type(v) is list for v in vectors)
+    return cast("list[list[float]]", list(vectors)) if lists else matrix.tolist()
 
 
 @contextlib.contextmanager
@@ -203,55 +193,6 @@ def _translated(collection: str) -> Iterator[None]:
         if translated is exc:
             raise
         raise translated from exc
-
-
-def build_shard(directory: str, meta: dict[str, Any], search_threads: int) -> None:
-    """Create a collection's folder: its shard (made, indexed, flushed, closed), then its commit mark.
-
-    Runs in the builder process; errors cross the process boundary as plain exceptions with the
-    engine's message, which ``_translate`` reads as it reads the engine's own.
-    """
-    folder = Path(directory)
-    if folder.exists():  # a creation a crash interrupted: it has no commit mark
-        shutil.rmtree(folder)
-    try:
-        engine = qe.EdgeShard.create(str(folder / "shard"), _edge_config(meta, search_threads))
-        try:
-            # Only filterable fields: each payload index costs megabytes per shard, even empty.
-            for key, kind in meta["payload_indexes"].items():
-                engine.update(qe.UpdateOperation.create_field_index(key, _PAYLOAD_TYPES[FieldType(kind)]))
-            engine.flush()
-        finally:
-            engine.close()
-    except BaseException as exc:
-        if _panicked(exc):  # pyo3's PanicException cannot be unpickled in the parent
-            raise Exception(f"the engine failed: {exc}") from None
-        raise
-    atomic_write(folder / META_FILE, json.dumps(meta, sort_keys=True))
-
-
-def fill_shard(
-    directory: str,
-    meta: dict[str, Any],
-    search_threads: int,
-    points: tuple[list[str], list[Sequence[float]], list[str], list[dict[str, Any]]],
-) -> int:
-    """Write a new collection's first points in the builder process (opened, written, flushed, closed); its count.
-
-    Errors cross the process boundary as :func:`build_shard`'s do.
-    """
-    try:
-        engine = qe.EdgeShard.load(str(Path(directory) / "shard"), _edge_config(meta, search_threads))
-        try:
-            EdgeStore._write(_Shard(str(meta["name"]), meta, engine), *points)
-            engine.flush()
-            return int(engine.count(qe.CountRequest(exact=True)))
-        finally:
-            engine.close()
-    except BaseException as exc:
-        if _panicked(exc):
-            raise Exception(f"the engine failed: {exc}") from None
-        raise
 
 
 # The processes that create collections and write their first batch (see the module docstring): one per
@@ -374,7 +315,7 @@ class EdgeStore:
             return call(*args)
 
     def _config(self, meta: Mapping[str, Any]) -> qe.EdgeConfig:
-        return _edge_config(meta, self.search_threads)
+        return edge_config(meta, self.search_threads)
 
     def _read_meta(self, name: str) -> dict[str, Any] | None:
         try:
@@ -537,9 +478,7 @@ class EdgeStore:
         return LayoutReport(EMBEDDED_LAYOUT, ignored=ignored)
 
     def _add_payload_indexes(self, shard: _Shard, indexes: Mapping[str, str]) -> None:
-        for key, kind in indexes.items():
-            shard.engine.update(qe.UpdateOperation.create_field_index(key, _PAYLOAD_TYPES[FieldType(kind)]))
-        shard.engine.flush()
+        add_payload_indexes(shard.engine, indexes)
         shard.meta = {**shard.meta, "payload_indexes": {**shard.meta["payload_indexes"], **indexes}}
         atomic_write(self._dir(shard.name) / META_FILE, json.dumps(shard.meta, sort_keys=True))
 
@@ -567,12 +506,13 @@ class EdgeStore:
         """A new collection's first batch (of one engine write at most), written by the builder; False if not so."""
         if name not in self._unopened or len(ids) > self.batch_size:
             return False
+        # Checked here: the builder imports no numpy (see ``edge_builder``).
+        rows = _checked_rows(vectors, int(self._unopened[name]["vector_size"]))
         async with self._lock(name):  # no open here while the builder has the shard
             meta = self._unopened.pop(name, None)
             if meta is None or name in self._open:
                 return False
-            # The rows as they come (``_write`` checks them and reads lists or arrays alike): no copy of each.
-            points = (list(ids), list(vectors), list(texts), [dict(p) for p in payloads])
+            points = (list(ids), rows, list(texts), [dict(p) for p in payloads])
             self._changed(name)
             try:
                 async with self._bounded(name):
@@ -701,19 +641,8 @@ class EdgeStore:
         texts: Sequence[str],
         payloads: Sequence[Mapping[str, Any]],
     ) -> None:
-        size, sparse = int(shard.meta["vector_size"]), bool(shard.meta["sparse"])
-        checked = _finite_rows(vectors, size)
-        # The engine reads a list of floats about 2.5x faster than a numpy row: pass the caller's own
-        # lists once the matrix has checked them.
-        rows = vectors if all(type(v) is list for v in vectors) else checked.tolist()
-        points = []
-        for point_id, vector, text, payload in zip(ids, rows, texts, payloads, strict=True):
-            named: dict[str, Any] = {DENSE_VECTOR: vector}
-            words = bm25.document_vector(text) if sparse else None
-            if words is not None:  # only the tokenizer's own vectors: a malformed one breaks the shard
-                named[SPARSE_VECTOR] = words
-            points.append(qe.Point(point_id, named, dict(payload)))
-        shard.engine.update(qe.UpdateOperation.upsert_points(points))
+        rows = _checked_rows(vectors, int(shard.meta["vector_size"]))
+        upsert(shard.engine, bool(shard.meta["sparse"]), ids, rows, texts, payloads)
 
     async def delete_other_ingests(self, collection: str, digest: str) -> None:
         """Remove points not written by the ingestion with ``digest``."""

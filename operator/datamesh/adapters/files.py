@@ -1,4 +1,4 @@
-"""Files as adapters: the local catalog file, atomic writes, and files re-read when they change."""
+"""Files as adapters: the local catalog file, and files re-read when they change."""
 
 from __future__ import annotations
 
@@ -9,19 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from datamesh.adapters.atomic import atomic_write
 from datamesh.core.ports import Shard
 from datamesh.resource.catalog import CatalogEntry, decode_entries
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 class WatchedFile(Generic[T]):

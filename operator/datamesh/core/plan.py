@@ -13,6 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+# Defined apart so that the embedded store's builder processes import them alone; used through here.
+from datamesh.core.vectors import DENSE_VECTOR as DENSE_VECTOR
+from datamesh.core.vectors import SPARSE_VECTOR as SPARSE_VECTOR
 from datamesh.resource.models import (
     CollectionLayout,
     DataProductSpec,
@@ -33,9 +36,6 @@ ROW_KEY = "_key"
 KIND_KEY = "_kind"  # "card" or "row": keywords, since the embedded engine matches booleans as 1
 RoutingKind = Literal["row", "card"]
 ROUTING_PREFIX = "_routing--"  # "_" never starts a namespace, so no product alias can collide
-# Vector names of every collection: the key fields' embedding, and BM25 over their words.
-DENSE_VECTOR = "dense"
-SPARSE_VECTOR = "bm25"
 # Part of every index name: a new layout of the collections re-indexes every product once.
 LAYOUT = "2"
 # Qdrant refuses collection and alias names over 255 characters; an index adds "--" + 10.

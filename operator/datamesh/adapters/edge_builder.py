@@ -1,0 +1,115 @@
+"""What the embedded store's collection builders run: a shard's folder made, and its first points written.
+
+These run in child processes (see ``adapters.edge``), which import this module and what it
+imports, nothing else: the engine, the standard library, the BM25 tokenizer and the vector
+names. Metadata and rows arrive as plain values (the distance and the payload types by their
+names in the DataProduct spec), errors leave as plain exceptions with the engine's message.
+A builder so costs about 26 MiB instead of 55-60 with the store's own module and its imports.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import qdrant_edge as qe
+
+from datamesh.adapters import bm25
+from datamesh.adapters.atomic import atomic_write
+from datamesh.core.vectors import DENSE_VECTOR, SPARSE_VECTOR
+
+META_FILE = "collection.json"
+
+# By their names in the spec (resource.models.Distance and FieldType): the builder never imports the models.
+DISTANCES = {"Cosine": qe.Distance.Cosine, "Dot": qe.Distance.Dot, "Euclid": qe.Distance.Euclid}
+PAYLOAD_TYPES = {
+    "string": qe.PayloadSchemaType.Keyword,
+    "integer": qe.PayloadSchemaType.Integer,
+    "number": qe.PayloadSchemaType.Float,
+    "boolean": qe.PayloadSchemaType.Bool,
+    "timestamp": qe.PayloadSchemaType.Datetime,
+    "date": qe.PayloadSchemaType.Datetime,
+}
+
+
+def panicked(exc: BaseException) -> bool:
+    """Whether ``exc`` is a Rust panic of the engine (pyo3's PanicException, a BaseException)."""
+    return type(exc).__name__ == "PanicException" and type(exc).__module__ == "pyo3_runtime"
+
+
+def edge_config(meta: Mapping[str, Any], search_threads: int) -> qe.EdgeConfig:
+    """The engine's configuration of a collection described by its metadata."""
+    dense = qe.EdgeVectorParams(
+        size=int(meta["vector_size"]), distance=DISTANCES[str(meta["distance"])], memory=qe.Memory.Cold
+    )
+    sparse = {SPARSE_VECTOR: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)} if meta["sparse"] else None
+    return qe.EdgeConfig(vectors={DENSE_VECTOR: dense}, sparse_vectors=sparse, max_search_threads=search_threads)
+
+
+def add_payload_indexes(engine: qe.EdgeShard, indexes: Mapping[str, str]) -> None:
+    """Index the payload fields ``indexes`` names (field: spec type), then flush."""
+    for key, kind in indexes.items():
+        engine.update(qe.UpdateOperation.create_field_index(key, PAYLOAD_TYPES[kind]))
+    engine.flush()
+
+
+def upsert(
+    engine: qe.EdgeShard,
+    sparse: bool,
+    ids: Sequence[str],
+    rows: Sequence[Sequence[float]],
+    texts: Sequence[str],
+    payloads: Sequence[Mapping[str, Any]],
+) -> None:
+    """Write points (vectors already checked, as lists: the engine reads them 2.5x faster than numpy rows)."""
+    points = []
+    for point_id, vector, text, payload in zip(ids, rows, texts, payloads, strict=True):
+        named: dict[str, Any] = {DENSE_VECTOR: vector}
+        words = bm25.document_vector(text) if sparse else None
+        if words is not None:  # only the tokenizer's own vectors: a malformed one breaks the shard
+            named[SPARSE_VECTOR] = words
+        points.append(qe.Point(point_id, named, dict(payload)))
+    engine.update(qe.UpdateOperation.upsert_points(points))
+
+
+def build_shard(directory: str, meta: dict[str, Any], search_threads: int) -> None:
+    """Create a collection's folder: its shard (made, indexed, flushed, closed), then its commit mark."""
+    folder = Path(directory)
+    if folder.exists():  # a creation a crash interrupted: it has no commit mark
+        shutil.rmtree(folder)
+    try:
+        engine = qe.EdgeShard.create(str(folder / "shard"), edge_config(meta, search_threads))
+        try:
+            # Only filterable fields: each payload index costs megabytes per shard, even empty.
+            add_payload_indexes(engine, meta["payload_indexes"])
+        finally:
+            engine.close()
+    except BaseException as exc:
+        if panicked(exc):  # pyo3's PanicException cannot be unpickled in the parent
+            raise Exception(f"the engine failed: {exc}") from None
+        raise
+    atomic_write(folder / META_FILE, json.dumps(meta, sort_keys=True))
+
+
+def fill_shard(
+    directory: str,
+    meta: dict[str, Any],
+    search_threads: int,
+    points: tuple[list[str], list[list[float]], list[str], list[dict[str, Any]]],
+) -> int:
+    """Write a new collection's first points (checked rows; opened, written, flushed, closed); its count."""
+    try:
+        engine = qe.EdgeShard.load(str(Path(directory) / "shard"), edge_config(meta, search_threads))
+        try:
+            upsert(engine, bool(meta["sparse"]), *points)
+            engine.flush()
+            return int(engine.count(qe.CountRequest(exact=True)))
+        finally:
+            engine.close()
+    except BaseException as exc:
+        if panicked(exc):
+            raise Exception(f"the engine failed: {exc}") from None
+        raise
