@@ -10,7 +10,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
-from datamesh.adapters.embeddings import builtin
+from datamesh.adapters.embeddings import builtin, ngram
 from datamesh.adapters.embeddings.builtin import BuiltinNgramProvider
 from datamesh.adapters.processes import ChildProcesses
 from datamesh.core.ports import EmbeddingServiceError
@@ -86,6 +86,10 @@ async def test_builtin_batches_are_embedded_in_a_child_with_the_same_vectors() -
     vectors = await provider.embed(BATCH)
     assert vectors == provider.encode(BATCH).tolist()
     assert builtin._ENCODER.pids(), "no embedding process"
+    # It holds the model and numpy, not the project's other modules (pydantic and the models: about 13 MiB).
+    loaded = set(await builtin._ENCODER.run(eval, "list(__import__('sys').modules)"))
+    assert "datamesh.adapters.embeddings.ngram" in loaded
+    assert not loaded & {"pydantic", "datamesh.core.ports", "datamesh.adapters.embeddings.builtin"}
 
 
 async def test_an_ingestion_batch_survives_its_embedding_process_being_killed() -> None:
@@ -97,7 +101,7 @@ async def test_an_ingestion_batch_survives_its_embedding_process_being_killed() 
 
 
 async def test_an_embedding_process_that_keeps_dying_is_a_transient_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(builtin, "_encode", _exit_now_with_args)
+    monkeypatch.setattr(ngram, "encode", _exit_now_with_args)
     with pytest.raises(EmbeddingServiceError, match="embedding process died"):
         await BuiltinNgramProvider(384).embed(BATCH)
 

@@ -23,9 +23,9 @@ file-system work), which made creating collections the operator's bottleneck wit
 products. Opening a shard holds it too, through three fsyncs of its configuration (10-30 ms), so
 a child also writes a new collection's first batch (all the rows of a small product) and this
 process opens the collection only when an operation needs it: in a burst of new products the
-operator no longer stops once per product. The children are started with ``spawn`` (see
-``adapters.processes``): a script that opens an ``EdgeStore`` needs the usual
-``if __name__ == "__main__":`` guard.
+operator no longer stops once per product. What the children run is ``edge_builder``, which
+imports the engine and little else. They are started with ``spawn`` (see ``adapters.processes``):
+a script that opens an ``EdgeStore`` needs the usual ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations

@@ -9,7 +9,10 @@ Children are started with ``spawn``, never ``fork`` (this process runs threads: 
 engine's, onnxruntime's). ``spawn`` imports the main module again, so a script that uses them
 needs the usual ``if __name__ == "__main__":`` guard. A child exits as soon as the process that
 started it is gone, kill -9 included, and when its pool has had no call for a while: each child holds
-the interpreter and the project's modules (30-80 MiB), which an operator at rest need not keep.
+an interpreter and the modules its calls need (about 25-35 MiB), which an operator at rest need not
+keep. What a child runs should live in a module that imports little (``edge_builder``, ``ngram``),
+and the program's main script must import little at its top (``datamesh.__main__``): a child imports
+both again.
 """
 
 from __future__ import annotations
