@@ -1,4 +1,4 @@
-"""Fields of ``/proc/<pid>/status``: how the benchmarks read memory (VmRSS, VmHWM, RssAnon) and threads."""
+"""How the benchmarks read a process: memory (VmRSS, VmHWM, RssAnon, PSS), threads and its children."""
 
 from __future__ import annotations
 
@@ -46,3 +46,25 @@ def pss_mib(pid: int | str = "self") -> float:
         if line.startswith("Pss:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def children_of(pid: int | str = "self") -> list[int]:
+    """The process ids of the process's children, whichever of its threads started them (none when it is gone)."""
+    found: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def tree_pss_mib(pid: int | str = "self") -> tuple[float, int]:
+    """The summed proportional set sizes of the process and its children in MiB (what its container holds), and
+    how many children there are."""
+    children = children_of(pid)
+    return pss_mib(pid) + sum(pss_mib(child) for child in children), len(children)
