@@ -201,6 +201,7 @@ class LineWatch:
 class ProductState:
     first_seen: float
     phase: str = ""
+    first_status: float | None = None  # the first moment it had a phase: before, `kubectl get` shows none
     phases_seen: set[str] = field(default_factory=set)
     ready_by_generation: dict[str, float] = field(default_factory=dict)  # first moment Ready at each generation
 
@@ -241,6 +242,8 @@ class ProductWatch(LineWatch):
             st.phase = phase
             if phase:
                 st.phases_seen.add(phase)
+                if st.first_status is None:
+                    st.first_status = t
             if phase == "Ready" and observed and observed == gen:
                 st.ready_by_generation.setdefault(gen, t)
 
@@ -630,6 +633,8 @@ class SizeResult:
     p95: float
     max_s: float
     seen_p50: float
+    no_status_p50: float  # from first seen to a first phase: how long `kubectl get` showed it without one
+    no_status_max: float
     per_s: float
     cm_writes: int
     cm_names: int
@@ -874,6 +879,7 @@ class Bench:
         editor.join()
         ready_times = [s.ready_at - t0 for s in snap.values() if s is not None and s.ready_at is not None]
         seen_to_ready = [s.ready_at - s.first_seen for s in snap.values() if s is not None and s.ready_at is not None]
+        no_status = [s.first_status - s.first_seen for s in snap.values() if s and s.first_status is not None]
         timed_out = len(ready_times) < n
         t_end = max((s.ready_at for s in snap.values() if s and s.ready_at), default=time.monotonic())
         if timed_out:
@@ -950,6 +956,8 @@ class Bench:
             p95=percentile(ready_times, 95) if ready_times else float("nan"),
             max_s=max(ready_times, default=float("nan")),
             seen_p50=statistics.median(seen_to_ready) if seen_to_ready else float("nan"),
+            no_status_p50=statistics.median(no_status) if no_status else float("nan"),
+            no_status_max=max(no_status, default=float("nan")),
             per_s=len(ready_times) / total if ready_times and total > 0 else float("nan"),
             cm_writes=writes,
             cm_names=len(cm_names),
@@ -1185,6 +1193,7 @@ def report(
     row("apply-to-Ready p50 (s)", f"{p1:.3f}", lambda r: f"{r.p50:.2f}")
     row("apply-to-Ready p95 (s)", f"{single['p95']:.3f}", lambda r: f"{r.p95:.2f}")
     row("apply-to-Ready max (s)", f"{single['max']:.3f}", lambda r: f"{r.max_s:.2f}")
+    row("seen without a phase, p50 / max (s)", "-", lambda r: f"{r.no_status_p50:.1f} / {r.no_status_max:.1f}")
     row("products/s", f"{1 / p1:.2f} (serial)", lambda r: f"{r.per_s:.1f}")
     row("reconcile mean (s)", f"{single['reconcile_mean']:.3f}", lambda r: f"{r.reconcile_mean:.3f}")
     row("catalog CM writes", f"{single['cm_writes']} (for {single['n']})", lambda r: str(r.cm_writes))
@@ -1217,7 +1226,8 @@ def report(
         print(
             f"reconcile N={r.n} ready={r.ready}/{r.n} timed_out={r.timed_out} apply_s={r.apply_s:.2f} "
             f"total_s={r.total_s:.2f} p50_s={r.p50:.3f} p95_s={r.p95:.3f} max_s={r.max_s:.3f} "
-            f"seen_to_ready_p50_s={r.seen_p50:.3f} products_per_s={r.per_s:.2f} "
+            f"seen_to_ready_p50_s={r.seen_p50:.3f} seen_to_first_status_p50_s={r.no_status_p50:.3f} "
+            f"seen_to_first_status_max_s={r.no_status_max:.3f} products_per_s={r.per_s:.2f} "
             f"catalog_cm_writes={r.cm_writes} (metric datamesh_catalog_writes_total +{r.metric_writes:.0f}) "
             f"catalog_configmaps={r.cm_names} writes_per_product={r.cm_writes / r.n:.4f} "
             f"catalog_entries={r.catalog_entries}/{r.n} (phase Ready: {r.catalog_ready_entries}) "
