@@ -98,6 +98,8 @@ ALIASES_DIR = "aliases"
 # at 10,000 aliases against 0.5 ms now (bench/store.py). Converted when a store opens.
 LEGACY_ALIASES_FILE = "aliases.json"
 COUNTS_FILE = "counts.json"  # {collection: points}, written by a clean close and read by the next open
+# The engine's messages are its only error signal (it raises plain Exception): the prefixes of
+# its OperationError kinds that mean the request itself was wrong, and those meaning "absent".
 _REJECTED = (
     "Vector dimension error",
     "Not existing vector name error",
@@ -168,6 +170,7 @@ def _finite(vector: Sequence[float], size: int) -> list[float]:
 
 def _checked_rows(vectors: Sequence[Sequence[float]], size: int) -> list[list[float]]:
     """The vectors as lists of floats, once checked: ``size`` dimensions each, every value a finite float32."""
+    # One array check per batch: per-value Python checks cost as much as the engine's write.
     try:
         matrix = np.asarray(vectors, dtype=np.float32)
     except ValueError as exc:  # ragged rows
