@@ -114,6 +114,14 @@ class OperatorSettings(BaseSettings):
     )
 
     ingest_concurrency: int = Field(4, ge=1, description="Products ingested at the same time.")
+    kopf_workers: int = Field(
+        1024,
+        ge=1,
+        description=(
+            "Products kopf handles at the same time; the others' events wait, and they show no status meanwhile. "
+            "Most of them only wait for an ingestion slot, so this can be far above ingest_concurrency."
+        ),
+    )
     check_concurrency: int = Field(
         16,
         ge=1,
