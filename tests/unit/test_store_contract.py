@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import qdrant_edge as qe
 
-from datamesh.adapters import edge
+from datamesh.adapters import edge, edge_builder
 from datamesh.adapters.edge import EdgeStore, safe_dirname
 from datamesh.adapters.processes import ChildProcesses
 from datamesh.adapters.qdrant import QdrantStore
@@ -506,6 +506,13 @@ async def test_a_new_collections_first_batch_is_written_without_opening_it_in_th
         assert (await again.search(index, request(VECTORS[2], TEXTS[2], limit=1)))[0].id == IDS[2]
     finally:
         await again.close()
+
+
+def test_the_builder_knows_every_distance_and_field_type_of_the_spec() -> None:
+    """The builder maps the spec's names without importing the models: a new distance or field type
+    it did not know would fail every product using it when its collection is made."""
+    assert set(edge_builder.DISTANCES) == {d.value for d in Distance}
+    assert set(edge_builder.PAYLOAD_TYPES) == {t.value for t in FieldType}
 
 
 async def test_a_builder_process_imports_the_engine_and_not_the_operators_modules(
