@@ -490,11 +490,7 @@ class EdgeStore:
         directory = str(self._dir(name))
         self._add_folder(safe_dirname(name))  # before it exists: a drop meanwhile must find it
         self._counts.pop(name, None)  # a count saved for a collection of this name that a crash half-made
-        try:
-            async with self._bounded(name):
-                await _BUILDER.run(build_shard, directory, meta, self.search_threads)
-        except BrokenProcessPool as exc:
-            raise VectorStoreError(f"embedded store, collection {name}: the process creating it died") from exc
+        await self._in_builder(name, "creating", build_shard, directory, meta, self.search_threads)
         self._unopened[name] = meta
         self._counts[name] = 0  # this process is its only writer
 
@@ -509,19 +505,20 @@ class EdgeStore:
         """A new collection's first batch (of one engine write at most), written by the builder; False if not so."""
         if name not in self._unopened or len(ids) > self.batch_size:
             return False
-        # Checked here: the builder imports no numpy (see ``edge_builder``).
-        rows = _checked_rows(vectors, int(self._unopened[name]["vector_size"]))
         async with self._lock(name):  # no open here while the builder has the shard
-            meta = self._unopened.pop(name, None)
+            meta = self._unopened.get(name)
             if meta is None or name in self._open:
                 return False
+            # Checked here: the builder imports no numpy (see ``edge_builder``).
+            rows = _checked_rows(vectors, int(meta["vector_size"]))
+            del self._unopened[name]
             points = (list(ids), rows, list(texts), [dict(p) for p in payloads])
+            directory = str(self._dir(name))
             self._changed(name)
             try:
-                async with self._bounded(name):
-                    count = await _BUILDER.run(fill_shard, str(self._dir(name)), meta, self.search_threads, points)
-            except BrokenProcessPool as exc:
-                raise VectorStoreError(f"embedded store, collection {name}: the process writing it died") from exc
+                count = await self._in_builder(
+                    name, "writing", fill_shard, directory, meta, self.search_threads, points
+                )
             finally:
                 self._changed(name)
         self._counts[name] = count
@@ -529,6 +526,14 @@ class EdgeStore:
         if len(digests) == 1 and isinstance(only := digests.pop(), str):
             self._one_ingest[name] = only  # nothing of another ingestion to delete
         return True
+
+    async def _in_builder(self, name: str, doing: str, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)`` in a builder process, holding one of the store's slots."""
+        try:
+            async with self._bounded(name):
+                return await _BUILDER.run(call, *args)
+        except BrokenProcessPool as exc:
+            raise VectorStoreError(f"embedded store, collection {name}: the process {doing} it died") from exc
 
     async def exists(self, collection: str) -> bool:
         """Whether a collection (or alias) exists."""

@@ -9,9 +9,10 @@ A builder so costs about 26 MiB instead of 55-60 with the store's own module and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,18 @@ PAYLOAD_TYPES = {
 def panicked(exc: BaseException) -> bool:
     """Whether ``exc`` is a Rust panic of the engine (pyo3's PanicException, a BaseException)."""
     return type(exc).__name__ == "PanicException" and type(exc).__module__ == "pyo3_runtime"
+
+
+@contextlib.contextmanager
+def _panics_as_exceptions() -> Iterator[None]:
+    """A panic of the engine as a plain Exception with its message: pyo3's PanicException cannot be
+    unpickled in the parent, which reads the message as it reads the engine's own errors."""
+    try:
+        yield
+    except BaseException as exc:
+        if panicked(exc):
+            raise Exception(f"the engine failed: {exc}") from None
+        raise
 
 
 def edge_config(meta: Mapping[str, Any], search_threads: int) -> qe.EdgeConfig:
@@ -80,17 +93,13 @@ def build_shard(directory: str, meta: dict[str, Any], search_threads: int) -> No
     folder = Path(directory)
     if folder.exists():  # a creation a crash interrupted: it has no commit mark
         shutil.rmtree(folder)
-    try:
+    with _panics_as_exceptions():
         engine = qe.EdgeShard.create(str(folder / "shard"), edge_config(meta, search_threads))
         try:
             # Only filterable fields: each payload index costs megabytes per shard, even empty.
             add_payload_indexes(engine, meta["payload_indexes"])
         finally:
             engine.close()
-    except BaseException as exc:
-        if panicked(exc):  # pyo3's PanicException cannot be unpickled in the parent
-            raise Exception(f"the engine failed: {exc}") from None
-        raise
     atomic_write(folder / META_FILE, json.dumps(meta, sort_keys=True))
 
 
@@ -101,7 +110,7 @@ def fill_shard(
     points: tuple[list[str], list[list[float]], list[str], list[dict[str, Any]]],
 ) -> int:
     """Write a new collection's first points (checked rows; opened, written, flushed, closed); its count."""
-    try:
+    with _panics_as_exceptions():
         engine = qe.EdgeShard.load(str(Path(directory) / "shard"), edge_config(meta, search_threads))
         try:
             upsert(engine, bool(meta["sparse"]), *points)
@@ -109,7 +118,3 @@ def fill_shard(
             return int(engine.count(qe.CountRequest(exact=True)))
         finally:
             engine.close()
-    except BaseException as exc:
-        if panicked(exc):
-            raise Exception(f"the engine failed: {exc}") from None
-        raise
