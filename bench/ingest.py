@@ -32,6 +32,7 @@ import asyncio
 import itertools
 import json
 import multiprocessing
+import os
 import random
 import resource
 import statistics
@@ -42,7 +43,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from procstatus import pss_mib, status_fields, status_mib
+from procstatus import status_fields, status_mib, summed_pss_mib
 
 # The child processes (the store's builders, the built-in model's embedding process) import this script
 # again, as ``spawn`` does, where the operator's import only its small entry module: the project is
@@ -229,7 +230,7 @@ class MemorySampler:
             self.children_at_peak = {}
             for pid, mib in each.items():
                 self.children_at_peak.setdefault(roles.get(pid, "other"), []).append(mib)
-        self.peak_pss = max(self.peak_pss, pss_mib() + sum(pss_mib(child.pid) for child in live))
+        self.peak_pss = max(self.peak_pss, summed_pss_mib([os.getpid(), *(child.pid for child in live if child.pid)]))
 
 
 async def main(args: argparse.Namespace) -> int:

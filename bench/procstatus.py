@@ -63,8 +63,7 @@ def children_of(pid: int | str = "self") -> list[int]:
     return found
 
 
-def tree_pss_mib(pid: int | str = "self") -> tuple[float, int]:
-    """The summed proportional set sizes of the process and its children in MiB (what its container holds), and
-    how many children there are."""
-    children = children_of(pid)
-    return pss_mib(pid) + sum(pss_mib(child) for child in children), len(children)
+def summed_pss_mib(pids: list[int]) -> float:
+    """The processes' proportional set sizes summed in MiB: their shared pages counted once, as a container
+    counts them (a process that is gone counts 0)."""
+    return sum(pss_mib(pid) for pid in pids)

@@ -46,7 +46,7 @@ from typing import Any
 import yaml
 
 from datamesh.web.serving import free_port
-from procstatus import status_fields, status_mib, tree_pss_mib
+from procstatus import children_of, status_fields, status_mib, summed_pss_mib
 
 REPO = Path(__file__).resolve().parents[1]
 PLATFORM_NAMESPACE = "datamesh-system"
@@ -337,7 +337,6 @@ class Operator:
         self._log: Any = None
         self._samples: list[tuple[float, int]] = []
         self._tree: list[tuple[float, float]] = []  # (time, MiB): its and its children's summed PSS
-        self.peak_children = 0
         self.peak_threads = 0
         self.peak_fds = 0
         self._sampler: threading.Thread | None = None
@@ -412,9 +411,7 @@ class Operator:
             if "VmRSS" in status:
                 self._samples.append((time.monotonic(), status["VmRSS"]))
             # The pod holds the children too (the embedded store's builders, the built-in model's process).
-            pss, children = tree_pss_mib(pid)
-            self._tree.append((time.monotonic(), pss))
-            self.peak_children = max(self.peak_children, children)
+            self._tree.append((time.monotonic(), summed_pss_mib([pid, *children_of(pid)])))
             try:
                 fds = len(os.listdir(f"/proc/{pid}/fd"))
             except OSError:

@@ -305,8 +305,9 @@ class ShardLoads:
 
 @pytest.fixture
 def builder_pool(monkeypatch: pytest.MonkeyPatch) -> ChildProcesses:
-    """A pool of builder processes of this test's own: no other test's children, none stopping for being idle."""
-    pool = ChildProcesses(2, idle_seconds=600)
+    """A builder process of this test's own: no other test's children, none stopping for being idle, and every
+    call in the one child."""
+    pool = ChildProcesses(1, idle_seconds=600)
     monkeypatch.setattr(edge, "_BUILDER", pool)
     return pool
 
@@ -516,19 +517,17 @@ def test_the_builder_knows_every_distance_and_field_type_of_the_spec() -> None:
 
 
 async def test_a_builder_process_imports_the_engine_and_not_the_operators_modules(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, builder_pool: ChildProcesses
 ) -> None:
     """Up to four builders run while products are created, each a process of its own: numpy, pydantic and
     the project's models (none of which a builder uses) cost each one about 30 MiB."""
-    pool = ChildProcesses(1, idle_seconds=600)  # one child: the one that made and filled the collection
-    monkeypatch.setattr(edge, "_BUILDER", pool)
     store = EdgeStore(tmp_path)
     try:
         index = await filled(store)
         assert index not in store._open and await store.count(index) == len(IDS)  # the builder wrote it
     finally:
         await store.close()
-    loaded = set(await pool.run(eval, "list(__import__('sys').modules)"))
+    loaded = set(await builder_pool.run(eval, "list(__import__('sys').modules)"))
     assert "qdrant_edge" in loaded and "datamesh.adapters.edge_builder" in loaded
     heavy = {"numpy", "pydantic", "datamesh.resource.models", "datamesh.core.ports", "datamesh.adapters.edge"}
     assert not loaded & heavy
