@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -587,7 +588,27 @@ class CpuMeter:
 
     def read(self) -> dict[str, float]:
         cp = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
-        return {"operator": sum(cpu_seconds(pid) for pid in self.operator_pids), **cp}
+        # The operator's children (collection builders, the built-in model's process) work for it: a
+        # child that stopped between two reads is missed, so this is a lower bound.
+        children = [child for pid in self.operator_pids for child in children_of(pid)]
+        return {
+            "operator": sum(cpu_seconds(pid) for pid in self.operator_pids),
+            "operator children": sum(cpu_seconds(pid) for pid in children),
+            **cp,
+        }
+
+
+def api_requests(metrics_text: str) -> Counter[str]:
+    """The API server's requests so far (``apiserver_request_total``) by verb and resource ("PATCH leases")."""
+    counts: Counter[str] = Counter()
+    for line in metrics_text.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels, _, value = line.rpartition(" ")
+        pairs = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        resource = pairs.get("resource", "") + (f"/{pairs['subresource']}" if pairs.get("subresource") else "")
+        counts[f"{pairs.get('verb', '?')} {resource or pairs.get('component', '?')}"] += int(float(value))
+    return counts
 
 
 def metric_sum(m: dict[str, float], name: str) -> float:
@@ -652,6 +673,7 @@ class SizeResult:
     load_after: str
     delete_s: float | None
     delete_cm_writes: int
+    api: Counter[str] = field(default_factory=Counter)  # API server requests during the batch
     edit: EditResult | None = None
 
 
@@ -858,6 +880,7 @@ class Bench:
 
         edited, *_ = self.apply_one(product("edited", namespaces[0], self.args.rows, n))
         m0 = self.operator.metrics()
+        api0 = self.api_requests()
         rss_before = self.operator.rss_mib()
         load_before = loadavg()
         cpu0 = self.cpu.read()
@@ -921,6 +944,7 @@ class Bench:
         t_window = time.monotonic()
         writes, cm_names = self.cm_watch.writes_between(t0, t_window)
         m1 = self.operator.metrics()
+        api1 = self.api_requests()
         cpu1 = self.cpu.read()
         load_after = loadavg()
         peak = self.operator.peak_rss_mib(t0, t_window)
@@ -977,8 +1001,13 @@ class Bench:
             load_after=load_after,
             delete_s=delete_s,
             delete_cm_writes=del_writes,
+            api=api1 - api0,
             edit=edits[0] if edits else None,
         )
+
+    def api_requests(self) -> Counter[str]:
+        """The API server's request counters now (every client's: kubectl, the operator, the controllers)."""
+        return api_requests(self.kubectl.run("get", "--raw", "/metrics").stdout)
 
     def apply_one(self, body: dict[str, Any]) -> tuple[str, float, float, float]:
         """Apply one product and wait until it is Ready: its key, when the apply began and returned, when Ready."""
@@ -1241,6 +1270,10 @@ def report(
             f"operator_cpu_ms_per_product={1000 * r.cpu['operator'] / r.n:.1f} loadavg_before={r.load_before!r} "
             f"loadavg_after={r.load_after!r}"
         )
+    for r in results:
+        if r.api:
+            top = ", ".join(f"{k} {v / r.n:.2f}" for k, v in r.api.most_common(12) if v / r.n >= 0.05)
+            print(f"API requests N={r.n}: {sum(r.api.values()) / r.n:.1f} per product; per product by kind: {top}")
     for r in results:
         if r.edit is not None:
             ready = f"{r.edit.ready_s:.2f} s" if r.edit.ready_s is not None else "not within the timeout"
