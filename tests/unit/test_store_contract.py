@@ -322,7 +322,8 @@ async def test_embedded_collections_are_created_in_another_process(
 ) -> None:
     """The engine holds the GIL while it creates a shard (over a second under disk pressure), which
     froze the operator's process, lease keeper included: a builder process creates them. With the
-    builder paused, a creation waits while this process goes on serving the collections it has."""
+    builder paused, a new collection's first write waits while this process goes on serving the
+    collections it has."""
     store = EdgeStore(tmp_path)
     try:
         index = await filled(store)  # the builder is up
@@ -331,16 +332,18 @@ async def test_embedded_collections_are_created_in_another_process(
         for builder in builders:
             os.kill(builder.pid or 0, signal.SIGSTOP)
         try:
-            creating = asyncio.create_task(store.ensure_index(plan("ns.product--b")))
+            assert await store.ensure_index(plan("ns.product--b")) is True
+            payloads = [{"text": t} for t in TEXTS]
+            creating = asyncio.create_task(store.upsert("ns.product--b", IDS, VECTORS, TEXTS, payloads))
             await asyncio.sleep(0.5)
-            assert not creating.done(), "the collection was created without the builder"
+            assert not creating.done(), "the collection was made without the builder"
             hits = await store.search(index, request(VECTORS[0], TEXTS[0]))
             assert hits and hits[0].payload["text"] == TEXTS[0]
         finally:
             for builder in builders:
                 os.kill(builder.pid or 0, signal.SIGCONT)
-        assert await creating is True
-        assert await store.count("ns.product--b") == 0
+        await creating
+        assert await store.count("ns.product--b") == len(TEXTS)
     finally:
         await store.close()
 
@@ -350,15 +353,54 @@ async def test_a_builder_that_died_is_replaced_without_a_failed_creation(
 ) -> None:
     store = EdgeStore(tmp_path)
     try:
-        await store.ensure_index(plan("ns.product--a"))
+        await filled(store, "ns.product--a")
         dead = _builders(builder_pool)
         assert dead, "no builder process"
         for builder in dead:
             os.kill(builder.pid or 0, signal.SIGKILL)
             builder.join(5)
-        assert await store.ensure_index(plan("ns.product--b")) is True
-        assert await store.count("ns.product--b") == 0
+        await filled(store, "ns.product--b")
+        assert await store.count("ns.product--b") == len(TEXTS)
         assert {b.pid for b in _builders(builder_pool)}.isdisjoint(b.pid for b in dead)
+    finally:
+        await store.close()
+
+
+async def test_a_new_collection_is_made_with_its_first_batch_in_one_builder_call(
+    tmp_path: Path, builder_pool: ChildProcesses, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Made empty, then opened again in the builder for its first rows, a new collection cost a builder
+    56 ms (30 of CPU); made with them, 43 ms (21 of CPU: create, index, write, flush and close once).
+    This process opens it only when an operation needs it."""
+    calls: list[str] = []
+    real_run = builder_pool.run
+
+    async def counting_run(call: Any, *args: Any) -> Any:
+        calls.append(call.__name__)
+        return await real_run(call, *args)
+
+    monkeypatch.setattr(builder_pool, "run", counting_run)
+    loads = ShardLoads(monkeypatch)
+    store = EdgeStore(tmp_path)
+    try:
+        index = await filled(store)
+        assert calls == ["build_shard"], "made and written in one call"
+        assert await store.count(index) == len(TEXTS) and loads.count == 0, "not opened here to be counted"
+        hits = await store.search(index, request(VECTORS[1], TEXTS[1]))
+        assert hits[0].payload["text"] == TEXTS[1] and loads.count == 1
+        # Created, and needed before any write: made then, empty.
+        assert await store.ensure_index(plan("ns.product--b")) is True
+        assert await store.exists("ns.product--b") and calls == ["build_shard"]
+        assert await store.search("ns.product--b", request(VECTORS[0], TEXTS[0])) == []
+        assert calls == ["build_shard"] * 2
+        # An alias is written only for a collection on disk.
+        assert await store.ensure_index(plan("ns.product--c")) is True
+        await store.point_alias("ns.product", "ns.product--c")
+        assert (tmp_path / "collections" / safe_dirname("ns.product--c") / "collection.json").exists()
+        # Dropped before it was made: nothing to make, nothing left.
+        assert await store.ensure_index(plan("ns.product--d")) is True
+        await store.drop("ns.product--d")
+        assert not await store.exists("ns.product--d") and calls == ["build_shard"] * 3
     finally:
         await store.close()
 
@@ -369,12 +411,12 @@ def test_a_process_that_exits_at_once_takes_its_builder_along_and_prints_nothing
         f"""
         import asyncio, multiprocessing, os, sys
         sys.path[:0] = {sys.path!r}
-        from tests.unit.test_store_contract import plan
+        from tests.unit.test_store_contract import filled
         from datamesh.adapters.edge import EdgeStore
 
         async def main():
             store = EdgeStore({str(tmp_path)!r})
-            await store.ensure_index(plan("ns.product--a"))
+            await filled(store)
             print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
             os._exit(1)
 

@@ -1,4 +1,4 @@
-"""What the embedded store's collection builders run: a shard's folder made, and its first points written.
+"""What the embedded store's collection builders run: a shard's folder made with its first points.
 
 These run in child processes (see ``adapters.edge``), which import this module and what it
 imports, nothing else: the engine, the standard library, the BM25 tokenizer and the vector
@@ -63,10 +63,9 @@ def edge_config(meta: Mapping[str, Any], search_threads: int) -> qe.EdgeConfig:
 
 
 def add_payload_indexes(engine: qe.EdgeShard, indexes: Mapping[str, str]) -> None:
-    """Index the payload fields ``indexes`` names (field: spec type), then flush."""
+    """Index the payload fields ``indexes`` names (field: spec type); the caller flushes."""
     for key, kind in indexes.items():
         engine.update(qe.UpdateOperation.create_field_index(key, PAYLOAD_TYPES[kind]))
-    engine.flush()
 
 
 def upsert(
@@ -88,8 +87,14 @@ def upsert(
     engine.update(qe.UpdateOperation.upsert_points(points))
 
 
-def build_shard(directory: str, meta: dict[str, Any], search_threads: int) -> None:
-    """Create a collection's folder: its shard (made, indexed, flushed, closed), then its commit mark."""
+def build_shard(
+    directory: str,
+    meta: dict[str, Any],
+    search_threads: int,
+    points: tuple[list[str], list[list[float]], list[str], list[dict[str, Any]]] | None = None,
+) -> int:
+    """Create a collection's folder: its shard (made, indexed, its first ``points`` written, flushed,
+    closed), then its commit mark; its count of points."""
     folder = Path(directory)
     if folder.exists():  # a creation a crash interrupted: it has no commit mark
         shutil.rmtree(folder)
@@ -98,23 +103,11 @@ def build_shard(directory: str, meta: dict[str, Any], search_threads: int) -> No
         try:
             # Only filterable fields: each payload index costs megabytes per shard, even empty.
             add_payload_indexes(engine, meta["payload_indexes"])
+            if points is not None:
+                upsert(engine, bool(meta["sparse"]), *points)
+            engine.flush()
+            count = int(engine.count(qe.CountRequest(exact=True))) if points is not None else 0
         finally:
             engine.close()
     atomic_write(folder / META_FILE, json.dumps(meta, sort_keys=True))
-
-
-def fill_shard(
-    directory: str,
-    meta: dict[str, Any],
-    search_threads: int,
-    points: tuple[list[str], list[list[float]], list[str], list[dict[str, Any]]],
-) -> int:
-    """Write a new collection's first points (checked rows; opened, written, flushed, closed); its count."""
-    with _panics_as_exceptions():
-        engine = qe.EdgeShard.load(str(Path(directory) / "shard"), edge_config(meta, search_threads))
-        try:
-            upsert(engine, bool(meta["sparse"]), *points)
-            engine.flush()
-            return int(engine.count(qe.CountRequest(exact=True)))
-        finally:
-            engine.close()
+    return count
