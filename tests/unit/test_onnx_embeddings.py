@@ -226,6 +226,52 @@ async def test_a_large_request_keeps_every_worker_busy_and_a_question_waits_for_
     assert len(vectors) == 400 and abs(sum(x * x for x in question) - 1) < 1e-5
 
 
+async def test_questions_asked_while_the_workers_are_busy_share_one_inference(
+    provider: EmbeddingProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight questions in one run cost half the CPU of eight runs (MiniLM, 4.8 against 2.4 ms a question):
+    questions that queue together are embedded together, each getting the vector it gets alone, and a
+    question asked alone runs at once, by itself."""
+    await provider.dimension()
+    questions = [f"question {i}: where is parcel {i} and why is it {'late' if i % 2 else 'lost'}?" for i in range(12)]
+    alone = [(await provider.embed([q]))[0] for q in questions]
+    runs: list[int] = []
+    real = OnnxSentenceEncoder.infer
+
+    def counted(self: OnnxSentenceEncoder, rows: Any) -> np.ndarray:
+        runs.append(len(rows))
+        return real(self, rows)
+
+    monkeypatch.setattr(OnnxSentenceEncoder, "infer", counted)
+    together = await asyncio.gather(*(provider.embed([q]) for q in questions))
+    assert sum(runs) == len(questions) and len(runs) < len(questions), runs
+    for (got,), want in zip(together, alone, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    runs.clear()
+    await provider.embed([questions[0]])
+    assert runs == [1]
+
+
+async def test_a_shared_inference_that_fails_fails_its_questions_only(
+    provider: EmbeddingProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await provider.dimension()
+    real = OnnxSentenceEncoder.infer
+
+    def broken(self: OnnxSentenceEncoder, rows: Any) -> np.ndarray:
+        raise RuntimeError("onnxruntime failed")
+
+    monkeypatch.setattr(OnnxSentenceEncoder, "infer", broken)
+    failed = await asyncio.gather(*(provider.embed([f"question {i}"]) for i in range(5)), return_exceptions=True)
+    assert all(isinstance(f, RuntimeError) for f in failed), failed
+    monkeypatch.setattr(OnnxSentenceEncoder, "infer", real)
+    gave_up = asyncio.create_task(provider.embed(["a question whose caller gives up"]))
+    asked = [asyncio.create_task(provider.embed([f"question {i}"])) for i in range(3)]
+    gave_up.cancel()
+    answered = await asyncio.gather(*asked)
+    assert [len(a) for a in answered] == [1, 1, 1] and gave_up.cancelled()
+
+
 # ==== the files ===============================================================================
 
 
