@@ -405,6 +405,29 @@ async def test_a_new_collection_is_made_with_its_first_batch_in_one_builder_call
         await store.close()
 
 
+async def test_a_collection_that_cannot_be_made_at_close_does_not_stop_the_close(
+    tmp_path: Path, builder_pool: ChildProcesses, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = EdgeStore(tmp_path)
+    index = await filled(store)
+    assert await store.search(index, request(VECTORS[0], TEXTS[0]))  # open here
+    assert await store.ensure_index(plan("ns.other--a")) is True  # created, not made yet
+
+    async def broken_run(call: Any, *args: Any) -> Any:
+        raise RuntimeError("no builder")
+
+    monkeypatch.setattr(builder_pool, "run", broken_run)
+    await store.close()
+    assert any("ns.other--a" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    again = EdgeStore(tmp_path)  # the open collection was closed: another store can open the folder
+    try:
+        hits = await again.search(index, request(VECTORS[2], TEXTS[2]))
+        assert hits[0].payload["text"] == TEXTS[2]
+        assert not await again.exists("ns.other--a")
+    finally:
+        await again.close()
+
+
 def test_a_process_that_exits_at_once_takes_its_builder_along_and_prints_nothing(tmp_path: Path) -> None:
     """As the election's exit does when the operator does not stop in time: os._exit, no clean-up."""
     script = textwrap.dedent(

@@ -788,8 +788,10 @@ class EdgeStore:
         """
         for name in list(self._unbuilt):
             async with self._lock(name):
-                with contextlib.suppress(VectorStoreError):  # made again when the next run's reconcile asks for it
+                try:
                     await self._build_locked(name)
+                except Exception as exc:  # the rest must still close; the next run's reconcile creates it again
+                    log.warning("embedded store: collection %s was not made before closing: %s", name, exc)
         for name in list(self._open):
             async with self._lock(name):
                 await self._close_locked(name)
