@@ -58,6 +58,7 @@ from datamesh.adapters import bm25
 from datamesh.adapters.atomic import atomic_write
 from datamesh.adapters.edge_builder import (
     META_FILE,
+    Points,
     add_payload_indexes,
     build_shard,
     edge_config,
@@ -91,7 +92,6 @@ from datamesh.resource.models import CollectionLayout, Distance, FieldType, Sear
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_Points = tuple[list[str], list[list[float]], list[str], list[dict[str, Any]]]  # ids, vectors, texts, payloads
 
 ALIASES_DIR = "aliases"
 # Earlier versions kept every alias in this one file, rewritten whole on each switch: 3.3 ms a switch
@@ -499,23 +499,26 @@ class EdgeStore:
         self._unbuilt[name] = meta
         self._counts[name] = 0  # this process is its only writer (a count a crash left for this name is void)
 
-    async def _build_locked(self, name: str, points: _Points | None = None) -> bool:
-        """Make a created collection on disk (in a builder, with ``points`` if given), its lock held; False if made."""
+    async def _build_locked(self, name: str, points: Points | None = None) -> None:
+        """Make a created collection on disk in a builder process (with ``points`` if given), its lock held.
+
+        Nothing to do for a collection already made. A builder that died is a VectorStoreError.
+        """
         meta = self._unbuilt.pop(name, None)
         if meta is None:
-            return False
+            return
         self._changed(name)
         try:
-            count = await self._in_builder(
-                name, "creating", build_shard, str(self._dir(name)), meta, self.search_threads, points
-            )
-        except BaseException:
+            async with self._bounded(name):
+                count = await _BUILDER.run(build_shard, str(self._dir(name)), meta, self.search_threads, points)
+        except BaseException as exc:
             self._unbuilt[name] = meta  # made again by the next operation (a half-made folder is replaced)
+            if isinstance(exc, BrokenProcessPool):
+                raise VectorStoreError(f"embedded store, collection {name}: the process creating it died") from exc
             raise
         finally:
             self._changed(name)
         self._counts[name] = count
-        return True
 
     async def _write_unbuilt(
         self,
@@ -534,20 +537,11 @@ class EdgeStore:
                 return False  # made meanwhile
             # Checked here: the builder imports no numpy (see ``edge_builder``).
             rows = _checked_rows(vectors, int(meta["vector_size"]))
-            if not await self._build_locked(name, (list(ids), rows, list(texts), [dict(p) for p in payloads])):
-                return False
+            await self._build_locked(name, (list(ids), rows, list(texts), [dict(p) for p in payloads]))
         digests = {p.get(DIGEST_KEY) for p in payloads}
         if len(digests) == 1 and isinstance(only := digests.pop(), str):
             self._one_ingest[name] = only  # nothing of another ingestion to delete
         return True
-
-    async def _in_builder(self, name: str, doing: str, call: Callable[..., T], *args: Any) -> T:
-        """``call(*args)`` in a builder process, holding one of the store's slots."""
-        try:
-            async with self._bounded(name):
-                return await _BUILDER.run(call, *args)
-        except BrokenProcessPool as exc:
-            raise VectorStoreError(f"embedded store, collection {name}: the process {doing} it died") from exc
 
     async def exists(self, collection: str) -> bool:
         """Whether a collection (or alias) exists."""

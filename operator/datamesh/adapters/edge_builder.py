@@ -23,6 +23,7 @@ from datamesh.adapters.atomic import atomic_write
 from datamesh.core.vectors import DENSE_VECTOR, SPARSE_VECTOR
 
 META_FILE = "collection.json"
+Points = tuple[list[str], list[list[float]], list[str], list[dict[str, Any]]]  # ids, vectors, texts, payloads
 
 # By their names in the spec (resource.models.Distance and FieldType): the builder never imports the models.
 DISTANCES = {"Cosine": qe.Distance.Cosine, "Dot": qe.Distance.Dot, "Euclid": qe.Distance.Euclid}
@@ -91,7 +92,7 @@ def build_shard(
     directory: str,
     meta: dict[str, Any],
     search_threads: int,
-    points: tuple[list[str], list[list[float]], list[str], list[dict[str, Any]]] | None = None,
+    points: Points | None = None,
 ) -> int:
     """Create a collection's folder: its shard (made, indexed, its first ``points`` written, flushed,
     closed), then its commit mark; its count of points."""

@@ -462,7 +462,7 @@ class OnnxEmbeddingProvider:
     def _short_requests(self, encoder: OnnxSentenceEncoder) -> _Coalescer:
         """This event loop's queue of short requests (a test's, or the service's one loop)."""
         coalescer = self._coalescer
-        if coalescer is None or coalescer.loop is not asyncio.get_running_loop() or coalescer.encoder is not encoder:
+        if coalescer is None or coalescer.loop is not asyncio.get_running_loop():
             coalescer = self._coalescer = _Coalescer(encoder, self._settings.concurrency)
         return coalescer
 
