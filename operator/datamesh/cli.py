@@ -395,6 +395,43 @@ def mcp_server(
         pass
 
 
+@app.command()
+def ingest(
+    product: Annotated[str, typer.Argument(help="The DataProduct to ingest, as NAMESPACE/NAME.")],
+    report: Annotated[
+        Path,
+        typer.Option(help="Where the report goes (the pod's termination message: the operator reads it there)."),
+    ] = Path("/dev/termination-log"),
+) -> None:
+    """Ingest one product's source as its ingestion Job does (settings from DATAMESH_* and DATAMESH_QDRANT_*).
+
+    Exit status: 0 ingested, 2 failed for good (bad data or spec: retrying cannot help), 1 failed (retry).
+    """
+    from datamesh.controller.runtime import ingest_in_job
+    from datamesh.core.jobs import EXIT_PERMANENT
+
+    namespace, _, name = product.partition("/")
+    if not namespace or not name:
+        raise typer.BadParameter(f"expected NAMESPACE/NAME, got {product!r}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _operator_settings()
+    try:
+        result = asyncio.run(ingest_in_job(namespace, name, settings))
+    except Exception as exc:  # the API server or the store unreachable: a retry may help
+        from datamesh.engine.ingest_job import IngestReport
+
+        result = IngestReport(generation=0, error=f"{type(exc).__name__}: {exc}")
+    text = result.message()
+    try:
+        report.write_text(text)
+    except OSError as exc:  # outside a pod: the report is on stdout anyway
+        logging.getLogger(__name__).info("report not written to %s: %s", report, exc)
+    console.print_json(text)
+    if result.error is not None:
+        console.print(f"[red]ingestion of {product} failed:[/red] {result.error}")
+        raise typer.Exit(EXIT_PERMANENT if result.permanent else 1)
+
+
 @app.command("inference-server")
 def inference_server(
     host: Annotated[str, typer.Option()] = "0.0.0.0",

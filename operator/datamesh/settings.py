@@ -140,6 +140,36 @@ class OperatorSettings(BaseSettings):
         ),
     )
     url_timeout: float = Field(30.0, gt=0, description="Seconds to fetch a url source or check an inference endpoint.")
+    ingest_job_min_bytes: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "url sources of at least this many bytes (or of a size the server does not tell) are ingested by a "
+            "Kubernetes Job running `datamesh ingest NAMESPACE/NAME`, not in the operator; unset: every source is "
+            "ingested in the operator. Needs ingest_job_template."
+        ),
+    )
+    ingest_job_template: Path | None = Field(
+        None,
+        description=(
+            "YAML file of the ingestion Jobs' pod template (image, service account, environment, the store's volume, "
+            "resources); the operator sets the command's arguments, the labels and restartPolicy Never."
+        ),
+    )
+    ingest_job_backoff_limit: int = Field(
+        2, ge=0, description="Retries of a failed ingestion pod within one Job (Kubernetes backs off between them)."
+    )
+    ingest_job_deadline_seconds: int = Field(
+        6 * 3600, ge=1, description="An ingestion Job running longer than this fails (activeDeadlineSeconds)."
+    )
+    ingest_job_ttl_seconds: int = Field(
+        86400,
+        ge=0,
+        description=(
+            "A finished ingestion Job the operator keeps (one that failed for good, as its record) is removed by "
+            "Kubernetes this long after it ended."
+        ),
+    )
 
     retry_base_seconds: float = Field(
         2.0, gt=0, description="First retry delay after a transient error; doubles per attempt."
@@ -248,6 +278,18 @@ class OperatorSettings(BaseSettings):
     def selector(self) -> LabelSelector | None:
         """The parsed label selector, or None when the operator takes every product of its namespaces."""
         return LabelSelector.parse(self.label_selector) if self.label_selector else None
+
+    @model_validator(mode="after")
+    def _jobs_have_a_template(self) -> OperatorSettings:
+        if self.ingest_job_min_bytes is not None:
+            if self.ingest_job_template is None:
+                raise ValueError(
+                    "ingest_job_min_bytes needs ingest_job_template (DATAMESH_INGEST_JOB_TEMPLATE): the pod template "
+                    "of the ingestion Jobs"
+                )
+            if not self.ingest_job_template.is_file():
+                raise ValueError(f"the ingestion Jobs' pod template {self.ingest_job_template} is not a readable file")
+        return self
 
     @model_validator(mode="after")
     def _leases_are_consistent(self) -> OperatorSettings:

@@ -11,6 +11,8 @@ Layout under the root folder::
     counts.json                            point counts, left by a clean close for the next open
     collections/<safe name>/collection.json  what the collection is (written last: its commit mark)
     collections/<safe name>/shard/         the EdgeShard (config, WAL, segments)
+    ingest/<safe alias>/                   a store of the same layout, written by a product's ingestion
+                                           Job (another process), adopted by this one when it ends
 
 A shard directory is locked by the process that opens it (its WAL), so one process owns the
 root. Shards are cheap when configured for it (one search thread, vectors memory-mapped, no
@@ -74,8 +76,11 @@ from datamesh.core.plan import (
     KIND_KEY,
     PRODUCT_KEY,
     SPARSE_VECTOR,
+    TEXT_KEY,
     CollectionPlan,
     RoutingKind,
+    collection_alias,
+    product_ref,
     routing_fields,
 )
 from datamesh.core.ports import (
@@ -97,6 +102,7 @@ ALIASES_DIR = "aliases"
 # Earlier versions kept every alias in this one file, rewritten whole on each switch: 3.3 ms a switch
 # at 10,000 aliases against 0.5 ms now (bench/store.py). Converted when a store opens.
 LEGACY_ALIASES_FILE = "aliases.json"
+INGEST_DIR = "ingest"
 COUNTS_FILE = "counts.json"  # {collection: points}, written by a clean close and read by the next open
 # The engine's messages are its only error signal (it raises plain Exception): the prefixes of
 # its OperationError kinds that mean the request itself was wrong, and those meaning "absent".
@@ -157,6 +163,11 @@ def _slug(name: str) -> str:
 def safe_dirname(name: str) -> str:
     """A directory name for any collection name: readable start, unique by the hash of the whole."""
     return f"{_slug(name) or 'c'}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+
+
+def ingestion_folder(root: Path, namespace: str, name: str) -> Path:
+    """The folder where an ingestion Job writes a product's collections for the store at ``root`` to adopt."""
+    return root / INGEST_DIR / safe_dirname(collection_alias(namespace, name))
 
 
 def _finite(vector: Sequence[float], size: int) -> list[float]:
@@ -611,6 +622,8 @@ class EdgeStore:
         for name in [*names, *self._unbuilt]:
             if name.startswith(f"{alias}--"):
                 await self.drop(name)
+        # What an ingestion Job left unadopted (its folder is named for the alias).
+        await asyncio.to_thread(shutil.rmtree, self.root / INGEST_DIR / safe_dirname(alias), True)
 
     def _folders_starting(self, slug: str) -> list[str]:
         # In the event loop's thread, the only one that changes the list.
@@ -743,6 +756,69 @@ class EdgeStore:
         async with self._use(name) as shard:
             records, _ = await self._engine(name, shard.engine.scroll, request)
         return [r.payload or {} for r in records]
+
+    async def adopt_ingestion(self, namespace: str, name: str, index: str, routing: str) -> None:
+        """Move in the index collection a Job wrote into its folder (replacing ours) and copy its routing rows.
+
+        The Job's process has ended, so its folder is free to open. The folder goes once adopted, so adopting
+        the same Job's work again finds nothing to do.
+        """
+        folder = ingestion_folder(self.root, namespace, name)
+        made = folder / "collections" / safe_dirname(index)
+        if not folder.exists() and await self.exists(index):
+            return  # adopted already (a second look at the same finished Job)
+        if not (made / META_FILE).is_file():
+            raise CollectionMissing(
+                f"embedded store: the ingestion Job of {namespace}/{name} left no collection {index} in {folder}"
+            )
+        written = EdgeStore(folder, concurrency=1, max_open=2, search_threads=self.search_threads)
+        try:
+            routed = await written._product_points(routing, product_ref(namespace, name))
+        finally:
+            await written.close()
+        async with self._lock(index):
+            self._changed(index)
+            try:
+                self._unbuilt.pop(index, None)
+                await self._close_locked(index)
+                await self._engine(index, self._replace, index, made)
+                self._add_folder(safe_dirname(index))
+            finally:
+                self._changed(index)
+        if routed[0]:
+            await self.upsert(routing, *routed)
+        await asyncio.to_thread(shutil.rmtree, folder, True)
+
+    def _replace(self, name: str, made: Path) -> None:
+        """``made`` (a collection folder of this file system) becomes the collection ``name``."""
+        self._remove(name)
+        made.rename(self._dir(name))
+
+    async def _product_points(self, collection: str, product: str) -> Points:
+        """A routing collection's points of ``product``: ids, dense vectors, texts and payloads."""
+        ids: list[str] = []
+        vectors: list[list[float]] = []
+        texts: list[str] = []
+        payloads: list[dict[str, Any]] = []
+        if not await self.exists(collection):
+            return ids, vectors, texts, payloads
+        name = self._resolve(collection)
+        mine = qe.Filter(must=[qe.FieldCondition(key=PRODUCT_KEY, match=qe.MatchValue(product))])
+        offset: Any = None
+        async with self._use(name) as shard:
+            while True:
+                request = qe.ScrollRequest(
+                    offset=offset, limit=self.batch_size, filter=mine, with_payload=True, with_vector=[DENSE_VECTOR]
+                )
+                records, offset = await self._engine(name, shard.engine.scroll, request)
+                for record in records:
+                    payload = dict(record.payload or {})
+                    ids.append(str(record.id))
+                    vectors.append(list(dense_of(record.vector) or ()))
+                    texts.append(str(payload.get(TEXT_KEY, "")))
+                    payloads.append(payload)
+                if offset is None:
+                    return ids, vectors, texts, payloads
 
     @staticmethod
     def _query(

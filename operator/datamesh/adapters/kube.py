@@ -23,7 +23,8 @@ from kubernetes_asyncio.client.rest import RESTResponse
 from datamesh.core.children import RuntimeDefaults, deployment_available, desired_objects, inference_name, service_url
 from datamesh.core.conditions import Check, ConditionType
 from datamesh.core.election import LeaseConflict, LeaseRecord
-from datamesh.core.ports import CatalogUnavailable, Conflict, Shard
+from datamesh.core.jobs import JobPolicy, ingest_job, job_labels, job_phase, last_report
+from datamesh.core.ports import CatalogUnavailable, Conflict, JobState, Shard
 from datamesh.resource.catalog import CATALOG_LABEL
 from datamesh.resource.models import Inference
 
@@ -106,6 +107,7 @@ class Kube:
         self.api = api
         self.core = client.CoreV1Api(api)
         self.apps = client.AppsV1Api(api)
+        self.batch = client.BatchV1Api(api)
         self.custom = client.CustomObjectsApi(api)
 
     async def close(self) -> None:
@@ -287,6 +289,70 @@ class KubeInferenceBackend:
 
 
 # ==== leader election =============================================================================
+
+
+class KubeIngestJobs:
+    """Ingestion Jobs in the platform namespace, from the pod template the chart gives the operator."""
+
+    def __init__(self, kube: Kube, namespace: str, template: Mapping[str, Any], policy: JobPolicy) -> None:
+        self.kube = kube
+        self.namespace = namespace
+        self.template = template
+        self.policy = policy
+
+    async def get(self, namespace: str, name: str, job: str) -> JobState | None:
+        """The Job ``job``, or None; once it ended, with the report its last pod left."""
+        found = await _none_if_missing(
+            self.kube.batch.read_namespaced_job(job, self.namespace, _request_timeout=REQUEST_TIMEOUT)
+        )
+        if found is None:
+            return None
+        return await self._state(self.kube._plain(found))
+
+    async def _state(self, job: Mapping[str, Any]) -> JobState:
+        name = job["metadata"]["name"]
+        phase, message = job_phase(job)
+        report = None
+        if phase != "running":
+            pods = await self.kube.core.list_namespaced_pod(
+                self.namespace, label_selector=f"job-name={name}", _request_timeout=REQUEST_TIMEOUT
+            )
+            report = last_report([self.kube._plain(p) for p in pods.items])
+        return JobState(f"{self.namespace}/{name}", phase, report, message)
+
+    async def start(self, namespace: str, name: str, job: str) -> JobState:
+        """Create the Job (one of that name that exists already is returned as it is)."""
+        body: Any = ingest_job(self.namespace, namespace, name, job, self.template, self.policy)
+        try:
+            created = await self.kube.batch.create_namespaced_job(
+                self.namespace, body, _request_timeout=REQUEST_TIMEOUT
+            )
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            existing = await self.get(namespace, name, job)
+            if existing is None:  # deleted meanwhile (an earlier attempt's, still going): the next check starts it
+                return JobState(f"{self.namespace}/{job}", "running", message="waiting for an earlier Job to go")
+            return existing
+        return await self._state(self.kube._plain(created))
+
+    async def delete(self, namespace: str, name: str, keep: str | None = None) -> None:
+        """Delete the product's Jobs (but ``keep``), their pods with them."""
+        selector = ",".join(f"{k}={v}" for k, v in job_labels(namespace, name).items() if k.startswith("datamesh.io/"))
+        jobs = await self.kube.batch.list_namespaced_job(
+            self.namespace, label_selector=selector, _request_timeout=REQUEST_TIMEOUT
+        )
+        for job in jobs.items:
+            if job.metadata.name == keep:
+                continue
+            await _none_if_missing(
+                self.kube.batch.delete_namespaced_job(
+                    job.metadata.name,
+                    self.namespace,
+                    propagation_policy="Background",
+                    _request_timeout=REQUEST_TIMEOUT,
+                )
+            )
 
 
 def micro_time(moment: datetime) -> str:

@@ -367,6 +367,9 @@ class QdrantStore:
         )
         return [r.payload or {} for r in records]
 
+    async def adopt_ingestion(self, namespace: str, name: str, index: str, routing: str) -> None:
+        """Nothing to move: an ingestion Job writes into the server's collections themselves."""
+
     async def close(self) -> None:
         """Close the client (releases the embedded store's folder lock)."""
         await self.client.close()

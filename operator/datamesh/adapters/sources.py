@@ -194,6 +194,24 @@ class SourceLoader:
         self.read_config_map = read_config_map
         self.timeout = timeout
 
+    async def size(self, source: Source) -> int | None:
+        """A url source's size as its server declares it to a HEAD request (None: not declared, or not a url)."""
+        if source.url is None:
+            return None
+        url = source.url.url
+
+        async def attempt() -> int | None:
+            response = await self.http.head(url, timeout=self.timeout, follow_redirects=True)
+            if response.status_code in RETRY_STATUSES:
+                raise RetryableResponse(response)
+            declared = response.headers.get("content-length")
+            return int(declared) if response.status_code < 400 and declared and declared.isdigit() else None
+
+        try:
+            return await with_retries(attempt, method="HEAD", url=url, attempts=3, backoff_base=1.0, backoff_max=8.0)
+        except RetriesExhausted:
+            return None  # the ingestion's own GET says what is wrong
+
     async def __call__(self, source: Source, namespace: str) -> RowsInMemory | SpooledRows:
         """The source's rows, ready to be read in batches (a URL is downloaded to a temporary file)."""
         if source.inline is not None:

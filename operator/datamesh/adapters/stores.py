@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-from datamesh.adapters.edge import EdgeStore
+from datamesh.adapters.edge import EdgeStore, ingestion_folder
 from datamesh.core.ports import VectorStore
 from datamesh.settings import StoreSettings
 
@@ -19,3 +20,18 @@ def open_store(settings: StoreSettings, concurrency: int | None = None) -> Vecto
         return QdrantStore.connect(settings, slots)
     root = None if settings.path == ":memory:" else Path(settings.path)
     return EdgeStore(root, concurrency=slots, max_open=settings.max_open, search_threads=settings.search_threads)
+
+
+def open_job_store(settings: StoreSettings, namespace: str, name: str) -> VectorStore:
+    """The store an ingestion Job writes a product into: the server itself, or its own folder beside the embedded store.
+
+    The embedded store's folder belongs to the operator's process; the operator adopts the Job's folder when it ends.
+    That folder starts empty: an earlier attempt's rows are written again.
+    """
+    if settings.url:
+        return open_store(settings)
+    if settings.path == ":memory:":
+        raise ValueError("an ingestion Job needs the embedded store's folder (DATAMESH_QDRANT_PATH), not :memory:")
+    folder = ingestion_folder(Path(settings.path), namespace, name)
+    shutil.rmtree(folder, ignore_errors=True)  # an earlier attempt's rows: this one writes them all again
+    return open_store(settings.model_copy(update={"path": str(folder)}))

@@ -20,6 +20,8 @@ from datamesh.controller.diffbase import DigestDiffBaseStorage
 from datamesh.controller.runtime import Runtime, build_runtime
 from datamesh.core.children import MANAGED_BY, deployment_available, desired_objects, drifted
 from datamesh.core.conditions import ConditionType, arrival_status, utcnow
+from datamesh.core.jobs import ROLE as JOB_ROLE
+from datamesh.core.jobs import job_phase, product_of_job
 from datamesh.core.selector import NamespacePatterns
 from datamesh.core.sla import first_check_in, next_check_in, refresh_due
 from datamesh.engine.catalog_writer import CatalogScope
@@ -270,6 +272,30 @@ def build_registry(settings: OperatorSettings, namespaces: list[str] | None = No
                 await runtime.reconciler.reconcile(
                     product, write=lambda outcome: write_outcome(runtime, outcome, product)
                 )
+
+    if settings.ingest_job_min_bytes is not None:
+
+        @kopf.on.event(
+            "batch/v1",
+            "jobs",
+            registry=registry,
+            labels={"app.kubernetes.io/managed-by": MANAGED_BY, "app.kubernetes.io/component": JOB_ROLE},
+        )
+        async def ingest_job_changed(*, type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+            # An ingestion Job that ended: its product adopts what it wrote (or says why it failed) now, not at
+            # its next periodic check. A Job being deleted was handled already: the operator deletes them.
+            if type != "MODIFIED" or body.metadata.deletion_timestamp or job_phase(body)[0] == "running":
+                return
+            owner = product_of_job(body)
+            if owner is None:
+                return
+            runtime: Runtime = memo.runtime
+            product = await runtime.kube.read_product(*RESOURCE, *owner)
+            if product is None or (product.get("metadata") or {}).get("deletionTimestamp"):
+                return
+            if selector is not None and not selector.matches((product.get("metadata") or {}).get("labels")):
+                return  # another shard's product
+            await runtime.reconciler.reconcile(product, write=lambda outcome: write_outcome(runtime, outcome, product))
 
     return registry
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from datamesh.core.conditions import Check
 from datamesh.core.plan import CollectionPlan, RoutingKind
@@ -209,6 +209,13 @@ class VectorStore(Protocol):
         """The payloads of up to ``limit`` points in point-id order: the same rows every time, no question needed."""
         ...
 
+    async def adopt_ingestion(self, namespace: str, name: str, index: str, routing: str) -> None:
+        """Take in what an ingestion Job wrote for a product into ``index`` and ``routing``.
+
+        A server holds them already; the embedded store moves them in from the Job's own folder.
+        """
+        ...
+
     async def close(self) -> None:
         """Release connections (and the embedded store's lock)."""
         ...
@@ -241,6 +248,12 @@ class Progress(Protocol):
     async def __call__(self, namespace: str, name: str, done: int, total: int) -> None: ...
 
 
+class SourceSize(Protocol):
+    """The size in bytes of a product's source before it is read (None: not known until read)."""
+
+    async def __call__(self, source: Source) -> int | None: ...
+
+
 class EndpointProbe(Protocol):
     """None when the URL answers, else the cause in a few words."""
 
@@ -252,6 +265,38 @@ class InferenceBackend(Protocol):
 
     async def ensure(self, namespace: str, name: str, uid: str, spec: Inference) -> tuple[Check, str | None]:
         """Make the runtime exist; its InferenceReady check and endpoint URL."""
+        ...
+
+
+# ==== ingestion Jobs ==========================================================================
+
+
+JobPhase = Literal["running", "succeeded", "failed"]
+
+
+@dataclass(frozen=True)
+class JobState:
+    """An ingestion Job as the operator finds it."""
+
+    name: str  # namespace/name, as status and events show it
+    phase: JobPhase
+    report: str | None = None  # the ingestion's report (its pod's termination message), once it ended
+    message: str = ""  # why it failed, in Kubernetes' words, when its pod left no report
+
+
+class IngestJobs(Protocol):
+    """Runs large ingestions as Kubernetes Jobs (``datamesh ingest NAMESPACE/NAME``)."""
+
+    async def get(self, namespace: str, name: str, job: str) -> JobState | None:
+        """The product's Job named ``job``, or None when there is none."""
+        ...
+
+    async def start(self, namespace: str, name: str, job: str) -> JobState:
+        """Create the Job ``job`` ingesting the product (one that exists already is returned as it is)."""
+        ...
+
+    async def delete(self, namespace: str, name: str, keep: str | None = None) -> None:
+        """Delete the product's Jobs (but ``keep``) and their pods."""
         ...
 
 

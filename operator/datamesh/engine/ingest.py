@@ -13,9 +13,11 @@ once and memory is bounded by ``KEEP_ROWS`` rows or two batches, whatever the so
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +29,7 @@ from datamesh.core.plan import (
     card_point_id,
     in_routing_sample,
     routing_fields,
+    routing_share,
     row_key,
 )
 from datamesh.core.ports import EmbeddingProvider, RowSource, VectorStore
@@ -126,6 +129,58 @@ class Written:
 
     rows: int
     calibration: ScoreCalibration | None
+
+
+@dataclass(frozen=True)
+class Ingestion:
+    """What one ingestion found in the source and what it wrote."""
+
+    found: Scan
+    target: Target  # with the routing share of the rows found
+    written: Written | None  # None: nothing written (too many rows refused, or the store held them)
+
+    def refused_message(self, spec: DataProductSpec) -> str:
+        """Why nothing was written when too many rows were refused."""
+        limit = spec.source.max_rejected_percent if spec.source else 100.0
+        refused = self.found.refusals
+        return (
+            f"{refused.rows} of {self.found.seen} rows rejected, more than the {limit:g}% source.maxRejectedPercent "
+            f"allows; nothing was written: {refused.summary()}"
+        )
+
+
+async def ingest(
+    store: VectorStore,
+    target: Target,
+    spec: DataProductSpec,
+    rows: RowSource,
+    batch_size: int,
+    routing_rows: int,
+    *,
+    held: Callable[[Scan, Target], Awaitable[bool]] | None = None,
+    slot: contextlib.AbstractAsyncContextManager[Any] | None = None,
+    on_batch: Callable[[int, int], Awaitable[None]] | None = None,
+) -> Ingestion:
+    """Scan the rows, then write them (holding ``slot``) unless too many were refused or ``held`` says they are there.
+
+    ``on_batch`` hears the rows written so far and the rows to write.
+    """
+    found = await scan(rows, target, spec, batch_size)
+    target = replace(target, routing_share=routing_share(found.accepted, routing_rows))
+    if found.too_many_refused or (held is not None and await held(found, target)):
+        return Ingestion(found, target, None)
+    if found.kept is not None:
+        batches = replay(found.kept)
+    else:
+        batches = validated(rows, RowValidator(target.namespace, target.name, spec), batch_size)
+
+    async def progress(done: int) -> None:
+        if on_batch is not None:
+            await on_batch(done, found.accepted)
+
+    async with slot or contextlib.nullcontext():
+        written = await write_points(store, target, batches, spec.key_fields, found.digest, progress)
+    return Ingestion(found, target, written)
 
 
 async def write_points(

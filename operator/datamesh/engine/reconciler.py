@@ -41,6 +41,7 @@ from datamesh.core.ports import (
     EmbeddingServiceError,
     EndpointProbe,
     InferenceBackend,
+    IngestJobs,
     LayoutReport,
     NullObserver,
     Observer,
@@ -48,28 +49,29 @@ from datamesh.core.ports import (
     RowLoader,
     RowSource,
     SourceError,
+    SourceSize,
     VectorStore,
     VectorStoreError,
 )
-from datamesh.core.rows import Refusals, RowValidator
+from datamesh.core.rows import Refusals
 from datamesh.core.sla import sla_check
 from datamesh.engine.catalog_writer import CatalogWriter
 from datamesh.engine.heartbeat import Heartbeat
 from datamesh.engine.ingest import (
+    Scan,
     Target,
     card_held,
-    replay,
+    ingest,
     routing_holds,
-    scan,
-    validated,
     write_card,
-    write_points,
 )
+from datamesh.engine.ingest_job import IngestReport, job_name
 from datamesh.resource.catalog import card_text, catalog_entry, entry_key
 from datamesh.resource.models import (
     DataProductSpec,
     DataProductStatus,
     Distance,
+    IngestionProgress,
     Phase,
     ScoreCalibration,
     parse_status,
@@ -139,6 +141,9 @@ class Ports:
     inference: InferenceBackend | None = None
     observer: Observer = field(default_factory=NullObserver)
     progress: Progress = field(default_factory=lambda: no_progress)
+    # Large url sources are ingested by Jobs when both are given (settings.ingest_job_min_bytes).
+    jobs: IngestJobs | None = None
+    source_size: SourceSize | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,7 @@ class IngestResult:
     ingested_at: datetime | None = None
     calibration: ScoreCalibration | None = None
     events: tuple[Event, ...] = ()
+    progress: IngestionProgress | None = None  # an ingestion Job's, while it runs
 
 
 @dataclass(frozen=True)
@@ -265,7 +271,7 @@ class Reconciler:
         inference_check, endpoint = await self._inference(ref, spec)
         sla, sla_status = sla_check(spec, rows.ingest.ingested_at or status.last_ingested_at, inference_check, now)
         status = _apply_rows(status, rows).model_copy(
-            update={"inference_endpoint": endpoint, "sla": sla_status, "ingestion": None}
+            update={"inference_endpoint": endpoint, "sla": sla_status, "ingestion": rows.ingest.progress}
         )
         checks = [rows.collection, rows.ingest.check, inference_check, sla]
 
@@ -415,6 +421,8 @@ class Reconciler:
             message = _ingest_message(status.records or 0, None)
             return IngestResult(Check(ConditionType.ingested, True, _ingest_reason(status.rejected_records), message))
 
+        if await self._in_job(spec):
+            return await self._ingest_in_job(ref, spec, status, target, now)
         # Rows in the spec itself cost nothing to read: only writing them waits for a slot. An edit that
         # leaves them as they were (a description, an SLA) then is not queued behind a burst's ingestions.
         in_spec = spec.source.inline is not None and not slot_held
@@ -432,6 +440,79 @@ class Reconciler:
             finally:
                 rows.close()
 
+    async def _in_job(self, spec: DataProductSpec) -> bool:
+        """Whether a Job ingests this source: a url source of at least ingest_job_min_bytes (or of unknown size)."""
+        least = self.settings.ingest_job_min_bytes
+        if self.ports.jobs is None or least is None or spec.source is None or spec.source.url is None:
+            return False
+        size = await self.ports.source_size(spec.source) if self.ports.source_size is not None else None
+        return size is None or size >= least
+
+    async def _ingest_in_job(
+        self, ref: ProductRef, spec: DataProductSpec, status: DataProductStatus, target: Target, now: datetime
+    ) -> IngestResult:
+        """Start the product's ingestion Job, report how far it got, and adopt what it wrote when it ends."""
+        jobs = self.ports.jobs
+        assert jobs is not None
+        # One Job per ingestion: of this spec, for this index, after the last ingestion (a due refresh starts anew).
+        key = f"{ref.uid}/{ref.generation}/{target.plan.index}/{status.last_ingested_at}"
+        job = job_name(ref.namespace, ref.name, key)
+        state = await jobs.get(ref.namespace, ref.name, job)
+        if state is None:
+            await jobs.delete(ref.namespace, ref.name, keep=job)  # an earlier spec's, or a failed attempt's
+            state = await jobs.start(ref.namespace, ref.name, job)
+        if state.phase == "running":
+            seen = status.ingestion if status.ingestion is not None and status.ingestion.job == state.name else None
+            progress = IngestionProgress(
+                rows_done=seen.rows_done if seen else 0, rows_total=seen.rows_total if seen else 0, job=state.name
+            )
+            message = f"Job {state.name} is ingesting the source"
+            if progress.rows_total:
+                message += f": {progress.rows_done} of {progress.rows_total} rows written"
+            return IngestResult(Check(ConditionType.ingested, None, "IngestingInJob", message), progress=progress)
+        report = IngestReport.parse(state.report) if state.report else None
+        if state.phase == "failed" or report is None or report.error is not None:
+            cause = (report.error if report else None) or state.message or "it ended without a report"
+            permanent = report is not None and report.permanent
+            if not permanent:
+                # The next attempt is a new Job, after the reconcile's backoff; a permanent failure's Job stays as
+                # its record (until the spec changes, or Kubernetes removes it after ingest_job_ttl_seconds).
+                await jobs.delete(ref.namespace, ref.name)
+            message = f"Job {state.name} failed: {cause}"
+            check = Check(
+                ConditionType.ingested,
+                False,
+                "IngestionJobFailed",
+                message,
+                transient=not permanent,
+                permanent=permanent,
+            )
+            return IngestResult(check, events=(Event("IngestionJobFailed", message, warning=True),))
+        if report.generation != ref.generation or report.index != target.plan.index or report.digest is None:
+            await jobs.delete(ref.namespace, ref.name)
+            message = f"Job {state.name} ingested another version of the spec; a new Job ingests this one"
+            return IngestResult(Check(ConditionType.ingested, None, "IngestingInJob", message, transient=True))
+        await self.ports.store.adopt_ingestion(ref.namespace, ref.name, target.plan.index, target.routing.index)
+        routed = replace(target, routing_share=routing_share(report.accepted, self.settings.routing_rows_per_product))
+        self.ports.observer.rows_rejected(report.rejected)
+        self.ports.observer.rows_ingested(report.written)
+        result = await self._finish(
+            ref,
+            spec,
+            status,
+            routed,
+            report.digest,
+            report.seen,
+            report.refusals(),
+            report.written,
+            report.calibration or status.score_calibration,
+            now,
+        )
+        await jobs.delete(ref.namespace, ref.name)
+        return replace(
+            result, events=(Event("IngestedInJob", f"Job {state.name}: {result.check.message}"), *result.events)
+        )
+
     async def _write(
         self,
         ref: ProductRef,
@@ -444,50 +525,71 @@ class Reconciler:
     ) -> IngestResult:
         """Scan the rows, and write them (holding ``slot``) when the store does not hold them already."""
         store = self.ports.store
-        batch = self.settings.ingest_batch_size
-        found = await scan(rows, target, spec, batch)
-        target = replace(target, routing_share=routing_share(found.accepted, self.settings.routing_rows_per_product))
-        refused = found.refusals
-        self.ports.observer.rows_rejected(refused.rows)
+
+        async def held(found: Scan, routed: Target) -> bool:
+            # Both collections an ingestion writes are checked: rows missing from the routing collection
+            # (once seen after a leader's kill -9, cause not found) are written again, not left missing.
+            return (
+                found.digest == status.ingested_digest
+                and await store.count(routed.plan.index) == found.accepted
+                and await routing_holds(store, routed, found.digest, found.accepted, found.kept_ids())
+            )
+
+        async def on_batch(done: int, total: int) -> None:
+            self.heartbeat.beat()  # a long ingestion is progress, not a stall
+            await self.ports.progress(ref.namespace, ref.name, done, total)
+
+        result = await ingest(
+            store,
+            target,
+            spec,
+            rows,
+            self.settings.ingest_batch_size,
+            self.settings.routing_rows_per_product,
+            held=held,
+            slot=slot,
+            on_batch=on_batch,
+        )
+        found = result.found
+        self.ports.observer.rows_rejected(found.refusals.rows)
         if found.too_many_refused:
-            assert spec.source is not None
-            limit = f"more than the {spec.source.max_rejected_percent:g}% source.maxRejectedPercent allows"
-            message = f"{refused.rows} of {found.seen} rows rejected, {limit}; nothing was written: {refused.summary()}"
+            message = result.refused_message(spec)
             check = Check(ConditionType.ingested, False, "TooManyRejectedRows", message, permanent=True)
             return IngestResult(check, events=(Event("TooManyRejectedRows", message, warning=True),))
-        written = 0
-        calibrated = status.score_calibration
-        # Both collections an ingestion writes are checked: rows missing from the routing collection
-        # (once seen after a leader's kill -9, cause not found) are written again, not left missing.
-        if (
-            found.digest != status.ingested_digest
-            or await store.count(target.plan.index) != found.accepted
-            or not await routing_holds(store, target, found.digest, found.accepted, found.kept_ids())
-        ):
-            if found.kept is not None:
-                batches = replay(found.kept)
-            else:
-                batches = validated(rows, RowValidator(ref.namespace, ref.name, spec), batch)
-
-            async def on_batch(done: int) -> None:
-                self.heartbeat.beat()  # a long ingestion is progress, not a stall
-                await self.ports.progress(ref.namespace, ref.name, done, found.accepted)
-
-            async with slot:
-                result = await write_points(store, target, batches, spec.key_fields, found.digest, on_batch)
-            written, calibrated = result.rows, result.calibration
+        written = result.written.rows if result.written else 0
+        calibrated = result.written.calibration if result.written else status.score_calibration
+        if result.written:
             self.ports.observer.rows_ingested(written)
-        await write_card(store, target, card_text(ref.namespace, ref.name, spec), found.digest)
+        return await self._finish(
+            ref, spec, status, result.target, found.digest, found.seen, found.refusals, written, calibrated, now
+        )
+
+    async def _finish(
+        self,
+        ref: ProductRef,
+        spec: DataProductSpec,
+        status: DataProductStatus,
+        target: Target,
+        digest: str,
+        seen: int,
+        refused: Refusals,
+        written: int,
+        calibrated: ScoreCalibration | None,
+        now: datetime,
+    ) -> IngestResult:
+        """The card of ingestion ``digest`` written, and the Ingested check that says what the collection holds."""
+        store = self.ports.store
+        await write_card(store, target, card_text(ref.namespace, ref.name, spec), digest)
         events: list[Event] = []
         if refused.rows and (written or status.rejected_records != refused.rows):
-            detail = f"{refused.rows} of {found.seen} rows rejected: {refused.summary()}"
+            detail = f"{refused.rows} of {seen} rows rejected: {refused.summary()}"
             events.append(Event("RowsRejected", detail, warning=True))
         records = await store.count(target.plan.index)
         message = _ingest_message(records, refused)
         if target.routing_share < 1.0:
             message += f"; routing reads a sample of about {self.settings.routing_rows_per_product} of them"
         check = Check(ConditionType.ingested, True, _ingest_reason(refused.rows), message)
-        return IngestResult(check, written, records, refused.rows, found.digest, now, calibrated, tuple(events))
+        return IngestResult(check, written, records, refused.rows, digest, now, calibrated, tuple(events))
 
     async def _inference(self, ref: ProductRef, spec: DataProductSpec) -> tuple[Check, str | None]:
         inference = spec.inference
@@ -530,6 +632,8 @@ class Reconciler:
             if (body.get("spec") or {}).get("deletionPolicy", "Delete") != "Retain":
                 await self.ports.store.drop_product(collection_alias(ref.namespace, ref.name))
             await self.ports.catalog.remove(entry_key(ref.namespace, ref.name))
+            if self.ports.jobs is not None:
+                await self.ports.jobs.delete(ref.namespace, ref.name)
 
 
 def _collection_check(plan: CollectionPlan, current: str | None, switched: bool, ignored: Sequence[str] = ()) -> Check:

@@ -686,8 +686,11 @@ class ScoreCalibration(CRDModel):
 class IngestionProgress(CRDModel):
     """How far a running ingestion got (only while one runs)."""
 
-    rows_done: int = Field(ge=0, description="Rows embedded and written so far.")
-    rows_total: int = Field(ge=0, description="Rows of the source that passed validation.")
+    rows_done: int = Field(0, ge=0, description="Rows embedded and written so far.")
+    rows_total: int = Field(0, ge=0, description="Rows of the source that passed validation.")
+    job: str | None = Field(
+        None, description="The Job ingesting the source (namespace/name), when a Job runs the ingestion."
+    )
 
 
 class DataProductStatus(CRDModel):
