@@ -448,6 +448,65 @@ def test_template_scale_out(helm: Helm, kube_version: str) -> None:
     assert [o["metadata"]["name"] for o in find(objs, "ServiceAccount", "-operator")] == ["dm-datamesh-operator"]
 
 
+def test_template_ingest_jobs(helm: Helm, kube_version: str, kubectl: Kubectl) -> None:
+    from datamesh.core.jobs import JobPolicy, ingest_job
+
+    args = ["--set", "operator.ingestJobs.enabled=true", "--set", "operator.ingestJobs.minBytes=1000"]
+    objs = render(
+        helm,
+        kube_version,
+        *args,
+        "-f",
+        str(CHART / "ci" / "embedded-values.yaml"),
+        "--set",
+        "store.embedded.existingClaim=dm-store",
+    )
+    operator = one(objs, "Deployment", "-operator")["spec"]["template"]
+    env = env_of(operator["spec"]["containers"][0])
+    assert env["DATAMESH_INGEST_JOB_MIN_BYTES"] == "1000"
+    assert env["DATAMESH_INGEST_JOB_TEMPLATE"] == "/etc/datamesh/ingest-job/pod.yaml"
+    assert "checksum/ingest-job" in operator["metadata"]["annotations"], "a new template rolls the operator"
+    mounted = {v["name"]: v for v in operator["spec"]["volumes"]}["ingest-job"]
+    assert mounted["configMap"]["name"] == "dm-datamesh-operator-ingest-job"
+
+    # The pod template: the chart's image and the ingest account, the store's claim, on the operator's node.
+    pod = yaml.safe_load(one(objs, "ConfigMap", "-ingest-job")["data"]["pod.yaml"])
+    assert pod["spec"]["serviceAccountName"] == "dm-datamesh-operator-ingest"
+    (container,) = pod["spec"]["containers"]
+    assert env_of(container)["DATAMESH_QDRANT_PATH"] == "/var/lib/datamesh/store"
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["store"]["persistentVolumeClaim"] == {"claimName": "dm-store"}
+    affinity = pod["spec"]["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert affinity["topologyKey"] == "kubernetes.io/hostname"
+    assert affinity["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+
+    # Its account may read products and write their status; the operator may run Jobs in its namespace only.
+    ingest = one(objs, "ClusterRole", "-operator-ingest")
+    assert [(r["resources"], r["verbs"]) for r in ingest["rules"]] == [
+        (["dataproducts"], ["get"]),
+        (["dataproducts/status"], ["patch"]),
+    ]
+    jobs = one(objs, "Role", "-operator-jobs")
+    assert jobs["metadata"]["namespace"] == "datamesh"
+    assert [(r["resources"], r["verbs"]) for r in jobs["rules"]] == [
+        (["jobs"], ["get", "list", "watch", "create", "delete"]),
+        (["pods"], ["list"]),
+    ]
+    for binding in (o for o in objs if o["kind"].endswith("Binding") and "-ingest" in o["metadata"]["name"]):
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "dm-datamesh-operator-ingest", "namespace": "datamesh"}
+        ]
+
+    # The Job the operator makes from it is one the API server accepts (a dry run needs neither account nor claim).
+    job = ingest_job("default", "sales", "churn", "ingest-churn-0123456789", pod, JobPolicy())
+    kubectl.run("create", "--dry-run=server", "-f", "-", input=yaml.safe_dump(job))
+
+    qdrant = render(helm, kube_version, *args)
+    pod = yaml.safe_load(one(qdrant, "ConfigMap", "-ingest-job")["data"]["pod.yaml"])
+    assert env_of(pod["spec"]["containers"][0])["DATAMESH_QDRANT_URL"] == "http://dm-datamesh-qdrant.datamesh.svc:6333"
+    assert "affinity" not in pod["spec"] and "store" not in {v["name"] for v in pod["spec"]["volumes"]}
+
+
 def test_template_namespace_shards(helm: Helm, kube_version: str) -> None:
     objs = render(
         helm,
@@ -677,6 +736,19 @@ def test_schema_refuses_wrong_values(
             ],
             'qdrant.replicas and qdrant.cluster are for the built-in Qdrant (qdrant.mode "builtin")',
         ),
+        (
+            ["--set", "operator.ingestJobs.enabled=true", "--set", "store.mode=embedded"],
+            "operator.ingestJobs.enabled with store.mode embedded needs store.embedded.existingClaim",
+        ),
+        (
+            [
+                "--set",
+                "operator.ingestJobs.enabled=true",
+                "--set-json",
+                'operator.shards=[{"name": "a", "namespaces": ["x"]}]',
+            ],
+            "operator.ingestJobs.enabled is not supported with operator.shards yet",
+        ),
     ],
     ids=[
         "watch-timeouts",
@@ -699,6 +771,8 @@ def test_schema_refuses_wrong_values(
         "ca-with-http-url",
         "ca-for-builtin-qdrant",
         "cluster-for-external-qdrant",
+        "ingest-jobs-without-a-shared-volume",
+        "ingest-jobs-with-shards",
     ],
 )
 def test_template_refuses_inconsistent_values(helm: Helm, kube_version: str, args: list[str], message: str) -> None:

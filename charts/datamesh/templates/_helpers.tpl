@@ -295,6 +295,12 @@ Checks of combinations the JSON schema cannot express well; each fails with the 
 {{- if and .Values.queryService.ingress.enabled (not .Values.queryService.ingress.hosts) }}
 {{- fail "queryService.ingress.hosts needs at least one host when queryService.ingress.enabled is true" }}
 {{- end }}
+{{- if and .Values.operator.ingestJobs.enabled (include "datamesh.embedded" .) (not .Values.store.embedded.existingClaim) }}
+{{- fail "operator.ingestJobs.enabled with store.mode embedded needs store.embedded.existingClaim: the ingestion Jobs write into the store's volume, which an emptyDir cannot share" }}
+{{- end }}
+{{- if and .Values.operator.ingestJobs.enabled .Values.operator.shards }}
+{{- fail "operator.ingestJobs.enabled is not supported with operator.shards yet: the Jobs of every shard would share one platform namespace and its Job watch" }}
+{{- end }}
 {{- if and .Values.mcp.enabled (not .Values.queryService.enabled) }}
 {{- fail "mcp.enabled needs queryService.enabled: the query service serves the MCP tools at /mcp" }}
 {{- end }}
