@@ -7,7 +7,9 @@ serves the query API behind the chart's query Service). The operator pod runs in
 chart's ServiceAccount and RBAC and reconciles ``examples/`` and ``examples/inference/``; for the
 product with ``inference.model`` it deploys an inference runtime pod, which answers
 ``/v1/embeddings`` and ``/v1/transform`` through its Service, also when the query service calls it
-by its cluster DNS name; the query Service answers ``/v1/query``; ``helm test`` passes (a pod
+by its cluster DNS name; the query Service answers ``/v1/query``; after a ``helm upgrade`` turning
+``operator.ingestJobs`` on (the store on a hostPath PersistentVolume), a url source served from the
+host is ingested by a Job whose container runs on the node; ``helm test`` passes (a pod
 resolving the Service's DNS name); ``kubectl logs`` reaches the kubelet; deleting the products
 lets the in-cluster operator finalize them and the garbage collector remove their inference
 children, and ``helm uninstall`` then leaves nothing of the release and no DataProduct children.
@@ -26,10 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
 
 from datamesh.resource.catalog import CATALOG_LABEL, decode_entries
+from datamesh.web.serving import free_port
 from tests.e2e.conftest import REPORT, E2ECluster, seconds
 from tests.harness import wait_for
+from tests.httpserver import ServerThread
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "datamesh"
@@ -196,6 +202,126 @@ class TestChartOnARealNode:
         # The test pod resolves the query Service's DNS name and needs its /readyz (it is deleted on success).
         result = e2e_cluster.helm.run("test", RELEASE, "-n", NS, "--timeout", "3m", timeout=200)
         assert "Phase:          Succeeded" in result.stdout, result.stdout
+
+    def test_a_large_source_is_ingested_by_a_job_on_the_node(self, e2e_cluster: E2ECluster, tmp_path: Path) -> None:
+        """operator.ingestJobs on (a helm upgrade): the Job's container really runs ``datamesh ingest`` on the node,
+        writing into the store's volume (a hostPath PersistentVolume here), and the operator takes its rows in."""
+        kubectl, rows = e2e_cluster.kubectl, 500
+        folder = tmp_path / "store-volume"
+        folder.mkdir()
+        folder.chmod(0o777)  # the chart's pods run as uid 10001; the bind mount exposes this folder only
+        volume = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": "dm-e2e-store"},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "e2e-manual",
+                "persistentVolumeReclaimPolicy": "Retain",
+                "hostPath": {"path": str(folder), "type": "Directory"},
+            },
+        }
+        claim = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "dm-e2e-store", "namespace": NS},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "e2e-manual",
+                "volumeName": "dm-e2e-store",
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        }
+        kubectl.run(
+            "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [volume, claim]})
+        )
+        t0 = time.monotonic()
+        e2e_cluster.helm.run(
+            "upgrade",
+            RELEASE,
+            str(CHART),
+            "--namespace",
+            NS,
+            "--reuse-values",
+            "--set",
+            "store.embedded.existingClaim=dm-e2e-store",
+            "--set",
+            "operator.ingestJobs.enabled=true",
+            "--set",
+            "operator.ingestJobs.minBytes=1000",
+            "--set",
+            "operator.ingestJobs.resources.requests.cpu=100m",
+            "--wait",
+            "--timeout",
+            "5m",
+            timeout=330,
+        )
+        REPORT["chart"]["helm upgrade to ingestion Jobs --wait s"] = seconds(time.monotonic() - t0)
+
+        app = FastAPI()
+
+        @app.get("/parcels.csv", response_class=PlainTextResponse)
+        def parcels() -> str:
+            lines = ["id,text,amount"] + [
+                f"p{i},parcel {i} held at customs for a missing invoice,{i}" for i in range(rows)
+            ]
+            return "\n".join(lines) + "\n"
+
+        port = free_port()
+        body = {
+            "apiVersion": "datamesh.io/v1alpha1",
+            "kind": "DataProduct",
+            "metadata": {"name": "parcel-holds", "namespace": "logistics"},
+            "spec": {
+                "domain": "logistics",
+                "owner": {"team": "logistics-control-tower", "email": "control-tower@example.com"},
+                "description": "Parcels held at customs and why.",
+                "schema": {
+                    "fields": [
+                        {"name": "id", "primaryKey": True},
+                        {"name": "text"},
+                        {"name": "amount", "type": "integer"},
+                    ]
+                },
+                "source": {"url": {"url": f"http://{e2e_cluster.node.ip}:{port}/parcels.csv", "format": "csv"}},
+                "semanticSearch": {"keyFields": ["text"]},
+            },
+        }
+        with ServerThread(app, host="0.0.0.0", port=port):
+            t0 = time.monotonic()
+            kubectl.run("apply", "-f", "-", input=json.dumps(body))
+            selector = "datamesh.io/product-name=parcel-holds"
+            pod = wait_for(
+                lambda: next(iter(kubectl.json("get", "pods", "-n", NS, "-l", selector)["items"]), None),
+                timeout=120,
+                interval=0.5,
+                what="the ingestion Job's pod",
+            )
+            assert pod["spec"]["nodeName"] == e2e_cluster.node.name
+            assert pod["spec"]["containers"][0]["args"] == ["ingest", "logistics/parcel-holds"]
+
+            def ready() -> dict[str, Any] | None:
+                product = kubectl.json("get", "dataproduct", "parcel-holds", "-n", "logistics")
+                return product if (product.get("status") or {}).get("phase") == "Ready" else None
+
+            try:
+                product = wait_for(ready, timeout=240, interval=1, what="the product Ready after its Job")
+            except AssertionError as exc:
+                logs = kubectl.run("logs", "-n", NS, "-l", selector, "--tail=40", check=False)
+                raise AssertionError(f"{exc}\n{logs.stdout}{logs.stderr}\n{operator_log(e2e_cluster)}") from None
+        REPORT["chart"]["url source through an ingestion Job to Ready s"] = seconds(time.monotonic() - t0)
+        assert product["status"]["records"] == rows
+        events = kubectl.json("get", "events", "-n", "logistics", "--field-selector", "reason=IngestedInJob")["items"]
+        assert events, "the product says a Job ingested it"
+        wait_for(lambda: not kubectl.json("get", "jobs", "-n", NS, "-l", selector)["items"], 60, what="the Job deleted")
+        # The Job's rows answer through the query Service.
+        url = service_url(e2e_cluster, NS, f"{RELEASE}-datamesh-query")
+        question = {"question": "which parcels are held at customs?", "products": ["logistics/parcel-holds"]}
+        status, answer = http("POST", f"{url}/v1/query", question, TOKEN)
+        assert status == 200, answer
+        hits = [h for r in answer["results"] if r["product"] == "logistics/parcel-holds" for h in r["hits"]]
+        assert hits, answer
 
     def test_products_deleted_then_uninstall_leaves_no_children(self, e2e_cluster: E2ECluster, tmp_path: Path) -> None:
         kubectl = e2e_cluster.kubectl
