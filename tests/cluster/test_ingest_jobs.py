@@ -82,6 +82,13 @@ def job_operator(operator: OperatorThread, kubectl: Kubectl, tmp_path: Path) -> 
             kubectl.run("delete", "dataproducts", "--all", "-n", NS, "--wait=true", check=False, timeout=120)
 
 
+def apply_url_product(kubectl: Kubectl, name: str, url: str) -> None:
+    body = product(name, [])
+    body["metadata"]["namespace"] = NS
+    body["spec"]["source"] = {"url": {"url": url, "format": "csv"}}
+    kubectl.run("apply", "-f", "-", input=json.dumps(body))
+
+
 def status(kubectl: Kubectl, name: str) -> dict[str, Any]:
     return (kubectl.get("dataproduct", name, NS) or {}).get("status") or {}
 
@@ -156,10 +163,7 @@ def end_pod(kubectl: Kubectl, pod: dict[str, Any], exit_code: int, message: str)
 def test_a_large_source_is_ingested_by_a_job_that_kubernetes_retries_and_the_operator_adopts(
     kubectl: Kubectl, job_operator: OperatorThread, source: str, tmp_path: Path
 ) -> None:
-    body = product("big-parcels", [])
-    body["metadata"]["namespace"] = NS
-    body["spec"]["source"] = {"url": {"url": f"{source}/rows.csv", "format": "csv"}}
-    kubectl.run("apply", "-f", "-", input=json.dumps(body))
+    apply_url_product(kubectl, "big-parcels", f"{source}/rows.csv")
 
     wait_for(
         lambda: condition(kubectl, "big-parcels", "Ingested").get("reason") == "IngestingInJob",
@@ -208,10 +212,7 @@ def test_a_large_source_is_ingested_by_a_job_that_kubernetes_retries_and_the_ope
 def test_a_job_that_fails_for_good_fails_the_product_at_once_and_goes_with_it(
     kubectl: Kubectl, job_operator: OperatorThread, source: str, tmp_path: Path
 ) -> None:
-    body = product("bad-parcels", [])
-    body["metadata"]["namespace"] = NS
-    body["spec"]["source"] = {"url": {"url": f"{source}/bad.csv", "format": "csv"}}
-    kubectl.run("apply", "-f", "-", input=json.dumps(body))
+    apply_url_product(kubectl, "bad-parcels", f"{source}/bad.csv")
     (job,) = wait_for(lambda: jobs_of(kubectl, "bad-parcels") or None, 60, what="the ingestion Job")
     (pod,) = wait_for(lambda: pods_of(kubectl, job["metadata"]["name"]) or None, 30, what="the Job's pod")
     code, report = run_pod_command(pod, job_operator.store.root, tmp_path)  # type: ignore[attr-defined]

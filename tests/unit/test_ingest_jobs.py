@@ -262,3 +262,12 @@ def test_a_report_fits_the_termination_message_however_many_reasons() -> None:
     parsed = IngestReport.parse(text)
     assert parsed is not None and parsed.generation == 3 and parsed.rejected == 9 and parsed.error
     assert IngestReport.parse("Traceback (most recent call last): ...") is None
+
+
+async def test_a_spec_that_no_longer_needs_a_job_stops_the_running_one(job_world: JobWorld) -> None:
+    started = await job_world.reconcile(url_product())
+    assert job_world.jobs.jobs
+    inline = product(generation=2, status=wire(started))
+    done = await job_world.reconcile(inline)
+    assert done.status.phase == "Ready" and done.status.records == 3 and done.status.ingestion is None
+    assert job_world.jobs.jobs == {}, "the url source's Job was deleted, not left writing"

@@ -423,6 +423,10 @@ class Reconciler:
 
         if await self._in_job(spec):
             return await self._ingest_in_job(ref, spec, status, target, now)
+        if self.ports.jobs is not None and status.ingestion is not None and status.ingestion.job:
+            # A Job ingested the spec before this one (a url source since made inline or small): it must not
+            # go on writing beside this ingestion.
+            await self.ports.jobs.delete(ref.namespace, ref.name)
         # Rows in the spec itself cost nothing to read: only writing them waits for a slot. An edit that
         # leaves them as they were (a description, an SLA) then is not queued behind a burst's ingestions.
         in_spec = spec.source.inline is not None and not slot_held
