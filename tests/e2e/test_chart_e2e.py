@@ -293,10 +293,17 @@ class TestChartOnARealNode:
             kubectl.run("apply", "-f", "-", input=json.dumps(body))
             selector = "datamesh.io/product-name=parcel-holds"
             pod = wait_for(
-                lambda: next(iter(kubectl.json("get", "pods", "-n", NS, "-l", selector)["items"]), None),
+                lambda: next(
+                    (
+                        p
+                        for p in kubectl.json("get", "pods", "-n", NS, "-l", selector)["items"]
+                        if p["spec"].get("nodeName")
+                    ),
+                    None,
+                ),
                 timeout=120,
                 interval=0.5,
-                what="the ingestion Job's pod",
+                what="the ingestion Job's pod, scheduled",
             )
             assert pod["spec"]["nodeName"] == e2e_cluster.node.name
             assert pod["spec"]["containers"][0]["args"] == ["ingest", "logistics/parcel-holds"]
