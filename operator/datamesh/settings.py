@@ -44,6 +44,14 @@ class StoreSettings(BaseSettings):
         256, ge=1, description="Embedded store: collections kept open at once (least recently used closed first)."
     )
     search_threads: int = Field(1, ge=1, description="Embedded store: search threads per open collection.")
+    optimize_min_points: int = Field(
+        20_000,
+        ge=0,
+        description=(
+            "Embedded store: a collection of this many points gets an HNSW index, built in a child process "
+            "(0: never); smaller ones are searched exactly."
+        ),
+    )
 
     @field_validator("ca_file")
     @classmethod

@@ -60,12 +60,14 @@ from datamesh.adapters import bm25
 from datamesh.adapters.atomic import atomic_write
 from datamesh.adapters.edge_builder import (
     META_FILE,
+    SHARD_DIR,
     Points,
     add_payload_indexes,
     build_shard,
     edge_config,
+    optimize_shard,
     panicked,
-    upsert,
+    upsert_operation,
 )
 from datamesh.adapters.processes import ChildProcesses
 from datamesh.adapters.similarity import cosines, dense_of
@@ -213,6 +215,25 @@ def _translated(collection: str) -> Iterator[None]:
 # default ingestion slot. With two, each new product's two calls queued for them (28-32 products/s in one
 # process against 55-65 with four, 2026-12-02).
 _BUILDER = ChildProcesses(4)
+# The process that builds large collections' HNSW indexes (see ``EdgeStore.optimize``): one, so an
+# index build (minutes of one core at a few hundred thousand points) never takes both cores.
+_OPTIMIZER = ChildProcesses(1)
+OPTIMIZING_DIR = "shard.optimizing"  # the copy being indexed; a leftover of a crash is removed by the next build
+REPLACED_DIR = "shard.replaced"  # the shard an indexed copy replaces, for the instant between two renames
+
+
+@dataclass
+class _Optimization:
+    """A collection's index build in flight: the writes made since its copy, replayed on the copy before the swap."""
+
+    journal: list[qe.UpdateOperation] = field(default_factory=list)
+    points: int = 0  # points written since the copy
+    abandoned: bool = False  # the collection was dropped, replaced or written too much meanwhile
+
+
+# Points written to a collection while its index is built, past which the build is given up (tried again
+# later): the journal holds them (1.5 KiB each at 384 dimensions) until the copy catches up.
+JOURNAL_MAX_POINTS = 100_000
 
 
 @dataclass
@@ -241,6 +262,8 @@ class EdgeStore:
         max_open: int = 256,
         search_threads: int = 1,
         batch_size: int = 256,
+        optimize_min_points: int = 20_000,
+        optimize_delay: float = 5.0,
     ) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="datamesh-store-") if root is None else None
         self.root = Path(self._tmp.name) if self._tmp is not None else Path(root or ".")
@@ -274,6 +297,15 @@ class EdgeStore:
         # opens it only when an operation needs it. An operation on a collection not yet made makes it.
         self._unbuilt: dict[str, dict[str, Any]] = {}
         self._one_ingest: dict[str, str] = {}
+        # HNSW indexes of large collections, built in a child process (see ``optimize``).
+        self.optimize_min_points = optimize_min_points
+        self.optimize_delay = optimize_delay
+        self._optimizing: dict[str, _Optimization] = {}
+        self._optimize_slot = asyncio.Semaphore(1)
+        self._checks: set[str] = set()  # collections whose need of an index is to be checked shortly
+        self._checked: dict[str, int] = {}  # their write counter when last checked: unwritten, never checked again
+        self._unindexed: dict[str, int] = {}  # points written since the last build (this run's), searched exactly
+        self._background: set[asyncio.Task[None]] = set()
 
     def _take_saved_counts(self) -> dict[str, int]:
         """The counts the last run saved as it closed, for the collections still here; the file is read once.
@@ -350,8 +382,9 @@ class EdgeStore:
                 meta = await self._engine(name, self._read_meta, name)
                 if meta is None:
                     raise CollectionMissing(f"embedded store, collection {name}: does not exist")
-                engine = await self._engine(name, qe.EdgeShard.load, str(self._dir(name) / "shard"), self._config(meta))
+                engine = await self._engine(name, self._load, name, meta)
                 shard = self._open[name] = _Shard(name, meta, engine)
+                self._consider_optimizing(name)  # a restart's large collections get their index too
             self._open.move_to_end(name)
             shard.users += 1
             shard.idle.clear()
@@ -362,6 +395,12 @@ class EdgeStore:
             if shard.users == 0:
                 shard.idle.set()
             await self._evict()
+
+    def _load(self, name: str, meta: Mapping[str, Any]) -> qe.EdgeShard:
+        folder = self._dir(name)
+        if not (folder / SHARD_DIR).exists() and (folder / REPLACED_DIR).exists():
+            (folder / REPLACED_DIR).rename(folder / SHARD_DIR)  # a crash between the two renames of an index swap
+        return qe.EdgeShard.load(str(folder / SHARD_DIR), self._config(meta))
 
     async def _evict(self) -> None:
         # Close the least recently used idle shards over the cap (each holds a thread and mappings).
@@ -399,6 +438,7 @@ class EdgeStore:
                 yield shard
         finally:
             self._changed(name)
+            self._consider_optimizing(self._resolve(name))
 
     def _resolve(self, name: str) -> str:
         # Aliases first, as a Qdrant server resolves them.
@@ -499,6 +539,7 @@ class EdgeStore:
         return LayoutReport(EMBEDDED_LAYOUT, ignored=ignored)
 
     def _add_payload_indexes(self, shard: _Shard, indexes: Mapping[str, str]) -> None:
+        self._abandon_optimization(shard.name)  # its copy has not these indexes
         add_payload_indexes(shard.engine, indexes)
         shard.engine.flush()
         shard.meta = {**shard.meta, "payload_indexes": {**shard.meta["payload_indexes"], **indexes}}
@@ -605,6 +646,8 @@ class EdgeStore:
             del self._folders[at]
 
     def _remove(self, name: str) -> None:
+        self._abandon_optimization(name)
+        self._unindexed.pop(name, None)
         directory = self._dir(name)
         if directory.exists():
             # Renamed first: the collection is gone at once, even if the removal is interrupted.
@@ -663,8 +706,8 @@ class EdgeStore:
                 batch = (ids[start:end], vectors[start:end], texts[start:end], payloads[start:end])
                 await self._engine(collection, self._write, shard, *batch)
 
-    @staticmethod
     def _write(
+        self,
         shard: _Shard,
         ids: Sequence[str],
         vectors: Sequence[Sequence[float]],
@@ -672,7 +715,20 @@ class EdgeStore:
         payloads: Sequence[Mapping[str, Any]],
     ) -> None:
         rows = _checked_rows(vectors, int(shard.meta["vector_size"]))
-        upsert(shard.engine, bool(shard.meta["sparse"]), ids, rows, texts, payloads)
+        self._apply(shard, upsert_operation(bool(shard.meta["sparse"]), ids, rows, texts, payloads), len(ids))
+
+    def _apply(self, shard: _Shard, operation: qe.UpdateOperation, points: int = 0) -> None:
+        """Apply a write to a collection, kept for its copy if its index is being built."""
+        shard.engine.update(operation)
+        if points > 0:
+            self._unindexed[shard.name] = self._unindexed.get(shard.name, 0) + points
+        optimization = self._optimizing.get(shard.name)
+        if optimization is None or optimization.abandoned:
+            return
+        optimization.journal.append(operation)
+        optimization.points += points
+        if optimization.points > JOURNAL_MAX_POINTS:
+            self._abandon_optimization(shard.name)
 
     async def delete_other_ingests(self, collection: str, digest: str) -> None:
         """Remove points not written by the ingestion with ``digest``."""
@@ -680,7 +736,7 @@ class EdgeStore:
             return  # written once, by the builder, with this ingestion's points only
         keep = qe.Filter(must_not=[qe.FieldCondition(key=DIGEST_KEY, match=qe.MatchValue(digest))])
         async with self._writing(collection) as shard:
-            await self._engine(collection, shard.engine.update, qe.UpdateOperation.delete_points_by_filter(keep))
+            await self._engine(collection, self._apply, shard, qe.UpdateOperation.delete_points_by_filter(keep))
 
     async def remove_product(self, collection: str, product: str, keep_digest: str | None = None) -> None:
         """Routing collections: remove a product's points (but those of the ingestion ``keep_digest``)."""
@@ -691,7 +747,7 @@ class EdgeStore:
             keep = [qe.FieldCondition(key=DIGEST_KEY, match=qe.MatchValue(keep_digest))]
         doomed = qe.Filter(must=[qe.FieldCondition(key=PRODUCT_KEY, match=qe.MatchValue(product))], must_not=keep)
         async with self._writing(collection) as shard:
-            await self._engine(collection, shard.engine.update, qe.UpdateOperation.delete_points_by_filter(doomed))
+            await self._engine(collection, self._apply, shard, qe.UpdateOperation.delete_points_by_filter(doomed))
 
     async def search(self, collection: str, request: SearchRequest) -> list[ScoredRow]:
         """The best rows for a question: one query, dense and BM25 prefetches fused in hybrid mode.
@@ -851,6 +907,163 @@ class EdgeStore:
             )
         return qe.QueryRequest(query=qe.Query.Nearest(dense, using=DENSE_VECTOR), **common)
 
+    # ---- HNSW indexes of large collections ----------------------------------------------------
+
+    def _consider_optimizing(self, name: str) -> None:
+        """Check shortly whether ``name`` needs its index built (after a write, or as it opens); cheap when not."""
+        if not self.optimize_min_points or self._closed or name in self._checks or name in self._optimizing:
+            return
+        writes = self._writes.get(name, 0)
+        if self._checked.get(name) == writes:
+            return  # not written since its last check
+        count = self._counts.get(name)
+        if count is not None and count < self.optimize_min_points:
+            self._checked[name] = writes
+            return
+        self._checks.add(name)
+        task = asyncio.get_running_loop().create_task(self._check_soon(name))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _check_soon(self, name: str) -> None:
+        # After a pause: a burst of writes is one check, and the check after its last write sees them all.
+        try:
+            await asyncio.sleep(self.optimize_delay)
+        finally:
+            self._checks.discard(name)
+        try:
+            if await self._needs_index(name):
+                await self.optimize(name)
+        except Exception as exc:  # a background task: said in the log, tried again after the next write or opening
+            log.warning("embedded store: the HNSW index of collection %s was not built: %s", name, exc)
+
+    async def _needs_index(self, name: str) -> bool:
+        """Whether ``name`` (if open: a check never opens one) is large and enough of it is not yet indexed."""
+        if name not in self._open or self._closed:
+            return False
+        self._checked[name] = self._writes.get(name, 0)
+        points, indexed = await self.indexed(name)
+        if points < self.optimize_min_points:
+            return False
+        # Points written since the last build are outside the index and searched exactly (all of them if it was
+        # never built): built again once they are a third of the collection.
+        outside = points if indexed == 0 else self._unindexed.get(name, 0)
+        return outside >= max(self.optimize_min_points // 2, points // 3)
+
+    async def indexed(self, collection: str) -> tuple[int, int]:
+        """A collection's points, and how many its HNSW index holds (deleted ones included until the next build)."""
+        name = self._resolve(collection)
+        async with self._use(name) as shard:
+            return await self._engine(name, self._indexed, shard)
+
+    @staticmethod
+    def _indexed(shard: _Shard) -> tuple[int, int]:
+        info = shard.engine.info()
+        # The engine counts sparse vectors as indexed wherever they are (their index is always built).
+        worded = 0
+        if shard.meta["sparse"]:
+            words = qe.Filter(must=[qe.HasVectorCondition(SPARSE_VECTOR)])
+            worded = int(shard.engine.count(qe.CountRequest(exact=True, filter=words)))
+        return int(info.points_count), int(info.indexed_vectors_count) - worded
+
+    async def settled(self) -> None:
+        """Return once no index build is due or running (benchmarks measure searches on the indexes)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    def _abandon_optimization(self, name: str) -> None:
+        optimization = self._optimizing.get(name)
+        if optimization is not None:
+            optimization.abandoned = True
+            optimization.journal.clear()
+
+    async def optimize(self, collection: str) -> bool:
+        """Build the HNSW index of a collection (or alias) in a child process; False if the build was given up.
+
+        The child indexes a copy of the shard; the writes made meanwhile are replayed on the copy, which then
+        replaces the shard. Searches go on throughout but for the swap itself (the shard closed and reopened).
+        """
+        name = self._resolve(collection)
+        async with self._optimize_slot:
+            if self._closed or name in self._unbuilt:
+                return False
+            try:
+                return await self._optimize(name)
+            finally:
+                self._optimizing.pop(name, None)
+
+    async def _optimize(self, name: str) -> bool:
+        folder = self._dir(name)
+        optimization = _Optimization()
+        async with self._use(name) as shard, shard.writing:
+            # No write while it is copied: the copy is the shard as of now, the journal every write after it.
+            await self._engine(name, shard.engine.flush)
+            await self._engine(name, self._copy_shard, folder)
+            self._optimizing[name] = optimization
+            meta = shard.meta
+        try:
+            await _OPTIMIZER.run(optimize_shard, str(folder / OPTIMIZING_DIR), meta, self.search_threads)
+        except Exception as exc:
+            await asyncio.to_thread(shutil.rmtree, folder / OPTIMIZING_DIR, True)
+            if optimization.abandoned:  # dropped or replaced meanwhile, its copy with it
+                return False
+            if isinstance(exc, BrokenProcessPool):
+                raise VectorStoreError(f"embedded store, collection {name}: the process indexing it died") from exc
+            raise _translate(exc, name) from exc
+        if optimization.abandoned or self._closed:
+            await asyncio.to_thread(shutil.rmtree, folder / OPTIMIZING_DIR, True)
+            return False
+        copy = await self._engine(name, self._load_copy, folder, meta)
+        finishing = False
+        try:
+            # Most of the writes made meanwhile while searches and writes go on, the last ones with the shard closed.
+            done = await self._engine(name, self._replay, copy, optimization, 0)
+            async with self._lock(name):
+                if not (optimization.abandoned or self._closed):
+                    await self._close_locked(name)  # no operation until the copy is in its place
+                    finishing = True
+                    await asyncio.shield(self._engine(name, self._finish_copy, copy, optimization, done, folder))
+        finally:
+            if not finishing:
+                await self._engine(name, copy.close)
+                await asyncio.to_thread(shutil.rmtree, folder / OPTIMIZING_DIR, True)
+        if not finishing:
+            return False
+        self._unindexed[name] = optimization.points
+        self._changed(name)
+        log.info("embedded store: collection %s has its HNSW index", name)
+        return True
+
+    @staticmethod
+    def _copy_shard(folder: Path) -> None:
+        for leftover in (OPTIMIZING_DIR, REPLACED_DIR):  # of a crash or of a build given up
+            shutil.rmtree(folder / leftover, ignore_errors=True)
+        shutil.copytree(folder / SHARD_DIR, folder / OPTIMIZING_DIR)
+
+    def _load_copy(self, folder: Path, meta: Mapping[str, Any]) -> qe.EdgeShard:
+        return qe.EdgeShard.load(str(folder / OPTIMIZING_DIR), self._config(meta))
+
+    @staticmethod
+    def _replay(copy: qe.EdgeShard, optimization: _Optimization, start: int) -> int:
+        """Apply the journal's writes from ``start`` on to the copy; where it ends now."""
+        writes = optimization.journal[start:]
+        for operation in writes:
+            copy.update(operation)
+        return start + len(writes)
+
+    @classmethod
+    def _finish_copy(cls, copy: qe.EdgeShard, optimization: _Optimization, start: int, folder: Path) -> None:
+        """The last writes replayed on the copy, which then replaces the (closed) shard."""
+        try:
+            cls._replay(copy, optimization, start)
+            copy.flush()
+        finally:
+            copy.close()
+        # Two renames: a crash between them leaves the old shard under REPLACED_DIR, which ``_load`` takes back.
+        (folder / SHARD_DIR).rename(folder / REPLACED_DIR)
+        (folder / OPTIMIZING_DIR).rename(folder / SHARD_DIR)
+        shutil.rmtree(folder / REPLACED_DIR, ignore_errors=True)
+
     async def close(self) -> None:
         """Close every shard (flushing it), so the folder can be opened again; the counts are kept for the next run.
 
@@ -862,6 +1075,9 @@ class EdgeStore:
                     await self._build_locked(name)
                 except Exception as exc:  # the rest must still close; the next run's reconcile creates it again
                     log.warning("embedded store: collection %s was not made before closing: %s", name, exc)
+        for task in list(self._background):  # an index build in flight is given up: its copy goes at the next one
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         for name in list(self._open):
             async with self._lock(name):
                 await self._close_locked(name)

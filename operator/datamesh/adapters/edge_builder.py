@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from datamesh.adapters.atomic import atomic_write
 from datamesh.core.vectors import DENSE_VECTOR, SPARSE_VECTOR
 
 META_FILE = "collection.json"
+SHARD_DIR = "shard"
 Points = tuple[list[str], list[list[float]], list[str], list[dict[str, Any]]]  # ids, vectors, texts, payloads
 
 # By their names in the spec (resource.models.Distance and FieldType): the builder never imports the models.
@@ -54,13 +56,25 @@ def _panics_as_exceptions() -> Iterator[None]:
         raise
 
 
-def edge_config(meta: Mapping[str, Any], search_threads: int) -> qe.EdgeConfig:
-    """The engine's configuration of a collection described by its metadata."""
+def edge_config(
+    meta: Mapping[str, Any],
+    search_threads: int,
+    hnsw: qe.HnswIndexConfig | None = None,
+    optimizers: qe.EdgeOptimizersConfig | None = None,
+) -> qe.EdgeConfig:
+    """The engine's configuration of a collection described by its metadata (``hnsw``, ``optimizers``: unset keeps
+    the shard's)."""
     dense = qe.EdgeVectorParams(
         size=int(meta["vector_size"]), distance=DISTANCES[str(meta["distance"])], memory=qe.Memory.Cold
     )
     sparse = {SPARSE_VECTOR: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)} if meta["sparse"] else None
-    return qe.EdgeConfig(vectors={DENSE_VECTOR: dense}, sparse_vectors=sparse, max_search_threads=search_threads)
+    return qe.EdgeConfig(
+        vectors={DENSE_VECTOR: dense},
+        sparse_vectors=sparse,
+        max_search_threads=search_threads,
+        hnsw_config=hnsw,
+        optimizers=optimizers,
+    )
 
 
 def add_payload_indexes(engine: qe.EdgeShard, indexes: Mapping[str, str]) -> None:
@@ -69,15 +83,14 @@ def add_payload_indexes(engine: qe.EdgeShard, indexes: Mapping[str, str]) -> Non
         engine.update(qe.UpdateOperation.create_field_index(key, PAYLOAD_TYPES[kind]))
 
 
-def upsert(
-    engine: qe.EdgeShard,
+def upsert_operation(
     sparse: bool,
     ids: Sequence[str],
     rows: Sequence[Sequence[float]],
     texts: Sequence[str],
     payloads: Sequence[Mapping[str, Any]],
-) -> None:
-    """Write points (vectors already checked, as lists: the engine reads them 2.5x faster than numpy rows)."""
+) -> qe.UpdateOperation:
+    """The write of these points (vectors checked, as lists: the engine reads them 2.5x faster than numpy rows)."""
     points = []
     for point_id, vector, text, payload in zip(ids, rows, texts, payloads, strict=True):
         named: dict[str, Any] = {DENSE_VECTOR: vector}
@@ -85,7 +98,7 @@ def upsert(
         if words is not None:  # only the tokenizer's own vectors: a malformed one breaks the shard
             named[SPARSE_VECTOR] = words
         points.append(qe.Point(point_id, named, dict(payload)))
-    engine.update(qe.UpdateOperation.upsert_points(points))
+    return qe.UpdateOperation.upsert_points(points)
 
 
 def build_shard(
@@ -100,15 +113,38 @@ def build_shard(
     if folder.exists():  # a creation a crash interrupted: it has no commit mark
         shutil.rmtree(folder)
     with _panics_as_exceptions():
-        engine = qe.EdgeShard.create(str(folder / "shard"), edge_config(meta, search_threads))
+        engine = qe.EdgeShard.create(str(folder / SHARD_DIR), edge_config(meta, search_threads))
         try:
             # Only filterable fields: each payload index costs megabytes per shard, even empty.
             add_payload_indexes(engine, meta["payload_indexes"])
             if points is not None:
-                upsert(engine, bool(meta["sparse"]), *points)
+                engine.update(upsert_operation(bool(meta["sparse"]), *points))
             engine.flush()
             count = int(engine.count(qe.CountRequest(exact=True))) if points is not None else 0
         finally:
             engine.close()
     atomic_write(folder / META_FILE, json.dumps(meta, sort_keys=True))
     return count
+
+
+# The graph a large collection gets (Qdrant's defaults), built on one thread: the operator keeps the other core.
+HNSW = qe.HnswIndexConfig(m=16, ef_construct=100, full_scan_threshold=10_000, max_indexing_threads=1)
+# Every segment indexed, whatever its size (0 would turn indexing off): the store decided it is time.
+EVERY_SEGMENT = qe.EdgeOptimizersConfig(indexing_threshold=1)
+
+
+def optimize_shard(directory: str, meta: dict[str, Any], search_threads: int) -> bool:
+    """Build the HNSW index of a copy of a collection's shard (load, optimize, flush, close), at low priority.
+
+    Whether the engine had anything to do. Runs in a child of its own: it holds the GIL throughout.
+    """
+    with contextlib.suppress(OSError):  # the child only runs these: the operator's own work comes first
+        os.nice(10)
+    with _panics_as_exceptions():
+        engine = qe.EdgeShard.load(directory, edge_config(meta, search_threads, HNSW, EVERY_SEGMENT))
+        try:
+            changed = bool(engine.optimize())
+            engine.flush()
+        finally:
+            engine.close()
+    return changed

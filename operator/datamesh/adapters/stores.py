@@ -19,7 +19,13 @@ def open_store(settings: StoreSettings, concurrency: int | None = None) -> Vecto
 
         return QdrantStore.connect(settings, slots)
     root = None if settings.path == ":memory:" else Path(settings.path)
-    return EdgeStore(root, concurrency=slots, max_open=settings.max_open, search_threads=settings.search_threads)
+    return EdgeStore(
+        root,
+        concurrency=slots,
+        max_open=settings.max_open,
+        search_threads=settings.search_threads,
+        optimize_min_points=settings.optimize_min_points,
+    )
 
 
 def open_job_store(settings: StoreSettings, namespace: str, name: str) -> VectorStore:
@@ -34,4 +40,5 @@ def open_job_store(settings: StoreSettings, namespace: str, name: str) -> Vector
         raise ValueError("an ingestion Job needs the embedded store's folder (DATAMESH_QDRANT_PATH), not :memory:")
     folder = ingestion_folder(Path(settings.path), namespace, name)
     shutil.rmtree(folder, ignore_errors=True)  # an earlier attempt's rows: this one writes them all again
-    return open_store(settings.model_copy(update={"path": str(folder)}))
+    # Indexed once adopted, by the operator: the Job's process ends with its ingestion.
+    return open_store(settings.model_copy(update={"path": str(folder), "optimize_min_points": 0}))

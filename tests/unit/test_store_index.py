@@ -1,0 +1,198 @@
+"""The embedded store builds a large collection's HNSW index in a child process, from a copy of its shard.
+
+Real engine, real child process. The index is built on collections far smaller than the default
+threshold here (``optimize_min_points``), so the tests stay fast; what they assert does not depend
+on the size: the same answers before and after, nothing written meanwhile lost, and the folder
+still opening after a crash at the swap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from datamesh.adapters import edge
+from datamesh.adapters.edge import EdgeStore, safe_dirname
+from datamesh.core.plan import DIGEST_KEY, PRODUCT_KEY, CollectionPlan
+from datamesh.core.ports import SearchRequest
+from datamesh.resource.models import Distance, FieldType, SearchMode
+
+DIM = 32
+INDEX = "_routing--test"
+WORDS = ["invoice", "shipment", "customs", "churn", "renewal", "storm", "scanner", "refund", "carrier", "price"]
+
+
+Points = tuple[list[str], list[list[float]], list[str], list[dict[str, Any]]]
+
+
+def points(start: int, count: int, product: str = "ns/a") -> Points:
+    rng = np.random.default_rng(start)
+    vectors = rng.normal(size=(count, DIM))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [f"00000000-0000-4000-8000-{start + i:012d}" for i in range(count)]
+    texts = [" ".join(rng.choice(WORDS, size=4)) for _ in range(count)]
+    payloads = [{"text": t, PRODUCT_KEY: product, DIGEST_KEY: "d1"} for t in texts]
+    return ids, vectors.tolist(), texts, payloads
+
+
+def question(seed: int, mode: SearchMode = SearchMode.hybrid) -> SearchRequest:
+    vector = np.random.default_rng(10_000 + seed).normal(size=DIM)
+    return SearchRequest((vector / np.linalg.norm(vector)).tolist(), "refund carrier storm", 10, mode)
+
+
+async def made(store: EdgeStore, count: int) -> None:
+    plan = CollectionPlan(INDEX, INDEX, DIM, Distance.cosine, {PRODUCT_KEY: FieldType.string}, SearchMode.hybrid)
+    await store.ensure_index(plan)
+    for start in range(0, count, 500):
+        await store.upsert(INDEX, *points(start, min(500, count - start)))
+
+
+async def answers(store: EdgeStore) -> list[list[Any]]:
+    """Dense answers (row ids in order), and the hybrid answers' scores: many of these short texts tie on
+    BM25, and tied rows come back in the order of the segments that hold them."""
+    dense = [[row.id for row in await store.search(INDEX, question(seed, SearchMode.dense))] for seed in range(5)]
+    hybrid = [sorted(round(row.score, 6) for row in await store.search(INDEX, question(seed))) for seed in range(5)]
+    return dense + hybrid
+
+
+async def until_indexed(store: EdgeStore, timeout: float = 60.0) -> None:
+    async def indexed() -> None:
+        while True:
+            total, held = await store.indexed(INDEX)
+            if total and held >= total:
+                return
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(indexed(), timeout)
+
+
+async def test_a_large_collection_is_indexed_in_the_background_and_answers_the_same(tmp_path: Path) -> None:
+    store = EdgeStore(tmp_path / "store", optimize_min_points=1000, optimize_delay=0.05)
+    try:
+        await made(store, 1500)
+        assert (await store.indexed(INDEX))[1] == 0, "written rows are searched exactly until the index is built"
+        before = await answers(store)
+        await until_indexed(store)  # no call asks for it: the writes did
+        assert await store.count(INDEX) == 1500
+        assert await answers(store) == before
+        assert not (store.root / "collections" / safe_dirname(INDEX) / edge.OPTIMIZING_DIR).exists()
+    finally:
+        await store.close()
+    again = EdgeStore(tmp_path / "store", optimize_min_points=0)  # the index is the shard's now, kept on disk
+    try:
+        assert await again.indexed(INDEX) == (1500, 1500)
+        assert await answers(again) == before
+    finally:
+        await again.close()
+
+
+async def test_a_large_collection_written_by_an_earlier_run_is_indexed_when_it_opens(tmp_path: Path) -> None:
+    earlier = EdgeStore(tmp_path / "store", optimize_min_points=0)
+    await made(earlier, 1200)
+    await earlier.close()
+    store = EdgeStore(tmp_path / "store", optimize_min_points=1000, optimize_delay=0.05)
+    try:
+        assert await store.count(INDEX) == 1200
+        await until_indexed(store)
+        await store.settled()
+        assert await store.indexed(INDEX) == (1200, 1200)
+    finally:
+        await store.close()
+
+
+async def test_a_small_collection_is_not_indexed(tmp_path: Path) -> None:
+    store = EdgeStore(tmp_path / "store", optimize_min_points=1000, optimize_delay=0.01)
+    try:
+        await made(store, 600)
+        await asyncio.sleep(0.5)
+        assert await store.indexed(INDEX) == (600, 0)
+    finally:
+        await store.close()
+
+
+class PausedOptimizer:
+    """The real child process, held back until the test has written what it wants written meanwhile."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.started = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def run(self, call: Callable[..., Any], *args: Any) -> Any:
+        self.started.set()
+        await self.go.wait()
+        return await self.real.run(call, *args)
+
+
+async def building(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, meanwhile: Callable[[EdgeStore], Awaitable[None]]
+) -> tuple[EdgeStore, bool]:
+    paused = PausedOptimizer(edge._OPTIMIZER)
+    monkeypatch.setattr(edge, "_OPTIMIZER", paused)
+    store = EdgeStore(tmp_path / "store", optimize_min_points=0)
+    await made(store, 1200)
+    store.optimize_min_points = 1000
+    build = asyncio.create_task(store.optimize(INDEX))
+    await asyncio.wait_for(paused.started.wait(), 10)
+    await meanwhile(store)
+    paused.go.set()
+    return store, await asyncio.wait_for(build, 60)
+
+
+async def test_writes_made_while_the_index_is_built_are_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def meanwhile(store: EdgeStore) -> None:
+        await store.upsert(INDEX, *points(50_000, 300, product="ns/b"))  # a new product's rows
+        await store.remove_product(INDEX, "ns/a", keep_digest="d2")  # and every row of another removed
+        assert await store.count(INDEX) == 300
+        assert {row.payload[PRODUCT_KEY] for row in await store.search(INDEX, question(0))} == {"ns/b"}
+
+    store, built = await building(tmp_path, monkeypatch, meanwhile)
+    try:
+        assert built
+        assert await store.count(INDEX) == 300
+        assert {row.payload[PRODUCT_KEY] for row in await store.search(INDEX, question(0))} == {"ns/b"}
+        assert (await store.indexed(INDEX))[1] > 0
+    finally:
+        await store.close()
+    again = EdgeStore(tmp_path / "store", optimize_min_points=0)
+    try:
+        assert await again.count(INDEX) == 300, "the swapped shard holds the replayed writes on disk"
+    finally:
+        await again.close()
+
+
+async def test_a_collection_dropped_while_it_is_indexed_stays_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def meanwhile(store: EdgeStore) -> None:
+        await store.drop(INDEX)
+
+    store, built = await building(tmp_path, monkeypatch, meanwhile)
+    try:
+        assert not built
+        assert not await store.exists(INDEX)
+        assert not (store.root / "collections" / safe_dirname(INDEX)).exists()
+    finally:
+        await store.close()
+
+
+async def test_a_crash_between_the_renames_of_the_swap_loses_nothing(tmp_path: Path) -> None:
+    store = EdgeStore(tmp_path / "store", optimize_min_points=0)
+    await made(store, 400)
+    before = await answers(store)
+    await store.close()
+    folder = tmp_path / "store" / "collections" / safe_dirname(INDEX)
+    # As the swap leaves it after its first rename: the shard moved aside, the indexed copy not yet in its place.
+    (folder / edge.SHARD_DIR).rename(folder / edge.REPLACED_DIR)
+    (folder / edge.OPTIMIZING_DIR).mkdir()
+    again = EdgeStore(tmp_path / "store", optimize_min_points=0)
+    try:
+        assert await again.count(INDEX) == 400
+        assert await answers(again) == before
+    finally:
+        await again.close()
