@@ -105,6 +105,38 @@ async def test_a_large_collection_written_by_an_earlier_run_is_indexed_when_it_o
         await store.close()
 
 
+class CountingOptimizer:
+    """The real child process, its builds counted."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.builds = 0
+
+    async def run(self, call: Callable[..., Any], *args: Any) -> Any:
+        self.builds += 1
+        return await self.real.run(call, *args)
+
+
+async def test_a_collection_written_for_a_while_is_indexed_once_its_writes_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counting = CountingOptimizer(edge._OPTIMIZER)
+    monkeypatch.setattr(edge, "_OPTIMIZER", counting)
+    store = EdgeStore(tmp_path / "store", optimize_min_points=1000, optimize_delay=0.5)
+    try:
+        await made(store, 100)
+        for start in range(100, 4000, 100):  # an ingestion of 4,000 rows over about two seconds
+            await store.upsert(INDEX, *points(start, 100))
+            await asyncio.sleep(0.05)
+        assert counting.builds == 0, "no build while the rows keep coming (each would be rebuilt soon after)"
+        await until_indexed(store)
+        await store.settled()
+        assert counting.builds == 1
+        assert await store.indexed(INDEX) == (4000, 4000)
+    finally:
+        await store.close()
+
+
 async def test_a_small_collection_is_not_indexed(tmp_path: Path) -> None:
     store = EdgeStore(tmp_path / "store", optimize_min_points=1000, optimize_delay=0.01)
     try:

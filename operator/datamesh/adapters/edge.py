@@ -306,6 +306,7 @@ class EdgeStore:
         self._checked: dict[str, int] = {}  # their write counter when last checked: unwritten, never checked again
         self._unindexed: dict[str, int] = {}  # points written since the last build (this run's), searched exactly
         self._background: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     def _take_saved_counts(self) -> dict[str, int]:
         """The counts the last run saved as it closed, for the collections still here; the file is read once.
@@ -911,7 +912,7 @@ class EdgeStore:
 
     def _consider_optimizing(self, name: str) -> None:
         """Check shortly whether ``name`` needs its index built (after a write, or as it opens); cheap when not."""
-        if not self.optimize_min_points or self._closed or name in self._checks or name in self._optimizing:
+        if not self.optimize_min_points or self._closing or name in self._checks or name in self._optimizing:
             return
         writes = self._writes.get(name, 0)
         if self._checked.get(name) == writes:
@@ -926,9 +927,16 @@ class EdgeStore:
         task.add_done_callback(self._background.discard)
 
     async def _check_soon(self, name: str) -> None:
-        # After a pause: a burst of writes is one check, and the check after its last write sees them all.
+        # Once its writes pause (an ingestion or a burst of new products is then one build, not one per
+        # threshold crossed, with every row of it to replay), or after ten pauses' time if they never do.
+        loop = asyncio.get_running_loop()
+        latest = loop.time() + 10 * self.optimize_delay
         try:
-            await asyncio.sleep(self.optimize_delay)
+            while True:
+                writes = self._writes.get(name, 0)
+                await asyncio.sleep(self.optimize_delay)
+                if self._writes.get(name, 0) == writes or loop.time() >= latest:
+                    break
         finally:
             self._checks.discard(name)
         try:
@@ -1075,6 +1083,7 @@ class EdgeStore:
                     await self._build_locked(name)
                 except Exception as exc:  # the rest must still close; the next run's reconcile creates it again
                     log.warning("embedded store: collection %s was not made before closing: %s", name, exc)
+        self._closing = True
         for task in list(self._background):  # an index build in flight is given up: its copy goes at the next one
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
