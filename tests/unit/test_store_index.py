@@ -63,8 +63,8 @@ async def answers(store: EdgeStore) -> list[list[Any]]:
 async def until_indexed(store: EdgeStore, timeout: float = 60.0) -> None:
     async def indexed() -> None:
         while True:
-            total, held = await store.indexed(INDEX)
-            if total and held >= total:
+            state = await store.index_state(INDEX)
+            if state.points and state.indexed >= state.points:
                 return
             await asyncio.sleep(0.05)
 
@@ -75,7 +75,7 @@ async def test_a_large_collection_is_indexed_in_the_background_and_answers_the_s
     store = EdgeStore(tmp_path / "store", optimize_min_points=1000, optimize_delay=0.05)
     try:
         await made(store, 1500)
-        assert (await store.indexed(INDEX))[1] == 0, "written rows are searched exactly until the index is built"
+        assert not (await store.index_state(INDEX)).used, "written rows are searched exactly until the index is built"
         before = await answers(store)
         await until_indexed(store)  # no call asks for it: the writes did
         assert await store.count(INDEX) == 1500
@@ -85,7 +85,9 @@ async def test_a_large_collection_is_indexed_in_the_background_and_answers_the_s
         await store.close()
     again = EdgeStore(tmp_path / "store", optimize_min_points=0)  # the index is the shard's now, kept on disk
     try:
-        assert await again.indexed(INDEX) == (1500, 1500)
+        state = await again.index_state(INDEX)
+        assert (state.points, state.indexed, state.used) == (1500, 1500, True)
+        assert state.recall is not None and state.recall >= 0.95
         assert await answers(again) == before
     finally:
         await again.close()
@@ -100,7 +102,7 @@ async def test_a_large_collection_written_by_an_earlier_run_is_indexed_when_it_o
         assert await store.count(INDEX) == 1200
         await until_indexed(store)
         await store.settled()
-        assert await store.indexed(INDEX) == (1200, 1200)
+        assert (await store.index_state(INDEX)).used
     finally:
         await store.close()
 
@@ -132,7 +134,39 @@ async def test_a_collection_written_for_a_while_is_indexed_once_its_writes_pause
         await until_indexed(store)
         await store.settled()
         assert counting.builds == 1
-        assert await store.indexed(INDEX) == (4000, 4000)
+        assert (await store.index_state(INDEX)).used
+    finally:
+        await store.close()
+
+
+async def test_an_index_that_misses_the_best_rows_is_not_used(tmp_path: Path) -> None:
+    """Many copies of a few rows (one product's rows copied into many) break the graph: searches stay exact.
+
+    384 dimensions and 8,000 points: below 10 MB of vectors the engine searches exactly whatever its index.
+    """
+    dim, rows, copies = 384, 80, 100
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(rows, dim))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).tolist()
+    store = EdgeStore(tmp_path / "store", optimize_min_points=0)
+    plan = CollectionPlan(INDEX, INDEX, dim, Distance.cosine, {PRODUCT_KEY: FieldType.string}, SearchMode.dense)
+    await store.ensure_index(plan)
+    for copy in range(copies):
+        ids = [f"00000000-0000-4000-9000-{copy * 1000 + i:012d}" for i in range(rows)]
+        await store.upsert(INDEX, ids, vectors, [""] * rows, [{PRODUCT_KEY: f"ns/p{copy}"}] * rows)
+    questions = [rng.normal(size=dim).tolist() for _ in range(5)]
+
+    async def best() -> list[list[float]]:
+        found = [await store.search(INDEX, SearchRequest(q, "", 64, SearchMode.dense)) for q in questions]
+        return [[round(row.score, 5) for row in rows] for rows in found]
+
+    exact = await best()
+    try:
+        assert await store.optimize(INDEX)
+        state = await store.index_state(INDEX)
+        assert state.indexed == rows * copies and state.recall is not None
+        assert state.recall < 0.95 and not state.used
+        assert await best() == exact, "its searches are exact: the same best rows as before the build"
     finally:
         await store.close()
 
@@ -142,7 +176,8 @@ async def test_a_small_collection_is_not_indexed(tmp_path: Path) -> None:
     try:
         await made(store, 600)
         await asyncio.sleep(0.5)
-        assert await store.indexed(INDEX) == (600, 0)
+        state = await store.index_state(INDEX)
+        assert (state.points, state.indexed, state.used) == (600, 0, False)
     finally:
         await store.close()
 
@@ -188,7 +223,7 @@ async def test_writes_made_while_the_index_is_built_are_kept(tmp_path: Path, mon
         assert built
         assert await store.count(INDEX) == 300
         assert {row.payload[PRODUCT_KEY] for row in await store.search(INDEX, question(0))} == {"ns/b"}
-        assert (await store.indexed(INDEX))[1] > 0
+        assert (await store.index_state(INDEX)).indexed > 0
     finally:
         await store.close()
     again = EdgeStore(tmp_path / "store", optimize_min_points=0)

@@ -60,6 +60,8 @@ from datamesh.adapters import bm25
 from datamesh.adapters.atomic import atomic_write
 from datamesh.adapters.edge_builder import (
     META_FILE,
+    MIN_RECALL,
+    SEARCH,
     SHARD_DIR,
     Points,
     add_payload_indexes,
@@ -220,6 +222,25 @@ _BUILDER = ChildProcesses(4)
 _OPTIMIZER = ChildProcesses(1)
 OPTIMIZING_DIR = "shard.optimizing"  # the copy being indexed; a leftover of a crash is removed by the next build
 REPLACED_DIR = "shard.replaced"  # the shard an indexed copy replaces, for the instant between two renames
+
+
+RECALL_KEY = "index_recall"  # in a collection's metadata: its last index build's recall (see ``index_recall``)
+
+
+@dataclass(frozen=True)
+class IndexState:
+    """A collection's points, those its HNSW index holds (deleted ones included until the next build), and
+    whether its searches use the index (no: none built yet, or one that misses too many of the best rows)."""
+
+    points: int
+    indexed: int
+    recall: float | None  # of its last build
+    used: bool
+
+
+def exact_only(meta: Mapping[str, Any]) -> bool:
+    """Whether a collection's searches must not use its index: its last build's recall was too low."""
+    return float(meta.get(RECALL_KEY, 1.0)) < MIN_RECALL
 
 
 @dataclass
@@ -766,7 +787,7 @@ class EdgeStore:
             scored = (words is None or request.mode is SearchMode.dense) and shard.meta["distance"] != "Euclid"
             # A fused query's scores are ranks: a cosine collection asks the engine for the similarities.
             by_engine = not scored and shard.meta["distance"] == Distance.cosine.value
-            query = self._query(request, dense, words, with_vectors=not (scored or by_engine))
+            query = self._query(request, dense, words, not (scored or by_engine), exact_only(shard.meta))
             if by_engine:
                 return stable_top(
                     self._inline(name, self._fused_with_similarity, shard.engine, query, dense), request.limit
@@ -879,9 +900,11 @@ class EdgeStore:
 
     @staticmethod
     def _query(
-        request: SearchRequest, dense: list[float], words: qe.SparseVector | None, with_vectors: bool
+        request: SearchRequest, dense: list[float], words: qe.SparseVector | None, with_vectors: bool, exact: bool
     ) -> qe.QueryRequest:
+        """The engine's query for ``request``; ``exact``: its dense search without the index."""
         payload: Any = list(request.payload) if request.payload is not None else True
+        params = qe.SearchParams(exact=True) if exact else SEARCH
         common: dict[str, Any] = {"limit": request.limit + TIE_SLACK, "with_payload": payload}
         if with_vectors:
             common["with_vector"] = [DENSE_VECTOR]
@@ -899,14 +922,14 @@ class EdgeStore:
             fetch = FUSION.fetch(request.limit)
             return qe.QueryRequest(
                 prefetches=[
-                    qe.Prefetch(limit=fetch, query=qe.Query.Nearest(dense, using=DENSE_VECTOR)),
+                    qe.Prefetch(limit=fetch, query=qe.Query.Nearest(dense, using=DENSE_VECTOR), params=params),
                     qe.Prefetch(limit=fetch, query=qe.Query.Nearest(words, using=SPARSE_VECTOR)),
                 ],
                 # The stub names the Fusion class; the engine takes its inner Rrf as the query.
                 query=qe.Fusion.Rrf(k=FUSION.k, weights=[FUSION.dense_weight, FUSION.sparse_weight]),  # type: ignore[arg-type]
                 **common,
             )
-        return qe.QueryRequest(query=qe.Query.Nearest(dense, using=DENSE_VECTOR), **common)
+        return qe.QueryRequest(query=qe.Query.Nearest(dense, using=DENSE_VECTOR), params=params, **common)
 
     # ---- HNSW indexes of large collections ----------------------------------------------------
 
@@ -950,29 +973,31 @@ class EdgeStore:
         if name not in self._open or self._closed:
             return False
         self._checked[name] = self._writes.get(name, 0)
-        points, indexed = await self.indexed(name)
-        if points < self.optimize_min_points:
+        state = await self.index_state(name)
+        if state.points < self.optimize_min_points:
             return False
         # Points written since the last build are outside the index and searched exactly (all of them if it was
         # never built): built again once they are a third of the collection.
-        outside = points if indexed == 0 else self._unindexed.get(name, 0)
-        return outside >= max(self.optimize_min_points // 2, points // 3)
+        outside = state.points if state.indexed == 0 else self._unindexed.get(name, 0)
+        return outside >= max(self.optimize_min_points // 2, state.points // 3)
 
-    async def indexed(self, collection: str) -> tuple[int, int]:
-        """A collection's points, and how many its HNSW index holds (deleted ones included until the next build)."""
+    async def index_state(self, collection: str) -> IndexState:
+        """A collection's HNSW index: how many points it holds, and whether searches use it."""
         name = self._resolve(collection)
         async with self._use(name) as shard:
-            return await self._engine(name, self._indexed, shard)
+            return await self._engine(name, self._index_state, shard)
 
     @staticmethod
-    def _indexed(shard: _Shard) -> tuple[int, int]:
+    def _index_state(shard: _Shard) -> IndexState:
         info = shard.engine.info()
         # The engine counts sparse vectors as indexed wherever they are (their index is always built).
         worded = 0
         if shard.meta["sparse"]:
             words = qe.Filter(must=[qe.HasVectorCondition(SPARSE_VECTOR)])
             worded = int(shard.engine.count(qe.CountRequest(exact=True, filter=words)))
-        return int(info.points_count), int(info.indexed_vectors_count) - worded
+        indexed = int(info.indexed_vectors_count) - worded
+        recall = shard.meta.get(RECALL_KEY)
+        return IndexState(int(info.points_count), indexed, recall, indexed > 0 and not exact_only(shard.meta))
 
     async def settled(self) -> None:
         """Return once no index build is due or running (benchmarks measure searches on the indexes)."""
@@ -1010,7 +1035,7 @@ class EdgeStore:
             self._optimizing[name] = optimization
             meta = shard.meta
         try:
-            await _OPTIMIZER.run(optimize_shard, str(folder / OPTIMIZING_DIR), meta, self.search_threads)
+            recall = await _OPTIMIZER.run(optimize_shard, str(folder / OPTIMIZING_DIR), meta, self.search_threads)
         except Exception as exc:
             await asyncio.to_thread(shutil.rmtree, folder / OPTIMIZING_DIR, True)
             if optimization.abandoned:  # dropped or replaced meanwhile, its copy with it
@@ -1030,7 +1055,10 @@ class EdgeStore:
                 if not (optimization.abandoned or self._closed):
                     await self._close_locked(name)  # no operation until the copy is in its place
                     finishing = True
-                    await asyncio.shield(self._engine(name, self._finish_copy, copy, optimization, done, folder))
+                    measured = {**meta, RECALL_KEY: round(recall, 4)}
+                    await asyncio.shield(
+                        self._engine(name, self._finish_copy, copy, optimization, done, folder, measured)
+                    )
         finally:
             if not finishing:
                 await self._engine(name, copy.close)
@@ -1039,7 +1067,16 @@ class EdgeStore:
             return False
         self._unindexed[name] = optimization.points
         self._changed(name)
-        log.info("embedded store: collection %s has its HNSW index", name)
+        if recall < MIN_RECALL:  # many identical rows, typically: the graph is built, its searches stay exact
+            log.warning(
+                "embedded store: the HNSW index of collection %s finds %.0f%% of the best rows exact searches find "
+                "(under %.0f%%): its searches stay exact",
+                name,
+                100 * recall,
+                100 * MIN_RECALL,
+            )
+        else:
+            log.info("embedded store: collection %s has its HNSW index (recall %.2f)", name, recall)
         return True
 
     @staticmethod
@@ -1060,13 +1097,17 @@ class EdgeStore:
         return start + len(writes)
 
     @classmethod
-    def _finish_copy(cls, copy: qe.EdgeShard, optimization: _Optimization, start: int, folder: Path) -> None:
-        """The last writes replayed on the copy, which then replaces the (closed) shard."""
+    def _finish_copy(
+        cls, copy: qe.EdgeShard, optimization: _Optimization, start: int, folder: Path, meta: Mapping[str, Any]
+    ) -> None:
+        """The last writes replayed on the copy, which then replaces the (closed) shard; ``meta`` has its recall."""
         try:
             cls._replay(copy, optimization, start)
             copy.flush()
         finally:
             copy.close()
+        # Before the swap: on the shard it replaces (no index), a recall changes nothing.
+        atomic_write(folder / META_FILE, json.dumps(meta, sort_keys=True))
         # Two renames: a crash between them leaves the old shard under REPLACED_DIR, which ``_load`` takes back.
         (folder / SHARD_DIR).rename(folder / REPLACED_DIR)
         (folder / OPTIMIZING_DIR).rename(folder / SHARD_DIR)

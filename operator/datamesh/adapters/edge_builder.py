@@ -131,20 +131,63 @@ def build_shard(
 HNSW = qe.HnswIndexConfig(m=16, ef_construct=100, full_scan_threshold=10_000, max_indexing_threads=1)
 # Every segment indexed, whatever its size (0 would turn indexing off): the store decided it is time.
 EVERY_SEGMENT = qe.EdgeOptimizersConfig(indexing_threshold=1)
+# Candidates a search of the graph weighs. At 20,000 clustered points of 384 dimensions and 128 hits: recall 0.89
+# at the engine's default (the hits, 128), 0.98 at 256 (0.64 ms, exact 1.34 ms), 1.0 at 512 (0.95 ms).
+SEARCH_EF = 256
+SEARCH = qe.SearchParams(hnsw_ef=SEARCH_EF)
 
 
-def optimize_shard(directory: str, meta: dict[str, Any], search_threads: int) -> bool:
+# An index whose searches find less than this share of what exact ones find is not used (see ``index_recall``).
+MIN_RECALL = 0.95
+_PROBES = 24  # questions that measure it
+_PROBE_LIMIT = 128  # rows each (a routing search's dense prefetch)
+# Each question is the sum of this many stored rows: its best rows score about 0.5, as a real question's do (two
+# rows' sum scores 0.7 and finds every best row even in a broken graph).
+_PROBE_MIX = 8
+
+
+def optimize_shard(directory: str, meta: dict[str, Any], search_threads: int) -> float:
     """Build the HNSW index of a copy of a collection's shard (load, optimize, flush, close), at low priority.
 
-    Whether the engine had anything to do. Runs in a child of its own: it holds the GIL throughout.
+    Its recall (see ``index_recall``). Runs in a child of its own: it holds the GIL throughout.
     """
     with contextlib.suppress(OSError):  # the child only runs these: the operator's own work comes first
         os.nice(10)
     with _panics_as_exceptions():
         engine = qe.EdgeShard.load(directory, edge_config(meta, search_threads, HNSW, EVERY_SEGMENT))
         try:
-            changed = bool(engine.optimize())
+            engine.optimize()
             engine.flush()
+            return index_recall(engine)
         finally:
             engine.close()
-    return changed
+
+
+def index_recall(engine: qe.EdgeShard) -> float:
+    """The share of an exact search's best rows that the index finds too, over questions among stored points.
+
+    Counted by score, since tied rows are interchangeable. Qdrant's graph has no recall guarantee: many
+    identical vectors (copies of one product's rows in many products) disconnect it, and its searches then
+    miss most of the best rows.
+    """
+    request = qe.ScrollRequest(limit=_PROBE_MIX * _PROBES, with_payload=False, with_vector=[DENSE_VECTOR])
+    records, _ = engine.scroll(request)  # in id order: ids are hashes, so a sample of the rows
+    stored = [r.vector[DENSE_VECTOR] for r in records if isinstance(r.vector, dict) and DENSE_VECTOR in r.vector]
+    shares = []
+    for start in range(0, len(stored) - _PROBE_MIX + 1, _PROBE_MIX):
+        middle = [sum(values) for values in zip(*stored[start : start + _PROBE_MIX], strict=True)]
+        exact = engine.query(
+            qe.QueryRequest(
+                query=qe.Query.Nearest(middle, using=DENSE_VECTOR),
+                limit=_PROBE_LIMIT,
+                params=qe.SearchParams(exact=True),
+            )
+        )
+        if not exact:
+            continue
+        found = engine.query(
+            qe.QueryRequest(query=qe.Query.Nearest(middle, using=DENSE_VECTOR), limit=_PROBE_LIMIT, params=SEARCH)
+        )
+        cut = exact[-1].score - 1e-6
+        shares.append(sum(1 for p in found if p.score >= cut) / len(exact))
+    return sum(shares) / len(shares) if shares else 1.0
