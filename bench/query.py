@@ -5,7 +5,11 @@ Not a test. With the embedded store (Qdrant's engine, in this process) and one e
 
 1. three meshes are reconciled with the reconcile core, each in a store of its own: 1 copy of the
    logistics example; 10 copies (names and domains varied); and those 10 with 90 copies of the
-   other examples, 100 products;
+   other examples, 100 products. No two products hold the same rows, as in a real mesh: each row of
+   a copy adds the opening words of another row of its example and names the copy's site and month,
+   and the other examples' copies keep three rows in four of theirs (the same rows copied into
+   hundreds of products break the embedded store's HNSW index, which then falls back on exact
+   searches: see docs/scaling.md);
 2. a query service runs under uvicorn on 127.0.0.1 for each mesh, its catalog the mesh's products
    (in the largest, the question is routed among 100 and asks the 10 logistics copies);
 3. a client in another process (so it does not share this process's GIL with the server) asks the
@@ -32,6 +36,7 @@ import asyncio
 import contextlib
 import copy
 import multiprocessing
+import random
 import tempfile
 import time
 import tracemalloc
@@ -67,8 +72,31 @@ BUILD_BATCH = 200
 CONCURRENCY = 16
 
 
+SITES = ["Antwerp", "Bilbao", "Cork", "Dortmund", "Espoo", "Faro", "Graz", "Haarlem", "Izmir", "Jena", "Kaunas"]
+MAX_VALUE = 256  # characters of an inline value
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October"]
+
+
+def varied(body: dict[str, Any], copy_number: int, keep: float) -> None:
+    """Make a copy's rows its own: each key field gets the opening words of another row of the same example
+    and names the copy's site and month; ``keep``: the share of the rows the copy keeps."""
+    rng = random.Random(copy_number)
+    spec = body["spec"]
+    original = spec["source"]["inline"]
+    rows = rng.sample(original, max(1, round(len(original) * keep))) if keep < 1 else original
+    site, month = SITES[copy_number % len(SITES)], MONTHS[copy_number // len(SITES) % len(MONTHS)]
+    where = f"{site} site, {month} batch {copy_number}"
+    for row in rows:
+        for key in spec["semanticSearch"]["keyFields"]:
+            other = rng.choice(original).get(key)
+            if isinstance(row.get(key), str) and isinstance(other, str):
+                added = f" Also: {' '.join(other.split()[:8])} ({where})"
+                row[key] = row[key][: MAX_VALUE - len(added)] + added  # inline values are limited
+    spec["source"]["inline"] = rows
+
+
 def product_bodies(count: int, model: str) -> list[dict[str, Any]]:
-    """``count`` products: 10 logistics copies first, then copies of the other examples."""
+    """``count`` products: 10 logistics copies first, then copies of the other examples, each with rows of its own."""
     examples = [
         yaml.safe_load(p.read_text())
         for p in sorted((REPO / "examples").glob("*.yaml"))
@@ -89,6 +117,7 @@ def product_bodies(count: int, model: str) -> list[dict[str, Any]]:
         body["spec"]["domain"] = f"{base['spec']['domain']}-{i // 10}"
         body["spec"]["access"] = {"consumers": ["*"]}
         body["spec"]["semanticSearch"]["embeddingModel"] = model
+        varied(body, i, 1.0 if base is logistics else 0.75)
         bodies.append(body)
     return bodies
 
