@@ -254,7 +254,7 @@ class _Optimization:
 
 # Points written to a collection while its index is built, past which the build is given up (tried again
 # later): the journal holds them (1.5 KiB each at 384 dimensions) until the copy catches up.
-JOURNAL_MAX_POINTS = 100_000
+JOURNAL_MAX_POINTS = 50_000
 
 
 @dataclass
