@@ -248,6 +248,25 @@ async def test_a_collection_dropped_while_it_is_indexed_stays_dropped(
         await store.close()
 
 
+async def test_a_build_outrun_by_its_writes_is_given_up_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(edge, "JOURNAL_MAX_POINTS", 250)  # the writes kept for the copy: 50,000 points by default
+
+    async def meanwhile(store: EdgeStore) -> None:
+        for start in range(50_000, 50_300, 100):
+            await store.upsert(INDEX, *points(start, 100, product="ns/b"))
+
+    store, built = await building(tmp_path, monkeypatch, meanwhile)
+    try:
+        assert not built
+        assert await store.count(INDEX) == 1500
+        assert not (await store.index_state(INDEX)).used
+        assert not (store.root / "collections" / safe_dirname(INDEX) / edge.OPTIMIZING_DIR).exists()
+    finally:
+        await store.close()
+
+
 async def test_a_crash_between_the_renames_of_the_swap_loses_nothing(tmp_path: Path) -> None:
     store = EdgeStore(tmp_path / "store", optimize_min_points=0)
     await made(store, 400)

@@ -849,7 +849,9 @@ class EdgeStore:
             raise CollectionMissing(
                 f"embedded store: the ingestion Job of {namespace}/{name} left no collection {index} in {folder}"
             )
-        written = EdgeStore(folder, concurrency=1, max_open=2, search_threads=self.search_threads)
+        written = EdgeStore(
+            folder, concurrency=1, max_open=2, search_threads=self.search_threads, optimize_min_points=0
+        )
         try:
             routed = await written._product_points(routing, product_ref(namespace, name))
         finally:
@@ -951,9 +953,9 @@ class EdgeStore:
 
     async def _check_soon(self, name: str) -> None:
         # Once its writes pause (an ingestion or a burst of new products is then one build, not one per
-        # threshold crossed, with every row of it to replay), or after ten pauses' time if they never do.
+        # threshold crossed, with every row of it to replay), or after sixty pauses' time (5 min) if they never do.
         loop = asyncio.get_running_loop()
-        latest = loop.time() + 10 * self.optimize_delay
+        latest = loop.time() + 60 * self.optimize_delay
         try:
             while True:
                 writes = self._writes.get(name, 0)
