@@ -61,7 +61,6 @@ from datamesh.adapters.atomic import atomic_write
 from datamesh.adapters.edge_builder import (
     META_FILE,
     MIN_RECALL,
-    SEARCH,
     SHARD_DIR,
     Points,
     add_payload_indexes,
@@ -224,7 +223,9 @@ OPTIMIZING_DIR = "shard.optimizing"  # the copy being indexed; a leftover of a c
 REPLACED_DIR = "shard.replaced"  # the shard an indexed copy replaces, for the instant between two renames
 
 
-RECALL_KEY = "index_recall"  # in a collection's metadata: its last index build's recall (see ``index_recall``)
+# In a collection's metadata: its last index build's recall, and the candidates its searches weigh (None: exact).
+RECALL_KEY = "index_recall"
+CANDIDATES_KEY = "index_candidates"
 
 
 @dataclass(frozen=True)
@@ -235,12 +236,20 @@ class IndexState:
     points: int
     indexed: int
     recall: float | None  # of its last build
-    used: bool
+    candidates: int | None  # per search, the fewest that found enough of the best rows; None: searches are exact
+
+    @property
+    def used(self) -> bool:
+        """Whether its searches use the index."""
+        return self.candidates is not None
 
 
-def exact_only(meta: Mapping[str, Any]) -> bool:
-    """Whether a collection's searches must not use its index: its last build's recall was too low."""
-    return float(meta.get(RECALL_KEY, 1.0)) < MIN_RECALL
+def search_params(meta: Mapping[str, Any]) -> qe.SearchParams | None:
+    """How a collection's dense searches use its index: with the candidates its last build chose, or not at all."""
+    if RECALL_KEY not in meta:
+        return None  # never indexed: exact searches of its plain segments
+    candidates = meta.get(CANDIDATES_KEY)
+    return qe.SearchParams(hnsw_ef=int(candidates)) if candidates else qe.SearchParams(exact=True)
 
 
 @dataclass
@@ -285,6 +294,7 @@ class EdgeStore:
         batch_size: int = 256,
         optimize_min_points: int = 20_000,
         optimize_delay: float = 5.0,
+        min_recall: float = MIN_RECALL,
     ) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="datamesh-store-") if root is None else None
         self.root = Path(self._tmp.name) if self._tmp is not None else Path(root or ".")
@@ -321,6 +331,7 @@ class EdgeStore:
         # HNSW indexes of large collections, built in a child process (see ``optimize``).
         self.optimize_min_points = optimize_min_points
         self.optimize_delay = optimize_delay
+        self.min_recall = min_recall  # an index finding less of the exact best rows is not used
         self._optimizing: dict[str, _Optimization] = {}
         self._optimize_slot = asyncio.Semaphore(1)
         self._checks: set[str] = set()  # collections whose need of an index is to be checked shortly
@@ -787,7 +798,7 @@ class EdgeStore:
             scored = (words is None or request.mode is SearchMode.dense) and shard.meta["distance"] != "Euclid"
             # A fused query's scores are ranks: a cosine collection asks the engine for the similarities.
             by_engine = not scored and shard.meta["distance"] == Distance.cosine.value
-            query = self._query(request, dense, words, not (scored or by_engine), exact_only(shard.meta))
+            query = self._query(request, dense, words, not (scored or by_engine), search_params(shard.meta))
             if by_engine:
                 return stable_top(
                     self._inline(name, self._fused_with_similarity, shard.engine, query, dense), request.limit
@@ -902,11 +913,14 @@ class EdgeStore:
 
     @staticmethod
     def _query(
-        request: SearchRequest, dense: list[float], words: qe.SparseVector | None, with_vectors: bool, exact: bool
+        request: SearchRequest,
+        dense: list[float],
+        words: qe.SparseVector | None,
+        with_vectors: bool,
+        params: qe.SearchParams | None,
     ) -> qe.QueryRequest:
-        """The engine's query for ``request``; ``exact``: its dense search without the index."""
+        """The engine's query for ``request``; ``params``: how its dense search uses the index."""
         payload: Any = list(request.payload) if request.payload is not None else True
-        params = qe.SearchParams(exact=True) if exact else SEARCH
         common: dict[str, Any] = {"limit": request.limit + TIE_SLACK, "with_payload": payload}
         if with_vectors:
             common["with_vector"] = [DENSE_VECTOR]
@@ -998,8 +1012,7 @@ class EdgeStore:
             words = qe.Filter(must=[qe.HasVectorCondition(SPARSE_VECTOR)])
             worded = int(shard.engine.count(qe.CountRequest(exact=True, filter=words)))
         indexed = int(info.indexed_vectors_count) - worded
-        recall = shard.meta.get(RECALL_KEY)
-        return IndexState(int(info.points_count), indexed, recall, indexed > 0 and not exact_only(shard.meta))
+        return IndexState(int(info.points_count), indexed, shard.meta.get(RECALL_KEY), shard.meta.get(CANDIDATES_KEY))
 
     async def settled(self) -> None:
         """Return once no index build is due or running (benchmarks measure searches on the indexes)."""
@@ -1037,7 +1050,8 @@ class EdgeStore:
             self._optimizing[name] = optimization
             meta = shard.meta
         try:
-            recall = await _OPTIMIZER.run(optimize_shard, str(folder / OPTIMIZING_DIR), meta, self.search_threads)
+            copied = str(folder / OPTIMIZING_DIR)
+            recall = await _OPTIMIZER.run(optimize_shard, copied, meta, self.search_threads, self.min_recall)
         except Exception as exc:
             await asyncio.to_thread(shutil.rmtree, folder / OPTIMIZING_DIR, True)
             if optimization.abandoned:  # dropped or replaced meanwhile, its copy with it
@@ -1057,7 +1071,7 @@ class EdgeStore:
                 if not (optimization.abandoned or self._closed):
                     await self._close_locked(name)  # no operation until the copy is in its place
                     finishing = True
-                    measured = {**meta, RECALL_KEY: round(recall, 4)}
+                    measured = {**meta, RECALL_KEY: round(recall.share, 4), CANDIDATES_KEY: recall.candidates}
                     await asyncio.shield(
                         self._engine(name, self._finish_copy, copy, optimization, done, folder, measured)
                     )
@@ -1069,16 +1083,21 @@ class EdgeStore:
             return False
         self._unindexed[name] = optimization.points
         self._changed(name)
-        if recall < MIN_RECALL:  # many identical rows, typically: the graph is built, its searches stay exact
+        if recall.candidates is None:  # many near-identical rows, typically: the graph is built, searches stay exact
             log.warning(
                 "embedded store: the HNSW index of collection %s finds %.0f%% of the best rows exact searches find "
                 "(under %.0f%%): its searches stay exact",
                 name,
-                100 * recall,
-                100 * MIN_RECALL,
+                100 * recall.share,
+                100 * self.min_recall,
             )
         else:
-            log.info("embedded store: collection %s has its HNSW index (recall %.2f)", name, recall)
+            log.info(
+                "embedded store: collection %s has its HNSW index (%d candidates a search: %.0f%% of the best rows)",
+                name,
+                recall.candidates,
+                100 * recall.share,
+            )
         return True
 
     @staticmethod

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -129,25 +130,34 @@ def build_shard(
 
 # The graph a large collection gets, built on one thread (the operator keeps the other core). Twice Qdrant's
 # default links and candidates: at bench/query.py's 2,000 products (36,070 routing points of the built-in
-# model, whose hashed n-grams are hard on a graph), a search of 128 hits found 84% of the exact best rows with
-# m 16 and ef_construct 100 (candidates 256), 99% with these (candidates 512, 0.91 ms against 2.4 ms exact;
-# built in 13.7 s).
+# model, whose hashed n-grams are hard on a graph), a search of 128 hits weighing 256 candidates found 84% of
+# the exact best rows with m 16 and ef_construct 100, 92% with these (99% weighing 512: 0.91 ms against 2.4 ms
+# exact; built in 13.7 s).
 HNSW = qe.HnswIndexConfig(m=32, ef_construct=200, full_scan_threshold=10_000, max_indexing_threads=1)
 # Every segment indexed, whatever its size (0 would turn indexing off): the store decided it is time.
 EVERY_SEGMENT = qe.EdgeOptimizersConfig(indexing_threshold=1)
-SEARCH = qe.SearchParams(hnsw_ef=512)  # candidates a search of the graph weighs
 
-
-# An index whose searches find less than this share of what exact ones find is not used (see ``index_recall``).
+# An index is used with the fewest candidates per search (``hnsw_ef``) that find this share of what exact
+# searches find (see ``index_recall``); when even the most do not, its searches stay exact.
 MIN_RECALL = 0.95
+CANDIDATES = (128, 256, 512, 1024, 2048)
 _PROBES = 24  # questions that measure it
-_PROBE_LIMIT = 128  # rows each (a routing search's dense prefetch)
+_PROBE_LIMIT = 128  # rows each (a routing search's dense prefetch; fewer candidates than hits mean nothing)
 # Each question is the sum of this many stored rows: its best rows score about 0.5, as a real question's do (two
 # rows' sum scores 0.7 and finds every best row even in a broken graph).
 _PROBE_MIX = 8
 
 
-def optimize_shard(directory: str, meta: dict[str, Any], search_threads: int) -> float:
+@dataclass(frozen=True)
+class Recall:
+    """What an index build measured: the share of the exact best rows found, with ``candidates`` per search
+    (None: not enough with any, its searches stay exact)."""
+
+    share: float
+    candidates: int | None
+
+
+def optimize_shard(directory: str, meta: dict[str, Any], search_threads: int, min_recall: float = MIN_RECALL) -> Recall:
     """Build the HNSW index of a copy of a collection's shard (load, optimize, flush, close), at low priority.
 
     Its recall (see ``index_recall``). Runs in a child of its own: it holds the GIL throughout.
@@ -159,36 +169,40 @@ def optimize_shard(directory: str, meta: dict[str, Any], search_threads: int) ->
         try:
             engine.optimize()
             engine.flush()
-            return index_recall(engine)
+            return index_recall(engine, min_recall)
         finally:
             engine.close()
 
 
-def index_recall(engine: qe.EdgeShard) -> float:
-    """The share of an exact search's best rows that the index finds too, over questions among stored points.
+def index_recall(engine: qe.EdgeShard, min_recall: float = MIN_RECALL) -> Recall:
+    """The fewest candidates per search with which the index finds ``min_recall`` of an exact search's best rows,
+    over questions made of stored rows.
 
     Counted by score, since tied rows are interchangeable. Qdrant's graph has no recall guarantee: many
-    identical vectors (copies of one product's rows in many products) disconnect it, and its searches then
-    miss most of the best rows.
+    near-identical vectors (copies of one product's rows in many products) disconnect it, and its searches then
+    miss many of the best rows.
     """
     request = qe.ScrollRequest(limit=_PROBE_MIX * _PROBES, with_payload=False, with_vector=[DENSE_VECTOR])
     records, _ = engine.scroll(request)  # in id order: ids are hashes, so a sample of the rows
     stored = [r.vector[DENSE_VECTOR] for r in records if isinstance(r.vector, dict) and DENSE_VECTOR in r.vector]
-    shares = []
+    probes = []
     for start in range(0, len(stored) - _PROBE_MIX + 1, _PROBE_MIX):
-        middle = [sum(values) for values in zip(*stored[start : start + _PROBE_MIX], strict=True)]
-        exact = engine.query(
-            qe.QueryRequest(
-                query=qe.Query.Nearest(middle, using=DENSE_VECTOR),
-                limit=_PROBE_LIMIT,
-                params=qe.SearchParams(exact=True),
-            )
-        )
-        if not exact:
-            continue
-        found = engine.query(
-            qe.QueryRequest(query=qe.Query.Nearest(middle, using=DENSE_VECTOR), limit=_PROBE_LIMIT, params=SEARCH)
-        )
-        cut = exact[-1].score - 1e-6
-        shares.append(sum(1 for p in found if p.score >= cut) / len(exact))
-    return sum(shares) / len(shares) if shares else 1.0
+        question = [sum(values) for values in zip(*stored[start : start + _PROBE_MIX], strict=True)]
+        exact = _nearest(engine, question, qe.SearchParams(exact=True))
+        if exact:
+            probes.append((question, exact[-1].score - 1e-6, len(exact)))
+    share = 1.0
+    for candidates in CANDIDATES:
+        params = qe.SearchParams(hnsw_ef=candidates)
+        shares = [sum(1 for p in _nearest(engine, q, params) if p.score >= cut) / n for q, cut, n in probes]
+        share = sum(shares) / len(shares) if shares else 1.0
+        if share >= min_recall:
+            return Recall(share, candidates)
+    return Recall(share, None)
+
+
+def _nearest(engine: qe.EdgeShard, question: list[float], params: qe.SearchParams) -> list[qe.ScoredPoint]:
+    request = qe.QueryRequest(
+        query=qe.Query.Nearest(question, using=DENSE_VECTOR), limit=_PROBE_LIMIT, params=params, with_payload=False
+    )
+    return engine.query(request)
