@@ -993,9 +993,10 @@ class EdgeStore:
         if state.points < self.optimize_min_points:
             return False
         # Points written since the last build are outside the index and searched exactly (all of them if it was
-        # never built): built again once they are a third of the collection.
+        # never built): built again once they are a tenth of the collection. The engine indexes only the new
+        # segment of a copy already indexed, so a build costs about what was written since the last one.
         outside = state.points if state.indexed == 0 else self._unindexed.get(name, 0)
-        return outside >= max(self.optimize_min_points // 2, state.points // 3)
+        return outside >= max(self.optimize_min_points // 2, state.points // 10)
 
     async def index_state(self, collection: str) -> IndexState:
         """A collection's HNSW index: how many points it holds, and whether searches use it."""
