@@ -141,10 +141,10 @@ async def test_a_collection_written_for_a_while_is_indexed_once_its_writes_pause
 
 async def test_an_index_is_used_with_the_fewest_candidates_that_find_the_best_rows(tmp_path: Path) -> None:
     """Copies of a few rows (one product's rows copied into many) are hard on the graph: with few candidates a
-    search misses many of the best rows, so more are weighed. 384 dimensions and 8,000 points: below 10 MB of
+    search misses many of the best rows, so more are weighed. 384 dimensions and 15,000 points: below 20 MB of
     vectors the engine searches exactly whatever its index.
     """
-    dim, rows, copies = 384, 80, 100
+    dim, rows, copies = 384, 150, 100
     rng = np.random.default_rng(3)
     vectors = rng.normal(size=(rows, dim))
     vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).tolist()
