@@ -276,9 +276,12 @@ class _Shard:
     users: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     writing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # How its dense searches use its index: read from its metadata once, as it opens (a new index reopens it).
+    search: qe.SearchParams | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.idle.set()
+        self.search = search_params(self.meta)
 
 
 class EdgeStore:
@@ -798,7 +801,7 @@ class EdgeStore:
             scored = (words is None or request.mode is SearchMode.dense) and shard.meta["distance"] != "Euclid"
             # A fused query's scores are ranks: a cosine collection asks the engine for the similarities.
             by_engine = not scored and shard.meta["distance"] == Distance.cosine.value
-            query = self._query(request, dense, words, not (scored or by_engine), search_params(shard.meta))
+            query = self._query(request, dense, words, not (scored or by_engine), shard.search)
             if by_engine:
                 return stable_top(
                     self._inline(name, self._fused_with_similarity, shard.engine, query, dense), request.limit
@@ -993,8 +996,8 @@ class EdgeStore:
         if state.points < self.optimize_min_points:
             return False
         # Points written since the last build are outside the index and searched exactly (all of them if it was
-        # never built): built again once they are a tenth of the collection. The engine indexes only the new
-        # segment of a copy already indexed, so a build costs about what was written since the last one.
+        # never built): built again once they are a tenth of the collection. A copy already indexed keeps its
+        # graph (a build with nothing new took 1.9 s at 36,070 points against 15.6 s for the first).
         outside = state.points if state.indexed == 0 else self._unindexed.get(name, 0)
         return outside >= max(self.optimize_min_points // 2, state.points // 10)
 
@@ -1054,14 +1057,14 @@ class EdgeStore:
             copied = str(folder / OPTIMIZING_DIR)
             recall = await _OPTIMIZER.run(optimize_shard, copied, meta, self.search_threads, self.min_recall)
         except Exception as exc:
-            await asyncio.to_thread(shutil.rmtree, folder / OPTIMIZING_DIR, True)
+            await self._drop_copy(folder)
             if optimization.abandoned:  # dropped or replaced meanwhile, its copy with it
                 return False
             if isinstance(exc, BrokenProcessPool):
                 raise VectorStoreError(f"embedded store, collection {name}: the process indexing it died") from exc
             raise _translate(exc, name) from exc
         if optimization.abandoned or self._closed:
-            await asyncio.to_thread(shutil.rmtree, folder / OPTIMIZING_DIR, True)
+            await self._drop_copy(folder)
             return False
         copy = await self._engine(name, self._load_copy, folder, meta)
         finishing = False
@@ -1079,7 +1082,7 @@ class EdgeStore:
         finally:
             if not finishing:
                 await self._engine(name, copy.close)
-                await asyncio.to_thread(shutil.rmtree, folder / OPTIMIZING_DIR, True)
+                await self._drop_copy(folder)
         if not finishing:
             return False
         self._unindexed[name] = optimization.points
@@ -1100,6 +1103,10 @@ class EdgeStore:
                 100 * recall.share,
             )
         return True
+
+    @staticmethod
+    async def _drop_copy(folder: Path) -> None:
+        await asyncio.to_thread(shutil.rmtree, folder / OPTIMIZING_DIR, True)
 
     @staticmethod
     def _copy_shard(folder: Path) -> None:
