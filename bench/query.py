@@ -37,11 +37,14 @@ import contextlib
 import copy
 import multiprocessing
 import random
+import re
+import sys
 import tempfile
 import time
 import tracemalloc
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +55,13 @@ from datamesh.adapters.edge import EdgeStore
 from datamesh.adapters.embeddings.registry import resolve_provider
 from datamesh.adapters.files import FileCatalogBackend, read_catalog_file
 from datamesh.adapters.stores import open_store
-from datamesh.core.ports import SearchRequest, VectorStore
+from datamesh.core.ports import EmbeddingProvider, SearchRequest, VectorStore
 from datamesh.engine.catalog_writer import CatalogWriter
 from datamesh.local import standalone_reconciler
 from datamesh.query.access import Authenticator
 from datamesh.query.app import create_app
 from datamesh.query.catalog_sources import StaticCatalogSource
-from datamesh.query.engine import routing_searches
+from datamesh.query.engine import routing_requests, routing_scope
 from datamesh.query.settings import QuerySettings
 from datamesh.resource.catalog import CatalogEntry
 from datamesh.resource.models import DEFAULT_EMBEDDING_MODEL
@@ -74,6 +77,7 @@ CONCURRENCY = 16
 
 SITES = ["Antwerp", "Bilbao", "Cork", "Dortmund", "Espoo", "Faro", "Graz", "Haarlem", "Izmir", "Jena", "Kaunas"]
 MAX_VALUE = 256  # characters of an inline value
+DEBIAN_ROWS = 24  # rows of a Debian product at most (the logistics example has 24)
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October"]
 
 
@@ -95,8 +99,72 @@ def varied(body: dict[str, Any], copy_number: int, keep: float) -> None:
     spec["source"]["inline"] = rows
 
 
-def product_bodies(count: int, model: str) -> list[dict[str, Any]]:
-    """``count`` products: 10 logistics copies first, then copies of the other examples, each with rows of its own."""
+def debian_packages() -> list[dict[str, str]]:
+    """Debian bookworm/main's packages (name, section, one-line summary), one per distinct summary, by name.
+
+    Read from this machine's apt index (``apt-get update`` writes it), with the quality data's parser.
+    """
+    sys.path.insert(0, str(REPO / "bench" / "quality_data"))
+    import build_products  # type: ignore[import-not-found]  # the quality data's script, not a module
+
+    seen: set[str] = set()
+    packages = []
+    for stanza in sorted(
+        build_products.parse_stanzas(build_products.apt_cat(build_products.PACKAGES)), key=lambda s: s["Package"]
+    ):
+        summary = build_products.collapse(stanza.get("Description", ""))
+        if summary and summary.lower() not in seen:
+            seen.add(summary.lower())
+            section = stanza.get("Section", "misc")
+            packages.append({"package": stanza["Package"], "section": section, "summary": summary})
+    return packages
+
+
+def debian_bodies(count: int, model: str) -> list[dict[str, Any]]:
+    """``count`` products of Debian packages: each section's, in name order, dealt out in blocks (no two rows alike)."""
+    packages = sorted(debian_packages(), key=lambda p: (p["section"], p["package"]))
+    per = min(DEBIAN_ROWS, len(packages) // max(1, count))
+    if per < 1:
+        raise SystemExit(f"{len(packages)} Debian packages cannot give {count} products a row each")
+    bodies = []
+    for i in range(count):
+        rows = packages[i * per : (i + 1) * per]
+        sections = sorted({r["section"] for r in rows})
+        section = re.sub(r"[^a-z0-9]+", "-", sections[0].lower()).strip("-") or "misc"
+        names = ", ".join(r["package"] for r in rows[:4])
+        bodies.append(
+            {
+                "metadata": {
+                    "name": f"deb-{section[:40]}-{i:05d}",
+                    "namespace": "debian",
+                    "generation": 1,
+                    "uid": f"bench-deb-{i}",
+                },
+                "spec": {
+                    "domain": f"debian-{section[:40]}",
+                    "description": f"Debian packages of the {', '.join(sections)} section: {names} and others.",
+                    "owner": {"team": "debian-mirror"},
+                    "schema": {
+                        "fields": [
+                            {"name": "package", "type": "string", "primaryKey": True},
+                            {"name": "section", "type": "string", "filterable": True},
+                            {"name": "summary", "type": "string", "required": True},
+                        ]
+                    },
+                    "access": {"consumers": ["*"]},
+                    "semanticSearch": {"keyFields": ["package", "summary"], "embeddingModel": model},
+                    "source": {"inline": rows},
+                },
+            }
+        )
+    return bodies
+
+
+def product_bodies(count: int, model: str, corpus: str = "examples") -> list[dict[str, Any]]:
+    """``count`` products: 10 logistics copies first, then products of the corpus, each with rows of its own.
+
+    ``corpus`` ``examples``: copies of the other examples, varied; ``debian``: Debian's package summaries.
+    """
     examples = [
         yaml.safe_load(p.read_text())
         for p in sorted((REPO / "examples").glob("*.yaml"))
@@ -105,7 +173,7 @@ def product_bodies(count: int, model: str) -> list[dict[str, Any]]:
     logistics = next(e for e in examples if e["metadata"]["name"] == "shipment-delays")
     others = [e for e in examples if e is not logistics]
     bodies = []
-    for i in range(count):
+    for i in range(min(count, 10) if corpus == "debian" else count):
         base = logistics if i < 10 else others[i % len(others)]
         body = copy.deepcopy(base)
         body["metadata"] = {
@@ -119,6 +187,8 @@ def product_bodies(count: int, model: str) -> list[dict[str, Any]]:
         body["spec"]["semanticSearch"]["embeddingModel"] = model
         varied(body, i, 1.0 if base is logistics else 0.75)
         bodies.append(body)
+    if corpus == "debian" and count > 10:
+        bodies += debian_bodies(count - 10, model)
     return bodies
 
 
@@ -136,13 +206,15 @@ def read_reported(catalog_path: Path) -> dict[str, CatalogEntry]:
     return entries
 
 
-async def build(store: VectorStore, count: int, catalog_path: Path, model: str) -> list[CatalogEntry]:
+async def build(
+    store: VectorStore, count: int, catalog_path: Path, model: str, corpus: str = "examples"
+) -> list[CatalogEntry]:
     """Reconcile ``count`` products into ``store``; their catalog entries in creation order."""
     settings = OperatorSettings(catalog_flush_seconds=0.05, metrics_port=0)
     writer = CatalogWriter(
         FileCatalogBackend(catalog_path), "catalog", settings.catalog_shard_bytes, settings.catalog_flush_seconds
     )
-    bodies = product_bodies(count, model)
+    bodies = product_bodies(count, model, corpus)
     outcomes = []
     async with httpx.AsyncClient() as http:
         reconciler = standalone_reconciler(settings, store, writer, http)
@@ -163,21 +235,37 @@ async def build(store: VectorStore, count: int, catalog_path: Path, model: str) 
     return [entries[f"{b['metadata']['namespace']}.{b['metadata']['name']}"] for b in bodies]
 
 
-async def engine_floor(
-    store: VectorStore, model: str, candidates: Sequence[CatalogEntry], asked: Sequence[str]
-) -> float:
+@dataclass(frozen=True)
+class FloorPlan:
+    """What the floor's engine calls need, worked out once per case (as the service's routing view is)."""
+
+    provider: EmbeddingProvider
+    routing: str
+    asked: int  # candidates routed among
+    scope: dict[str, list[str]]  # the routing searches' filter (see routing_scope)
+    collections: tuple[str, ...]  # of the products the service asked
+
+    @classmethod
+    def of(cls, model: str, candidates: Sequence[CatalogEntry], asked: Sequence[str]) -> FloorPlan:
+        products = [e.product for e in candidates]
+        by_product = {e.product: e for e in candidates}
+        return cls(
+            provider=resolve_provider(model),
+            routing=candidates[0].routing_collection or "",
+            asked=len(products),
+            scope=routing_scope(products, set(products)),
+            collections=tuple(by_product[p].collection or "" for p in asked),
+        )
+
+
+async def engine_floor(store: VectorStore, plan: FloorPlan) -> float:
     """Seconds of the engine work one query makes, called directly one after the other."""
-    provider = resolve_provider(model)
-    by_product = {e.product: e for e in candidates}
     started = time.perf_counter()
-    (vector,) = await provider.embed([QUESTION])
-    routing = candidates[0].routing_collection or ""
-    products = [e.product for e in candidates]
-    for search in routing_searches(vector, QUESTION, products, set(products)):
-        await store.search(routing, search)
-    for product in asked:
-        entry = by_product[product]
-        await store.search(entry.collection or "", SearchRequest(vector, QUESTION, PER_PRODUCT))
+    (vector,) = await plan.provider.embed([QUESTION])
+    for search in routing_requests(vector, QUESTION, plan.asked, plan.scope):
+        await store.search(plan.routing, search)
+    for collection in plan.collections:
+        await store.search(collection, SearchRequest(vector, QUESTION, PER_PRODUCT))
     return time.perf_counter() - started
 
 
@@ -281,11 +369,21 @@ async def main(args: argparse.Namespace) -> int:
             store = open_store(StoreSettings(url=None, optimize_min_points=args.index_min_points))
             servers.push_async_callback(store.close)
             tmp = servers.enter_context(tempfile.TemporaryDirectory())
-            entries = await build(store, count, Path(tmp) / "catalog.json", args.model)
+            entries = await build(store, count, Path(tmp) / "catalog.json", args.model, args.corpus)
             if isinstance(store, EdgeStore):  # large collections (the routing one) get their HNSW index first
                 indexing = time.perf_counter()
                 await store.settled()
-                print(f"  {label}: indexes built in {time.perf_counter() - indexing:.1f}s", flush=True)
+                routing = await store.index_state(entries[0].routing_collection or "")
+                how = (
+                    f"index used, {routing.candidates} candidates per search (recall {routing.recall:.2f})"
+                    if routing.used
+                    else "exact searches" + (f" (index recall {routing.recall:.2f})" if routing.recall else "")
+                )
+                print(
+                    f"  {label}: indexes built in {time.perf_counter() - indexing:.1f}s; routing collection "
+                    f"{routing.points} points, {how}",
+                    flush=True,
+                )
             source = StaticCatalogSource({e.key: e for e in entries})
             settings = QuerySettings(allow_anonymous=True, max_products=10)
             app = create_app(source, store, settings, Authenticator(allow_anonymous=True))
@@ -304,9 +402,8 @@ async def main(args: argparse.Namespace) -> int:
                 for case in cases:
                     result = await loop.run_in_executor(pool, client_batch, case.url, case.body, serial, concurrent)
                     case.add(result)
-                    floors = [
-                        await engine_floor(case.store, args.model, case.entries, case.asked) for _ in range(serial)
-                    ]
+                    plan = FloorPlan.of(args.model, case.entries, case.asked)
+                    floors = [await engine_floor(case.store, plan) for _ in range(serial)]
                     case.floor += floors
                     round_floor = pct(floor_batch["latencies"], 0.5) + pct(floors, 0.5)
                     case.round_ratios.append(pct(result["latencies"], 0.5) / round_floor)
@@ -360,6 +457,12 @@ if __name__ == "__main__":
         type=int,
         default=StoreSettings().optimize_min_points,
         help="Embedded store: collections of this many points get an HNSW index (0: every search exact).",
+    )
+    parser.add_argument(
+        "--corpus",
+        choices=("examples", "debian"),
+        default="examples",
+        help="The other products of the largest catalog: varied copies of the examples, or Debian's packages.",
     )
     parser.add_argument("--serial", type=int, default=200, help="Serial requests per case (latency percentiles).")
     parser.add_argument("--concurrent", type=int, default=800, help="Requests per case at 16 concurrent clients.")
