@@ -107,6 +107,27 @@ async def test_a_large_collection_written_by_an_earlier_run_is_indexed_when_it_o
         await store.close()
 
 
+async def test_rows_an_earlier_run_wrote_after_its_last_build_are_indexed_when_the_collection_opens(
+    tmp_path: Path,
+) -> None:
+    earlier = EdgeStore(tmp_path / "store", optimize_min_points=1000, optimize_delay=0.05)
+    await made(earlier, 1200)
+    await until_indexed(earlier)
+    await earlier.settled()
+    earlier.optimize_min_points = 0  # it stops before it would index what it writes next
+    await earlier.upsert(INDEX, *points(5000, 600))
+    await earlier.close()
+    store = EdgeStore(tmp_path / "store", optimize_min_points=1000, optimize_delay=0.05)
+    try:
+        state = await store.index_state(INDEX)
+        assert state.points == 1800 and state.indexed == 1200
+        await until_indexed(store)  # a third of it outside the index: built again, though this run wrote nothing
+        await store.settled()
+        assert (await store.index_state(INDEX)).used
+    finally:
+        await store.close()
+
+
 class CountingOptimizer:
     """The real child process, its builds counted."""
 
