@@ -9,7 +9,8 @@ Not a test. With the embedded store (Qdrant's engine, in this process) and one e
    a copy adds the opening words of another row of its example and names the copy's site and month,
    and the other examples' copies keep three rows in four of theirs (the same rows copied into
    hundreds of products break the embedded store's HNSW index, which then falls back on exact
-   searches: see docs/scaling.md);
+   searches: see docs/scaling.md); with ``--corpus debian`` the largest catalog's other products are
+   Debian's package summaries instead (real, distinct text: 24 rows a product at 2,000, 5 at 10,000);
 2. a query service runs under uvicorn on 127.0.0.1 for each mesh, its catalog the mesh's products
    (in the largest, the question is routed among 100 and asks the 10 logistics copies);
 3. a client in another process (so it does not share this process's GIL with the server) asks the

@@ -461,13 +461,6 @@ def routing_requests(
     )
 
 
-def routing_searches(
-    vector: Sequence[float], question: str, products: Sequence[str], population: set[str]
-) -> tuple[SearchRequest, SearchRequest]:
-    """The two searches of a routing collection for ``products`` (see :func:`routing_scope`)."""
-    return routing_requests(vector, question, len(products), routing_scope(products, population))
-
-
 def calibration_of(entry: CatalogEntry) -> tuple[float, float] | None:
     """A product's row-to-row similarity (mean, spread), when its ingestion measured it."""
     return (entry.calibration.mean, entry.calibration.std) if entry.calibration else None
