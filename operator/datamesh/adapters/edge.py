@@ -339,7 +339,7 @@ class EdgeStore:
         self._optimize_slot = asyncio.Semaphore(1)
         self._checks: set[str] = set()  # collections whose need of an index is to be checked shortly
         self._checked: dict[str, int] = {}  # their write counter when last checked: unwritten, never checked again
-        self._unindexed: dict[str, int] = {}  # points written since the last build (this run's), searched exactly
+        self._unindexed: dict[str, int] = {}  # points written or deleted since the last build (this run's)
         self._background: set[asyncio.Task[None]] = set()
         self._closing = False
 
@@ -772,7 +772,7 @@ class EdgeStore:
             return  # written once, by the builder, with this ingestion's points only
         keep = qe.Filter(must_not=[qe.FieldCondition(key=DIGEST_KEY, match=qe.MatchValue(digest))])
         async with self._writing(collection) as shard:
-            await self._engine(collection, self._apply, shard, qe.UpdateOperation.delete_points_by_filter(keep))
+            await self._engine(collection, self._delete, shard, keep)
 
     async def remove_product(self, collection: str, product: str, keep_digest: str | None = None) -> None:
         """Routing collections: remove a product's points (but those of the ingestion ``keep_digest``)."""
@@ -783,7 +783,16 @@ class EdgeStore:
             keep = [qe.FieldCondition(key=DIGEST_KEY, match=qe.MatchValue(keep_digest))]
         doomed = qe.Filter(must=[qe.FieldCondition(key=PRODUCT_KEY, match=qe.MatchValue(product))], must_not=keep)
         async with self._writing(collection) as shard:
-            await self._engine(collection, self._apply, shard, qe.UpdateOperation.delete_points_by_filter(doomed))
+            await self._engine(collection, self._delete, shard, doomed)
+
+    def _delete(self, shard: _Shard, doomed: qe.Filter) -> None:
+        """Delete the points ``doomed`` matches, counted like written ones toward the next index build."""
+        # An index keeps deleted points (searches step over them) until a build vacuums them: a mesh that lost
+        # many products must get one as a mesh that gained many does.
+        removed = int(shard.engine.count(qe.CountRequest(exact=True, filter=doomed)))
+        # Not counted toward a running build's journal: replaying a deletion costs little whatever it removes.
+        self._apply(shard, qe.UpdateOperation.delete_points_by_filter(doomed))
+        self._unindexed[shard.name] = self._unindexed.get(shard.name, 0) + removed
 
     async def search(self, collection: str, request: SearchRequest) -> list[ScoredRow]:
         """The best rows for a question: one query, dense and BM25 prefetches fused in hybrid mode.
