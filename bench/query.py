@@ -62,7 +62,7 @@ from datamesh.local import standalone_reconciler
 from datamesh.query.access import Authenticator
 from datamesh.query.app import create_app
 from datamesh.query.catalog_sources import StaticCatalogSource
-from datamesh.query.engine import routing_requests, routing_scope
+from datamesh.query.engine import CandidateView, routing_requests
 from datamesh.query.settings import QuerySettings
 from datamesh.resource.catalog import CatalogEntry
 from datamesh.resource.models import DEFAULT_EMBEDDING_MODEL
@@ -238,24 +238,19 @@ async def build(
 
 @dataclass(frozen=True)
 class FloorPlan:
-    """What the floor's engine calls need, worked out once per case (as the service's routing view is)."""
+    """What the floor's engine calls need, worked out once per case from the service's own routing view."""
 
     provider: EmbeddingProvider
-    routing: str
-    asked: int  # candidates routed among
-    scope: dict[str, list[str]]  # the routing searches' filter (see routing_scope)
+    routing: tuple[tuple[str, int, dict[str, list[str]]], ...]  # per routing collection: candidates, filter
     collections: tuple[str, ...]  # of the products the service asked
 
     @classmethod
     def of(cls, model: str, candidates: Sequence[CatalogEntry], asked: Sequence[str]) -> FloorPlan:
-        products = [e.product for e in candidates]
-        by_product = {e.product: e for e in candidates}
+        view = CandidateView.of(candidates, candidates)
         return cls(
             provider=resolve_provider(model),
-            routing=candidates[0].routing_collection or "",
-            asked=len(products),
-            scope=routing_scope(products, set(products)),
-            collections=tuple(by_product[p].collection or "" for p in asked),
+            routing=tuple((c, len(group), scope) for (c, _), (group, scope) in view.groups.items()),
+            collections=tuple(view.by_product[p].collection or "" for p in asked),
         )
 
 
@@ -263,8 +258,9 @@ async def engine_floor(store: VectorStore, plan: FloorPlan) -> float:
     """Seconds of the engine work one query makes, called directly one after the other."""
     started = time.perf_counter()
     (vector,) = await plan.provider.embed([QUESTION])
-    for search in routing_requests(vector, QUESTION, plan.asked, plan.scope):
-        await store.search(plan.routing, search)
+    for collection, asked, scope in plan.routing:
+        for search in routing_requests(vector, QUESTION, asked, scope):
+            await store.search(collection, search)
     for collection in plan.collections:
         await store.search(collection, SearchRequest(vector, QUESTION, PER_PRODUCT))
     return time.perf_counter() - started
