@@ -33,14 +33,15 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from datamesh.adapters import bm25
 from datamesh.adapters.atomic import atomic_write
-from datamesh.adapters.edge import EdgeStore, safe_dirname
+from datamesh.adapters.edge import EdgeStore, SearchPlan, cosine_query, safe_dirname
 from datamesh.core.plan import DIGEST_KEY, TEXT_KEY, CollectionPlan
 from datamesh.core.ports import SearchRequest
+from datamesh.core.routing import POLICY
 from datamesh.resource.models import Distance, SearchMode
 from procstatus import status_mib
 
@@ -84,23 +85,25 @@ async def timed(call, repeats: int) -> float:  # type: ignore[no-untyped-def]
     return statistics.median(samples)
 
 
-async def searches(store: EdgeStore, name: str, repeats: int) -> dict[str, tuple[float, float]]:
-    """Per mode: (port seconds, direct engine seconds)."""
+async def searches(store: EdgeStore, name: str, repeats: int, limit: int) -> dict[str, tuple[float, float]]:
+    """Per mode: (port seconds, direct engine seconds) of a search for ``limit`` rows."""
     question = "which shipment was delayed by the storm at customs"
     vector = np.random.default_rng(99).normal(size=DIM).astype(np.float32)
     vector /= np.linalg.norm(vector)
     dense = vector.tolist()
     out = {}
     for mode in (SearchMode.dense, SearchMode.sparse, SearchMode.hybrid):
-        request = SearchRequest(dense, question, 10, mode)
+        request = SearchRequest(dense, question, limit, mode)
         port = await timed(lambda request=request: store.search(name, request), repeats)
-        async with store._use(name) as shard:  # the same query, straight to the engine
-            words = bm25.query_vector(question)
-            query = store._query(request, dense, words, with_vectors=mode is not SearchMode.dense)
+        async with store._use(name) as shard:  # the same engine calls, made directly
+            plan = store.search_plan(shard, request)
+            assert plan is not None
             engine = shard.engine
 
-            async def direct(query=query, engine=engine) -> None:  # type: ignore[no-untyped-def]
-                engine.query(query)
+            async def direct(plan: SearchPlan = plan, engine: Any = engine) -> None:
+                points = engine.query(plan.query)
+                if plan.cosines_by_engine and points:  # the hits' cosines: the port's second query
+                    engine.query(cosine_query(plan.dense, {p.id for p in points}))
 
             raw = await timed(direct, repeats)
         out[mode.value] = (port, raw)
@@ -119,9 +122,11 @@ async def main(args: argparse.Namespace) -> int:
             for size in sizes:
                 name = f"bench.size-{size}"
                 seconds = await fill(store, name, size, seed=size % 9973)
-                found = await searches(store, name, args.repeats)
-                cells = "  ".join(f"{p * 1000:>9.3f} / {r * 1000:>6.3f} ({p / r:4.1f}x)" for p, r in found.values())
-                print(f"{size:>8} {size / seconds:>13.0f}  {cells}", flush=True)
+                for limit in (10, POLICY.fetch):  # a product's search, a routing collection's
+                    found = await searches(store, name, args.repeats, limit)
+                    cells = "  ".join(f"{p * 1000:>9.3f} / {r * 1000:>6.3f} ({p / r:4.1f}x)" for p, r in found.values())
+                    label = f"{size / seconds:>13.0f}" if limit == 10 else f"{f'{limit} hits':>13}"
+                    print(f"{size if limit == 10 else '':>8} {label}  {cells}", flush=True)
             for count in (int(c) for c in args.collections.split(",")):
                 threads_before, rss_before = status()
                 started = time.perf_counter()

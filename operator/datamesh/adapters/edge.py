@@ -182,6 +182,44 @@ def _finite(vector: Sequence[float], size: int) -> list[float]:
     return values
 
 
+@dataclass(frozen=True)
+class SearchPlan:
+    """The engine calls of one search: ``query``, then for ``cosines_by_engine`` an exact one for its hits' cosines."""
+
+    query: qe.QueryRequest
+    dense: list[float]
+    scored: bool  # the query's own scores are the similarities
+    cosines_by_engine: bool
+
+
+def cosine_query(dense: list[float], ids: set[Any]) -> qe.QueryRequest:
+    """The exact dense query that scores just the points ``ids`` by their similarity to ``dense``."""
+    return qe.QueryRequest(
+        query=qe.Query.Nearest(dense, using=DENSE_VECTOR),
+        filter=qe.Filter(must=[qe.HasIdCondition(ids)]),
+        limit=len(ids),
+        with_payload=False,
+        params=qe.SearchParams(exact=True),
+    )
+
+
+def _fused_with_similarity(engine: qe.EdgeShard, query: qe.QueryRequest, dense: list[float]) -> list[ScoredRow]:
+    """A fused query's rows, each with the question's cosine from a dense query over those points only.
+
+    Returning the points' vectors to compute the cosines here cost more than the search (a routing
+    search's 64 vectors: about 2 of 6.7 ms, converted to Python lists and back to numpy).
+    """
+    points = engine.query(query)
+    if not points:
+        return []
+    ids = [p.id for p in points]  # read once: each read of an id builds a uuid.UUID
+    cosine = {p.id: float(p.score) for p in engine.query(cosine_query(dense, set(ids)))}
+    return [
+        ScoredRow(str(pid), float(p.score), p.payload or {}, cosine.get(pid))
+        for pid, p in zip(ids, points, strict=True)
+    ]
+
+
 def _checked_rows(vectors: Sequence[Sequence[float]], size: int) -> list[list[float]]:
     """The vectors as lists of floats, once checked: ``size`` dimensions each, every value a finite float32."""
     # One array check per batch: per-value Python checks cost as much as the engine's write.
@@ -801,54 +839,37 @@ class EdgeStore:
         """
         name = self._resolve(collection)
         async with self._use(name) as shard:
-            dense = _finite(request.vector, int(shard.meta["vector_size"]))
-            has_words = bool(shard.meta["sparse"]) and request.mode is not SearchMode.dense
-            words = bm25.query_vector(request.text) if has_words else None
-            if request.mode is SearchMode.sparse and words is None:
+            plan = self.search_plan(shard, request)
+            if plan is None:
                 return []  # no indexable word: nothing can match
-            # A plain cosine (or dot, on unit vectors) query scores by similarity already: no vectors needed.
-            scored = (words is None or request.mode is SearchMode.dense) and shard.meta["distance"] != "Euclid"
-            # A fused query's scores are ranks: a cosine collection asks the engine for the similarities.
-            by_engine = not scored and shard.meta["distance"] == Distance.cosine.value
-            query = self._query(request, dense, words, not (scored or by_engine), shard.search)
-            if by_engine:
+            if plan.cosines_by_engine:
                 return stable_top(
-                    self._inline(name, self._fused_with_similarity, shard.engine, query, dense), request.limit
+                    self._inline(name, _fused_with_similarity, shard.engine, plan.query, plan.dense), request.limit
                 )
-            points = self._inline(name, shard.engine.query, query)
-        if scored:
+            points = self._inline(name, shard.engine.query, plan.query)
+        if plan.scored:
             rows = [ScoredRow(str(p.id), float(p.score), p.payload or {}, float(p.score)) for p in points]
         else:
-            similarities = cosines(dense, [dense_of(p.vector) for p in points])
+            similarities = cosines(plan.dense, [dense_of(p.vector) for p in points])
             rows = [
                 ScoredRow(str(p.id), float(p.score), p.payload or {}, sim)
                 for p, sim in zip(points, similarities, strict=True)
             ]
         return stable_top(rows, request.limit)
 
-    @staticmethod
-    def _fused_with_similarity(engine: qe.EdgeShard, query: qe.QueryRequest, dense: list[float]) -> list[ScoredRow]:
-        """A fused query's rows, each with the question's cosine from a dense query over those points only.
-
-        Returning the points' vectors to compute the cosines here cost more than the search (a routing
-        search's 64 vectors: about 2 of 6.7 ms, converted to Python lists and back to numpy).
-        """
-        points = engine.query(query)
-        if not points:
-            return []
-        ids = [p.id for p in points]  # read once: each read of an id builds a uuid.UUID
-        exact = qe.QueryRequest(
-            query=qe.Query.Nearest(dense, using=DENSE_VECTOR),
-            filter=qe.Filter(must=[qe.HasIdCondition(set(ids))]),
-            limit=len(ids),
-            with_payload=False,
-            params=qe.SearchParams(exact=True),
-        )
-        cosine = {p.id: float(p.score) for p in engine.query(exact)}
-        return [
-            ScoredRow(str(pid), float(p.score), p.payload or {}, cosine.get(pid))
-            for pid, p in zip(ids, points, strict=True)
-        ]
+    def search_plan(self, shard: _Shard, request: SearchRequest) -> SearchPlan | None:
+        """The engine queries :meth:`search` makes for ``request`` on ``shard``; None when nothing can match."""
+        dense = _finite(request.vector, int(shard.meta["vector_size"]))
+        has_words = bool(shard.meta["sparse"]) and request.mode is not SearchMode.dense
+        words = bm25.query_vector(request.text) if has_words else None
+        if request.mode is SearchMode.sparse and words is None:
+            return None
+        # A plain cosine (or dot, on unit vectors) query scores by similarity already: no vectors needed.
+        scored = (words is None or request.mode is SearchMode.dense) and shard.meta["distance"] != "Euclid"
+        # A fused query's scores are ranks: a cosine collection asks the engine for the similarities.
+        by_engine = not scored and shard.meta["distance"] == Distance.cosine.value
+        query = self._query(request, dense, words, not (scored or by_engine), shard.search)
+        return SearchPlan(query, dense, scored, by_engine)
 
     async def sample(self, collection: str, limit: int) -> list[Mapping[str, Any]]:
         """The payloads of up to ``limit`` points in point-id order."""
