@@ -9,7 +9,8 @@ still opening after a crash at the swap.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,16 @@ WORDS = ["invoice", "shipment", "customs", "churn", "renewal", "storm", "scanner
 
 
 Points = tuple[list[str], list[list[float]], list[str], list[dict[str, Any]]]
+
+
+@contextlib.asynccontextmanager
+async def opened(root: Path, **settings: Any) -> AsyncIterator[EdgeStore]:
+    """An embedded store on ``root``, closed when the block ends, whatever its assertions did."""
+    store = EdgeStore(root, **settings)
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 def points(start: int, count: int, product: str = "ns/a") -> Points:
@@ -72,8 +83,7 @@ async def until_indexed(store: EdgeStore, timeout: float = 60.0) -> None:
 
 
 async def test_a_large_collection_is_indexed_in_the_background_and_answers_the_same(tmp_path: Path) -> None:
-    store = EdgeStore(tmp_path / "store", optimize_min_points=1000, optimize_delay=0.05)
-    try:
+    async with opened(tmp_path / "store", optimize_min_points=1000, optimize_delay=0.05) as store:
         await made(store, 1500)
         assert not (await store.index_state(INDEX)).used, "written rows are searched exactly until the index is built"
         before = await answers(store)
@@ -81,30 +91,22 @@ async def test_a_large_collection_is_indexed_in_the_background_and_answers_the_s
         assert await store.count(INDEX) == 1500
         assert await answers(store) == before
         assert not (store.root / "collections" / safe_dirname(INDEX) / edge.OPTIMIZING_DIR).exists()
-    finally:
-        await store.close()
-    again = EdgeStore(tmp_path / "store", optimize_min_points=0)  # the index is the shard's now, kept on disk
-    try:
+    async with opened(tmp_path / "store", optimize_min_points=0) as again:  # the index is the shard's now, on disk
         state = await again.index_state(INDEX)
         assert (state.points, state.indexed, state.used) == (1500, 1500, True)
         assert state.recall is not None and state.recall >= 0.95
         assert await answers(again) == before
-    finally:
-        await again.close()
 
 
 async def test_a_large_collection_written_by_an_earlier_run_is_indexed_when_it_opens(tmp_path: Path) -> None:
     earlier = EdgeStore(tmp_path / "store", optimize_min_points=0)
     await made(earlier, 1200)
     await earlier.close()
-    store = EdgeStore(tmp_path / "store", optimize_min_points=1000, optimize_delay=0.05)
-    try:
+    async with opened(tmp_path / "store", optimize_min_points=1000, optimize_delay=0.05) as store:
         assert await store.count(INDEX) == 1200
         await until_indexed(store)
         await store.settled()
         assert (await store.index_state(INDEX)).used
-    finally:
-        await store.close()
 
 
 async def test_rows_an_earlier_run_wrote_after_its_last_build_are_indexed_when_the_collection_opens(
@@ -117,20 +119,16 @@ async def test_rows_an_earlier_run_wrote_after_its_last_build_are_indexed_when_t
     earlier.optimize_min_points = 0  # it stops before it would index what it writes next
     await earlier.upsert(INDEX, *points(5000, 600))
     await earlier.close()
-    store = EdgeStore(tmp_path / "store", optimize_min_points=1000, optimize_delay=0.05)
-    try:
+    async with opened(tmp_path / "store", optimize_min_points=1000, optimize_delay=0.05) as store:
         state = await store.index_state(INDEX)
         assert state.points == 1800 and state.indexed == 1200
         await until_indexed(store)  # a third of it outside the index: built again, though this run wrote nothing
         await store.settled()
         assert (await store.index_state(INDEX)).used
-    finally:
-        await store.close()
 
 
 async def test_a_collection_that_lost_many_points_is_indexed_again_without_them(tmp_path: Path) -> None:
-    store = EdgeStore(tmp_path / "store", optimize_min_points=1000, optimize_delay=0.05)
-    try:
+    async with opened(tmp_path / "store", optimize_min_points=1000, optimize_delay=0.05) as store:
         await made(store, 1200)
         await store.upsert(INDEX, *points(5000, 600, "ns/b"))
         await until_indexed(store)
@@ -151,8 +149,6 @@ async def test_a_collection_that_lost_many_points_is_indexed_again_without_them(
         state = await store.index_state(INDEX)
         assert (state.points, state.indexed, state.used) == (1200, 1200, True)
         assert {row.payload[PRODUCT_KEY] for row in await store.search(INDEX, question(1))} == {"ns/a"}
-    finally:
-        await store.close()
 
 
 class CountingOptimizer:
@@ -172,8 +168,7 @@ async def test_a_collection_written_for_a_while_is_indexed_once_its_writes_pause
 ) -> None:
     counting = CountingOptimizer(edge._OPTIMIZER)
     monkeypatch.setattr(edge, "_OPTIMIZER", counting)
-    store = EdgeStore(tmp_path / "store", optimize_min_points=1000, optimize_delay=2.0)
-    try:
+    async with opened(tmp_path / "store", optimize_min_points=1000, optimize_delay=2.0) as store:
         await made(store, 100)
         for start in range(100, 4000, 100):  # an ingestion of 4,000 rows over about two seconds, never pausing for 2 s
             await store.upsert(INDEX, *points(start, 100))
@@ -183,8 +178,6 @@ async def test_a_collection_written_for_a_while_is_indexed_once_its_writes_pause
         await store.settled()
         assert counting.builds == 1
         assert (await store.index_state(INDEX)).used
-    finally:
-        await store.close()
 
 
 async def test_an_index_is_used_with_the_fewest_candidates_that_find_the_best_rows(tmp_path: Path) -> None:
@@ -211,8 +204,7 @@ async def test_an_index_is_used_with_the_fewest_candidates_that_find_the_best_ro
             await store.upsert(INDEX, ids, vectors, [""] * rows, [{PRODUCT_KEY: f"ns/p{copy}"}] * rows)
         return await best(store)
 
-    store = EdgeStore(tmp_path / "store", optimize_min_points=0)
-    try:
+    async with opened(tmp_path / "store", optimize_min_points=0) as store:
         exact = await copied(store)
         assert await store.optimize(INDEX)
         state = await store.index_state(INDEX)
@@ -223,29 +215,21 @@ async def test_an_index_is_used_with_the_fewest_candidates_that_find_the_best_ro
             sum(1 for score in got if score >= want[-1]) / len(want) for got, want in zip(indexed, exact, strict=True)
         ]
         assert sum(found) / len(found) >= 0.95, "the index's answers hold the best rows an exact search finds"
-    finally:
-        await store.close()
     # A store that asks more than any index gives keeps its searches exact.
-    strict = EdgeStore(tmp_path / "strict", optimize_min_points=0, min_recall=1.01)
-    try:
+    async with opened(tmp_path / "strict", optimize_min_points=0, min_recall=1.01) as strict:
         exact = await copied(strict)
         assert await strict.optimize(INDEX)
         state = await strict.index_state(INDEX)
         assert state.indexed == rows * copies and not state.used
         assert await best(strict) == exact
-    finally:
-        await strict.close()
 
 
 async def test_a_small_collection_is_not_indexed(tmp_path: Path) -> None:
-    store = EdgeStore(tmp_path / "store", optimize_min_points=1000, optimize_delay=0.01)
-    try:
+    async with opened(tmp_path / "store", optimize_min_points=1000, optimize_delay=0.01) as store:
         await made(store, 600)
         await asyncio.sleep(0.5)
         state = await store.index_state(INDEX)
         assert (state.points, state.indexed, state.used) == (600, 0, False)
-    finally:
-        await store.close()
 
 
 class PausedOptimizer:
@@ -262,19 +246,21 @@ class PausedOptimizer:
         return await self.real.run(call, *args)
 
 
+@contextlib.asynccontextmanager
 async def building(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, meanwhile: Callable[[EdgeStore], Awaitable[None]]
-) -> tuple[EdgeStore, bool]:
+) -> AsyncIterator[tuple[EdgeStore, bool]]:
+    """A store whose index build of 1,200 points waits while ``meanwhile`` runs; the store and whether it built."""
     paused = PausedOptimizer(edge._OPTIMIZER)
     monkeypatch.setattr(edge, "_OPTIMIZER", paused)
-    store = EdgeStore(tmp_path / "store", optimize_min_points=0)
-    await made(store, 1200)
-    store.optimize_min_points = 1000
-    build = asyncio.create_task(store.optimize(INDEX))
-    await asyncio.wait_for(paused.started.wait(), 10)
-    await meanwhile(store)
-    paused.go.set()
-    return store, await asyncio.wait_for(build, 60)
+    async with opened(tmp_path / "store", optimize_min_points=0) as store:
+        await made(store, 1200)
+        store.optimize_min_points = 1000
+        build = asyncio.create_task(store.optimize(INDEX))
+        await asyncio.wait_for(paused.started.wait(), 10)
+        await meanwhile(store)
+        paused.go.set()
+        yield store, await asyncio.wait_for(build, 60)
 
 
 async def test_writes_made_while_the_index_is_built_are_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -284,19 +270,13 @@ async def test_writes_made_while_the_index_is_built_are_kept(tmp_path: Path, mon
         assert await store.count(INDEX) == 300
         assert {row.payload[PRODUCT_KEY] for row in await store.search(INDEX, question(0))} == {"ns/b"}
 
-    store, built = await building(tmp_path, monkeypatch, meanwhile)
-    try:
+    async with building(tmp_path, monkeypatch, meanwhile) as (store, built):
         assert built
         assert await store.count(INDEX) == 300
         assert {row.payload[PRODUCT_KEY] for row in await store.search(INDEX, question(0))} == {"ns/b"}
         assert (await store.index_state(INDEX)).indexed > 0
-    finally:
-        await store.close()
-    again = EdgeStore(tmp_path / "store", optimize_min_points=0)
-    try:
+    async with opened(tmp_path / "store", optimize_min_points=0) as again:
         assert await again.count(INDEX) == 300, "the swapped shard holds the replayed writes on disk"
-    finally:
-        await again.close()
 
 
 async def test_a_collection_dropped_while_it_is_indexed_stays_dropped(
@@ -305,13 +285,10 @@ async def test_a_collection_dropped_while_it_is_indexed_stays_dropped(
     async def meanwhile(store: EdgeStore) -> None:
         await store.drop(INDEX)
 
-    store, built = await building(tmp_path, monkeypatch, meanwhile)
-    try:
+    async with building(tmp_path, monkeypatch, meanwhile) as (store, built):
         assert not built
         assert not await store.exists(INDEX)
         assert not (store.root / "collections" / safe_dirname(INDEX)).exists()
-    finally:
-        await store.close()
 
 
 async def test_a_build_outrun_by_its_writes_is_given_up_and_loses_nothing(
@@ -323,14 +300,11 @@ async def test_a_build_outrun_by_its_writes_is_given_up_and_loses_nothing(
         for start in range(50_000, 50_300, 100):
             await store.upsert(INDEX, *points(start, 100, product="ns/b"))
 
-    store, built = await building(tmp_path, monkeypatch, meanwhile)
-    try:
+    async with building(tmp_path, monkeypatch, meanwhile) as (store, built):
         assert not built
         assert await store.count(INDEX) == 1500
         assert not (await store.index_state(INDEX)).used
         assert not (store.root / "collections" / safe_dirname(INDEX) / edge.OPTIMIZING_DIR).exists()
-    finally:
-        await store.close()
 
 
 async def test_a_crash_between_the_renames_of_the_swap_loses_nothing(tmp_path: Path) -> None:
@@ -342,9 +316,6 @@ async def test_a_crash_between_the_renames_of_the_swap_loses_nothing(tmp_path: P
     # As the swap leaves it after its first rename: the shard moved aside, the indexed copy not yet in its place.
     (folder / edge.SHARD_DIR).rename(folder / edge.REPLACED_DIR)
     (folder / edge.OPTIMIZING_DIR).mkdir()
-    again = EdgeStore(tmp_path / "store", optimize_min_points=0)
-    try:
+    async with opened(tmp_path / "store", optimize_min_points=0) as again:
         assert await again.count(INDEX) == 400
         assert await answers(again) == before
-    finally:
-        await again.close()
