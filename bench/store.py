@@ -5,7 +5,8 @@ Not a test. Re-measures, through ``EdgeStore`` as the operator and the query ser
 
 1. upsert rate (points/s) of batches of 256 points, dense + BM25, one collection;
 2. one search at 400, 5,000 and 50,000 points, in each mode (dense, sparse = BM25 alone, hybrid =
-   both fused by the engine), median of many;
+   both fused by the engine), for 10 rows (a product's search) and 64 (a routing collection's),
+   median of many;
 3. the cost of many collections: 100 and 300 collections of 20 points each, opened and searched
    once each (the store keeps at most ``--max-open`` open), with the process's threads and RSS
    before and after, per collection;
@@ -16,8 +17,9 @@ Not a test. Re-measures, through ``EdgeStore`` as the operator and the query ser
    and 10,000 collection folders in the store, against dropping its one collection by name
    (``drop``). Finding a product's collections must not grow with the number of products.
 
-The baseline of each search figure is the same engine call made directly on the ``EdgeShard``
-(no port, no thread hop), so the port's overhead prints as a ratio.
+The baseline of each search figure is the same engine calls made directly on the ``EdgeShard``
+(taken from the store's own ``search_plan``: no port around them), so the port's overhead prints
+as a ratio.
 
     .venv/bin/python bench/store.py
     .venv/bin/python bench/store.py --sizes 400,5000 --collections 100
@@ -125,7 +127,7 @@ async def main(args: argparse.Namespace) -> int:
                 for limit in (10, POLICY.fetch):  # a product's search, a routing collection's
                     found = await searches(store, name, args.repeats, limit)
                     cells = "  ".join(f"{p * 1000:>9.3f} / {r * 1000:>6.3f} ({p / r:4.1f}x)" for p, r in found.values())
-                    label = f"{size / seconds:>13.0f}" if limit == 10 else f"{f'{limit} hits':>13}"
+                    label = f"{size / seconds:>13.0f}" if limit == 10 else f"{f'{limit} rows':>13}"
                     print(f"{size if limit == 10 else '':>8} {label}  {cells}", flush=True)
             for count in (int(c) for c in args.collections.split(",")):
                 threads_before, rss_before = status()

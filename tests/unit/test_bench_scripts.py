@@ -30,7 +30,7 @@ def test_the_store_benchmark_prints_each_search_beside_the_engine_calls_it_makes
     searches = re.findall(r"(\d+\.\d+) /\s+(\d+\.\d+) \(\s*(\d+\.\d+)x\)", out)
     assert len(searches) == 6, out
     assert all(float(port) > 0 and float(engine) > 0 for port, engine, _ in searches)
-    assert "64 hits" in out
+    assert "64 rows" in out
     assert re.search(r"alias switch with 3 aliases: .*x the floor\)", out)
     assert re.search(r"product deleted with 3 collections in the store: .*x the floor\)", out)
 
