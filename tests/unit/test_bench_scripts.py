@@ -7,10 +7,16 @@ the query engine's own routing view. A change there once left bench/store.py cra
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from datamesh.resource.models import DataProductSpec
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,3 +56,45 @@ def test_the_query_benchmark_prints_each_case_beside_its_floor_and_counts_failed
         assert abs(float(p50) / float(floor) - float(ratio)) < 0.02  # the ratio is the p50 over the floor printed
         assert non_2xx == "0", out
     assert len(re.findall(r"^  (ok  |MISS) ", out, re.M)) == 4, out  # each target, met or not
+
+
+def _bench_module(script: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{script.removesuffix('.py')}", REPO / "bench" / script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def _stanza(package: str, section: str, summary: str) -> str:
+    return f"Package: {package}\nVersion: 1.0-1\nSection: {section}\nDescription: {summary}\nDescription-md5: 0\n"
+
+
+def test_the_debian_corpus_deals_each_product_rows_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/query.py --corpus debian, on an apt index made here (the machine's own may be missing)."""
+    stanzas = [
+        _stanza(f"{section}-tool-{i:02d}", section, f"{section} helper number {i}")
+        for section in ("net", "sound", "mail")
+        for i in range(10)
+    ]
+    stanzas.append(_stanza("zz-copy", "net", "NET helper number 3"))  # the same summary as net-tool-03, but for case
+    monkeypatch.syspath_prepend(str(REPO / "bench" / "quality_data"))
+    import build_products  # type: ignore[import-not-found]  # the quality data's script, not a package
+
+    monkeypatch.setattr(build_products, "apt_cat", lambda path: "\n".join(stanzas))
+    query = _bench_module("query.py")
+
+    bodies = query.debian_bodies(4, "builtin:ngram-384")
+
+    rows = [[r["package"] for r in b["spec"]["source"]["inline"]] for b in bodies]
+    assert [len(r) for r in rows] == [7, 7, 7, 7]  # 30 distinct summaries dealt to 4 products
+    dealt = [p for r in rows for p in r]
+    assert len(set(dealt)) == len(dealt) == 28, "no row is in two products"
+    assert "zz-copy" not in dealt
+    assert dealt == sorted(dealt, key=lambda p: (p.split("-")[0], p))  # each section's, in name order
+    assert len({b["metadata"]["name"] for b in bodies}) == 4
+    for body in bodies:
+        DataProductSpec.model_validate(body["spec"])  # a product the operator accepts
+    with pytest.raises(SystemExit, match="cannot give 31 products a row each"):
+        query.debian_bodies(31, "builtin:ngram-384")
