@@ -7,18 +7,15 @@ the query engine's own routing view. A change there once left bench/store.py cra
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from datamesh.resource.models import DataProductSpec
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.harness import REPO, bench_script
 
 
 def bench(script: str, *args: str, cwd: Path) -> str:
@@ -58,15 +55,6 @@ def test_the_query_benchmark_prints_each_case_beside_its_floor_and_counts_failed
     assert len(re.findall(r"^  (ok  |MISS) ", out, re.M)) == 4, out  # each target, met or not
 
 
-def _bench_module(script: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{script.removesuffix('.py')}", REPO / "bench" / script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
 def _stanza(package: str, section: str, summary: str) -> str:
     return f"Package: {package}\nVersion: 1.0-1\nSection: {section}\nDescription: {summary}\nDescription-md5: 0\n"
 
@@ -83,7 +71,7 @@ def test_the_debian_corpus_deals_each_product_rows_of_its_own(monkeypatch: pytes
     import build_products  # type: ignore[import-not-found]  # the quality data's script, not a package
 
     monkeypatch.setattr(build_products, "apt_cat", lambda path: "\n".join(stanzas))
-    query = _bench_module("query.py")
+    query = bench_script("query")
 
     bodies = query.debian_bodies(4, "builtin:ngram-384")
 

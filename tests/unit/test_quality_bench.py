@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "quality.py"
+from tests.harness import bench_script
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-q = _load()
+q = bench_script("quality")
 
 RANKED = ["a/x/1", "a/x/2", "b/y/1", "a/x/2", "c/z/9", "b/y/2", "a/x/3"]
 
