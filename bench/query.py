@@ -105,7 +105,9 @@ def debian_packages() -> list[dict[str, str]]:
 
     Read from this machine's apt index (``apt-get update`` writes it), with the quality data's parser.
     """
-    sys.path.insert(0, str(REPO / "bench" / "quality_data"))
+    scripts = str(REPO / "bench" / "quality_data")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
     import build_products  # type: ignore[import-not-found]  # the quality data's script, not a module
 
     seen: set[str] = set()
