@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from datamesh.adapters.embeddings.registry import resolve_provider
 from datamesh.core.calibration import Scale, model_scales
-from datamesh.core.eager import start_eagerly
 from datamesh.core.merge import Candidate, merge
 from datamesh.core.plan import FUSION, KIND_KEY, PRODUCT_KEY, ROW_KEY, TEXT_KEY, row_key
 from datamesh.core.ports import (
@@ -108,14 +107,9 @@ class QuestionVectors:
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
 
-async def within(call: Coroutine[Any, Any, T], timeout: float) -> T | None:
-    """The call's result, or None when it has not finished after ``timeout`` seconds of its own.
-
-    The call starts at once: one that never waits (the embedded store's search) needs no timer.
-    """
-    task = start_eagerly(call)
-    if task.done():
-        return task.result()
+async def within(call: Awaitable[T], timeout: float) -> T | None:
+    """The call's result, or None when it has not finished after ``timeout`` seconds of its own."""
+    task = asyncio.ensure_future(call)
     try:
         await asyncio.wait({task}, timeout=timeout)
     except asyncio.CancelledError:  # the question was given up: its search must not run on orphaned
@@ -321,10 +315,7 @@ class QueryEngine:
             return found
 
         found = await asyncio.gather(
-            *(
-                start_eagerly(self._gather(c, m, len(group), scope, vectors))
-                for (c, m), (group, scope) in view.groups.items()
-            )
+            *(self._gather(c, m, len(group), scope, vectors) for (c, m), (group, scope) in view.groups.items())
         )
         for rows, cards in found:
             for hit in cards:
@@ -349,7 +340,7 @@ class QueryEngine:
         rows, cards = routing_requests(vector, vectors.question, asked, scope)
         try:
             found_rows, found_cards = await asyncio.gather(
-                start_eagerly(self.store.search(collection, rows)), start_eagerly(self.store.search(collection, cards))
+                self.store.search(collection, rows), self.store.search(collection, cards)
             )
         except VectorStoreError as exc:
             log.warning("routing collection %s cannot be searched: %s", collection, exc)
@@ -396,8 +387,7 @@ class QueryEngine:
                 async with slots:
                     return await self.ask(entries[product], vectors, per_product, caller)
 
-            # Each product's search starts as it is asked for: the embedded store's complete there and then.
-            asked = await asyncio.gather(*(start_eagerly(one(r.product)) for r in selection.routes))
+            asked = await asyncio.gather(*(one(r.product) for r in selection.routes))
             # A product whose model could not embed the question was never weighed: say so.
             routed = {r.product for r in selection.routes}
             failed = {key: failure for key in view.models if (failure := vectors.failure(key)) is not None}
