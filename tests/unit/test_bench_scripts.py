@@ -42,16 +42,20 @@ def test_the_query_benchmark_prints_each_case_beside_its_floor_and_counts_failed
     # The built-in model and exact searches (no index checks to wait for): about 10 s.
     smallest = ["--model", "builtin:ngram-384", "--catalog", "12", "--serial", "4", "--concurrent", "16"]
     out = bench("query.py", *smallest, "--rounds", "1", "--index-min-points", "0", cwd=tmp_path)
-    cases = re.findall(r"^(federated\(.+?\))\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+[\d.]+\s+([\d.]+)\s+.*\s(\d+)$", out, re.M)
+    number = r"\s+([\d.]+)"
+    cases = re.findall(r"^(federated\(.+?\))\s+(\d+)" + number * 8 + r"\s+(\d+)$", out, re.M)
     assert [(label, int(asked)) for label, asked, *_ in cases] == [
         ("federated(1)", 1),
         ("federated(10)", 10),
         ("federated(12 in catalog)", 10),
     ], out
-    for _, _, floor, p50, ratio, non_2xx in cases:
-        assert float(floor) > 0 and float(p50) > 0
-        assert abs(float(p50) / float(floor) - float(ratio)) < 0.02  # the ratio is the p50 over the floor printed
+    for _, _, floor, p50, _, ratio, _, _, hot_floor, hot_ratio, non_2xx in cases:
+        assert float(floor) > 0 and float(p50) > 0 and float(hot_floor) > 0
+        # Each ratio is the p50 over the floor printed beside it.
+        assert abs(float(p50) / float(floor) - float(ratio)) < 0.02
+        assert abs(float(p50) / float(hot_floor) - float(hot_ratio)) < 0.02
         assert non_2xx == "0", out
+    assert re.search(r"GET /healthz\): p50 [\d.]+ ms; back to back [\d.]+ ms", out), out
     assert len(re.findall(r"^  (ok  |MISS) ", out, re.M)) == 4, out  # each target, met or not
 
 
