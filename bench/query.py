@@ -447,7 +447,7 @@ async def main(args: argparse.Namespace) -> int:
                     latencies, floors, rtts = [], [], []
                     # A question, the floor's engine work, a GET /healthz: each after the same pause (the
                     # hand-over to or from the client process), so the floor runs as a served question does,
-                    # not in a hot loop of its own (which was 0.1-0.3 ms faster: see bench/README.md).
+                    # not in a hot loop of its own (there a round trip took half the time: bench/README.md).
                     for _ in range(serial):
                         elapsed, status, _ = await step(case.url, case.body)
                         latencies.append(elapsed)
