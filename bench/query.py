@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -276,9 +277,16 @@ async def engine_floor(store: VectorStore, plan: FloorPlan) -> float:
 # ==== the client (runs in a child process) ===================================================
 
 
+async def _timed(http: httpx.AsyncClient, body: dict[str, Any] | None) -> tuple[float, httpx.Response]:
+    """A question (``body``) or, for None, ``GET /healthz``: its seconds and its response."""
+    started = time.perf_counter()
+    response = await (http.get("/healthz") if body is None else http.post("/v1/query", json=body))
+    return time.perf_counter() - started, response
+
+
 async def _batch(url: str, body: dict[str, Any], concurrent: int) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
-    statuses: dict[int, int] = {}
+    statuses: Counter[int] = Counter()
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
         remaining = concurrent
         loaded: list[float] = []
@@ -287,10 +295,9 @@ async def _batch(url: str, body: dict[str, Any], concurrent: int) -> dict[str, A
             nonlocal remaining
             while remaining > 0:
                 remaining -= 1
-                started = time.perf_counter()
-                response = await http.post("/v1/query", json=body)
-                loaded.append(time.perf_counter() - started)
-                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                elapsed, response = await _timed(http, body)
+                loaded.append(elapsed)
+                statuses[response.status_code] += 1
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
@@ -312,15 +319,9 @@ def client_step(url: str, body: dict[str, Any] | None) -> tuple[float, int, list
     Returns its seconds, its status and (for a question) the products the service asked.
     """
     loop, http = _connection(url)
-
-    async def once() -> tuple[float, int, list[str]]:
-        started = time.perf_counter()
-        response = await (http.get("/healthz") if body is None else http.post("/v1/query", json=body))
-        elapsed = time.perf_counter() - started
-        answer = response.json() if body is not None and response.is_success else {}
-        return elapsed, response.status_code, [r["product"] for r in answer.get("routedTo", [])]
-
-    return loop.run_until_complete(once())
+    elapsed, response = loop.run_until_complete(_timed(http, body))
+    answer = response.json() if body is not None and response.is_success else {}
+    return elapsed, response.status_code, [r["product"] for r in answer.get("routedTo", [])]
 
 
 def client_hot_round_trips(url: str, count: int) -> list[float]:
@@ -328,25 +329,15 @@ def client_hot_round_trips(url: str, count: int) -> list[float]:
     loop, http = _connection(url)
 
     async def run() -> list[float]:
-        seconds = []
-        for _ in range(count):
-            started = time.perf_counter()
-            await http.get("/healthz")
-            seconds.append(time.perf_counter() - started)
-        return seconds
+        return [(await _timed(http, None))[0] for _ in range(count)]
 
     return loop.run_until_complete(run())
 
 
 def _connection(url: str) -> tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]:
     if url not in _kept:
-        loop = asyncio.new_event_loop()
-        _kept[url] = loop, loop.run_until_complete(_client(url))
+        _kept[url] = asyncio.new_event_loop(), httpx.AsyncClient(base_url=url, timeout=30)
     return _kept[url]
-
-
-async def _client(url: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=url, timeout=30)
 
 
 # ==== main ===================================================================================
@@ -373,7 +364,7 @@ class Case:
         self.round_ratios: list[float] = []  # p50/floor of each round: how much one run's ratio can move
         self.wall = 0.0
         self.requests = 0
-        self.statuses: dict[int, int] = {}
+        self.statuses: Counter[int] = Counter()
         self.asked: list[str] = []
 
     def add(self, result: dict[str, Any]) -> None:
@@ -381,8 +372,7 @@ class Case:
         self.loaded += result["loaded"]
         self.wall += result["wall"]
         self.requests += result["requests"]
-        for status, count in result["statuses"].items():
-            self.statuses[status] = self.statuses.get(status, 0) + count
+        self.statuses.update(result["statuses"])
 
     @property
     def throughput(self) -> float:
@@ -451,7 +441,7 @@ async def main(args: argparse.Namespace) -> int:
                     for _ in range(serial):
                         elapsed, status, _ = await step(case.url, case.body)
                         latencies.append(elapsed)
-                        case.statuses[status] = case.statuses.get(status, 0) + 1
+                        case.statuses[status] += 1
                         floors.append(await engine_floor(case.store, plan))
                         rtts.append((await step(case.url, None))[0])
                     case.latencies += latencies
